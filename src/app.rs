@@ -1,0 +1,293 @@
+//! Wiring for `outbox-relay run`: one `CancellationToken` from SIGTERM/SIGINT, a
+//! `TaskTracker` for every task, a shutdown deadline, and the start-up checks (database
+//! reached with backoff, schema version) that make `/readyz` green.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ConfigError, Settings, SinkKind};
+use crate::health::Health;
+use crate::metrics as m;
+use crate::migrate::MigrateError;
+use crate::relay::backoff::Pacer;
+use crate::relay::Relay;
+use crate::sink::kafka::KafkaSink;
+use crate::sink::rabbitmq::RabbitSink;
+use crate::sink::{Sink, SinkError};
+use crate::store::{Store, StoreError};
+
+/// Errors that end a command, each with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    NotMigrated(String),
+    #[error("{0}")]
+    Database(String),
+    #[error("{0}")]
+    Broker(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl AppError {
+    /// 2 for anything the operator must fix before the command can work (bad config,
+    /// missing migrations, unreachable dependency in `check`); 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AppError::Runtime(_) => 1,
+            _ => 2,
+        }
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        AppError::Database(e.to_string())
+    }
+}
+
+impl From<MigrateError> for AppError {
+    fn from(e: MigrateError) -> Self {
+        match e {
+            MigrateError::NotMigrated { .. } => AppError::NotMigrated(e.to_string()),
+            MigrateError::Db(db) => AppError::Database(StoreError::from(db).to_string()),
+        }
+    }
+}
+
+impl From<SinkError> for AppError {
+    fn from(e: SinkError) -> Self {
+        AppError::Broker(e.to_string())
+    }
+}
+
+/// A name unique to this process among the relay's instances.
+pub fn instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "relay".into());
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+/// A token cancelled on the first SIGTERM or SIGINT.
+pub fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = term => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        t.cancel();
+    });
+    token
+}
+
+/// Build the configured sink.
+pub fn build_sink(settings: &Settings) -> Result<AnySink, AppError> {
+    Ok(match settings.sink.kind {
+        SinkKind::Rabbitmq => AnySink::Rabbit(RabbitSink::new(
+            &settings.rabbitmq,
+            settings.relay.publish_timeout,
+        )?),
+        SinkKind::Kafka => AnySink::Kafka(KafkaSink::new(
+            &settings.kafka,
+            settings.relay.publish_timeout,
+        )?),
+    })
+}
+
+/// The configured sink, one of the two concrete ones (the loop stays generic). Built
+/// once per process, so the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum AnySink {
+    Rabbit(RabbitSink),
+    Kafka(KafkaSink),
+}
+
+/// Open the pool and wait (with backoff, until cancelled) for the database; then check
+/// the schema. `Ok(None)` when cancelled first.
+pub async fn open_store(
+    settings: &Settings,
+    cancel: &CancellationToken,
+) -> Result<Option<Store>, AppError> {
+    let table = settings.table();
+    let mut pacer = Pacer::default();
+    loop {
+        match Store::connect(&settings.database, table.clone()).await {
+            Ok(store) => {
+                let mut conn = store.pool().acquire().await.map_err(StoreError::from)?;
+                crate::migrate::check_schema(&mut conn, &table).await?;
+                metrics::gauge!(m::DATABASE_UP).set(1.0);
+                return Ok(Some(store));
+            }
+            Err(e) if e.is_unavailable() => {
+                metrics::gauge!(m::DATABASE_UP).set(0.0);
+                let pause = pacer.next_pause();
+                tracing::warn!(error = %e, ?pause, "database unreachable; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `outbox-relay run`.
+pub async fn run(settings: Settings) -> Result<(), AppError> {
+    let cancel = shutdown_token();
+    let metrics = m::install().map_err(AppError::Runtime)?;
+    let stall_after = (settings.relay.poll_interval * 10)
+        .max(settings.relay.publish_timeout * 3)
+        .max(Duration::from_secs(60));
+    let health = Arc::new(Health::new(stall_after));
+    health.beat();
+    let http = crate::http::serve(
+        settings.http_listen(),
+        health.clone(),
+        metrics,
+        cancel.clone(),
+    )
+    .await
+    .map_err(|e| AppError::Usage(format!("http.listen {}: {e}", settings.http.listen)))?;
+
+    let Some(store) = open_store(&settings, &cancel).await? else {
+        return Ok(());
+    };
+    health.set_ready();
+    let instance = instance_id();
+    tracing::info!(%instance, table = %store.table(), sink = %settings.sink.kind, "relay starting");
+
+    let tracker = TaskTracker::new();
+    let wake = Arc::new(Notify::new());
+    if settings.relay.listen {
+        let channel = store.notify_channel().await?;
+        tracker.spawn(crate::relay::wake::listen(
+            settings.database.url.clone(),
+            channel,
+            wake.clone(),
+            cancel.clone(),
+        ));
+    }
+    tracker.spawn(gauges(store.clone(), cancel.clone()));
+    tracker.spawn(retention(
+        store.clone(),
+        settings.relay.retention,
+        cancel.clone(),
+    ));
+    match build_sink(&settings)? {
+        AnySink::Rabbit(s) => spawn_relay(
+            &tracker, store, s, &settings, instance, wake, health, &cancel,
+        ),
+        AnySink::Kafka(s) => spawn_relay(
+            &tracker, store, s, &settings, instance, wake, health, &cancel,
+        ),
+    }
+    tracker.close();
+
+    cancel.cancelled().await;
+    if tokio::time::timeout(settings.relay.shutdown_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?settings.relay.shutdown_timeout, "shutdown deadline passed; unconfirmed rows stay PENDING for the next run");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), http).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_relay<S: Sink>(
+    tracker: &TaskTracker,
+    store: Store,
+    sink: S,
+    settings: &Settings,
+    instance: String,
+    wake: Arc<Notify>,
+    health: Arc<Health>,
+    cancel: &CancellationToken,
+) {
+    let relay = Relay::new(store, sink, settings.relay.clone(), instance, wake, health);
+    tracker.spawn(relay.run(cancel.clone()));
+}
+
+/// Refresh the backlog gauges on an interval (one indexed query; never per scrape).
+async fn gauges(store: Store, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.pending_gauge().await {
+            Ok((pending, age)) => {
+                metrics::gauge!(m::PENDING_ROWS).set(pending as f64);
+                metrics::gauge!(m::OLDEST_PENDING_AGE).set(age);
+                metrics::gauge!(m::DATABASE_UP).set(1.0);
+            }
+            Err(e) => {
+                metrics::gauge!(m::DATABASE_UP).set(0.0);
+                tracing::debug!(error = %e, "backlog gauge query failed");
+            }
+        }
+    }
+}
+
+/// Delete `PROCESSED` rows older than `retention`, 1 000 rows per short statement, with a
+/// pause between statements so producers and the relay are never held up.
+async fn retention(store: Store, retention: Duration, cancel: CancellationToken) {
+    const BATCH: i64 = 1_000;
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        loop {
+            match store.delete_processed(retention, BATCH).await {
+                Ok(n) => {
+                    metrics::counter!(m::RETENTION_DELETED_TOTAL).increment(n);
+                    if n < BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "retention delete failed");
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The bench state (`Bench`): the phase sequence per sink, and the shared plumbing the
+//! phases use (bench tables, Postgres backends, relay env and child, cleanup).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::cli::{has, Args, Phase};
+use crate::figures::{Figures, Kind, SinkFigures};
+use crate::procs::RelayChild;
+use crate::report::int;
+use crate::{kafka, pg, rabbit};
+
+pub struct Bench {
+    pub args: Args,
+    pub prefix: String,
+    pub relay_bin: PathBuf,
+    pub pool: sqlx::PgPool,
+    pub tables: std::sync::Mutex<Vec<pg::BenchTable>>,
+    pub rabbit: Option<rabbit::Rabbit>,
+    pub kafka: Option<kafka::Kafka>,
+    pub payload: String,
+}
+
+impl Bench {
+    pub async fn all(&self, f: &mut Figures) -> Result<()> {
+        if has(&self.args, Phase::Pg) {
+            let (rate, split) = self.pg_ceiling().await?;
+            f.pg_ceiling = Some(rate);
+            f.pg_split = Some(split);
+        }
+        for kind in [Kind::Rabbit, Kind::Kafka] {
+            let present = match kind {
+                Kind::Rabbit => self.rabbit.is_some(),
+                Kind::Kafka => self.kafka.is_some(),
+            };
+            if !present {
+                continue;
+            }
+            let figs = self.sink_phases(kind, f.pg_ceiling).await;
+            match kind {
+                Kind::Rabbit => f.rabbit = Some(figs),
+                Kind::Kafka => f.kafka = Some(figs),
+            }
+        }
+        if has(&self.args, Phase::Notify) {
+            f.notify = Some(self.notify_cost().await?);
+        }
+        Ok(())
+    }
+
+    pub async fn sink_phases(&self, kind: Kind, pg_ceiling: Option<f64>) -> SinkFigures {
+        let mut s = SinkFigures::default();
+        let k = kind.label();
+        if has(&self.args, Phase::Ceiling) {
+            match self.broker_ceiling(kind).await {
+                Ok((rate, split)) => {
+                    println!(
+                        "{k}: raw broker ceiling {} msg/s  [{}]",
+                        int(rate),
+                        split.describe()
+                    );
+                    s.ceiling = Some(rate);
+                    s.ceiling_split = Some(split);
+                }
+                Err(e) => self.fail(&mut s, "ceiling", e),
+            }
+        }
+        if has(&self.args, Phase::Drain) {
+            match self.drain(kind).await {
+                Ok(d) => {
+                    let vs = |c: Option<f64>, what: &str| {
+                        c.map(|c| format!(", {:.0}% of {what}", 100.0 * d.rate() / c))
+                            .unwrap_or_default()
+                    };
+                    println!(
+                        "{k}: drain {} rows in {:.2}s = {} rows/s{}{}; relay peak RSS {:.1} MB, CPU {:.2}s ({:.1} µs/row)  [{}]",
+                        d.rows,
+                        d.secs,
+                        int(d.rate()),
+                        vs(s.ceiling, "broker ceiling"),
+                        vs(pg_ceiling, "Postgres ceiling"),
+                        d.usage.peak_rss_mb,
+                        d.usage.cpu_secs,
+                        1e6 * d.usage.cpu_secs / d.rows as f64,
+                        d.split.describe()
+                    );
+                    s.drain = Some(d);
+                }
+                Err(e) => self.fail(&mut s, "drain", e),
+            }
+        }
+        if has(&self.args, Phase::Ceiling) && has(&self.args, Phase::Drain) {
+            // Again after the drain: the ratio uses the better of the two runs.
+            match self.broker_ceiling(kind).await {
+                Ok((rate, split)) => {
+                    println!(
+                        "{k}: raw broker ceiling, second run {} msg/s  [{}]",
+                        int(rate),
+                        split.describe()
+                    );
+                    if s.ceiling.is_none_or(|c| rate > c) {
+                        s.ceiling = Some(rate);
+                        s.ceiling_split = Some(split);
+                    }
+                }
+                Err(e) => self.fail(&mut s, "ceiling", e),
+            }
+        }
+        if has(&self.args, Phase::Latency) {
+            match self.latency(kind).await {
+                Ok(l) => {
+                    println!(
+                        "{k}: latency at {} rows/s offered ({} achieved, {} rows, {} missing): commit -> consumer p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; created_at -> processed_at p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; relay peak RSS {:.1} MB, CPU {:.2}s  [{}]",
+                        int(l.offered),
+                        int(l.achieved),
+                        l.committed,
+                        l.missing,
+                        l.p50,
+                        l.p99,
+                        l.max,
+                        l.db_side.0,
+                        l.db_side.1,
+                        l.db_side.2,
+                        l.usage.peak_rss_mb,
+                        l.usage.cpu_secs,
+                        l.split.describe()
+                    );
+                    s.latency = Some(l);
+                }
+                Err(e) => self.fail(&mut s, "latency", e),
+            }
+        }
+        if has(&self.args, Phase::Naive) {
+            match self.naive(kind).await {
+                Ok((rows, secs)) => {
+                    println!(
+                        "{k}: textbook relay {rows} rows in {secs:.1}s = {} rows/s",
+                        int(rows as f64 / secs)
+                    );
+                    s.naive = Some((rows, secs));
+                }
+                Err(e) => self.fail(&mut s, "naive", e),
+            }
+        }
+        s
+    }
+
+    pub fn fail(&self, s: &mut SinkFigures, phase: &str, e: anyhow::Error) {
+        let msg = format!("{phase}: {e:#}");
+        println!("ERROR {msg}");
+        s.errors.push(msg);
+    }
+
+    pub async fn table(&self, suffix: &str) -> Result<pg::BenchTable> {
+        let name = format!("{}_{suffix}", self.prefix);
+        let t = pg::BenchTable::create(&self.pool, &name).await?;
+        self.tables.lock().unwrap().push(t.clone());
+        Ok(t)
+    }
+
+    /// Postgres backends of this run: the relay's connections to `table` (and its
+    /// LISTEN connection), or without a table the bench's own.
+    pub async fn backends(&self, table: Option<&pg::BenchTable>) -> HashSet<u32> {
+        let pids: Vec<i32> = match table {
+            Some(t) => {
+                let channel = t.notify_channel().await.unwrap_or_default();
+                sqlx::query_scalar(
+                    "SELECT pid FROM pg_stat_activity
+                     WHERE (application_name = 'outbox-relay' AND query LIKE '%' || $1 || '%')
+                        OR (query LIKE '%' || $2 || '%' AND application_name <> 'outbox-relay-bench')",
+                )
+                .bind(&t.name)
+                .bind(if channel.is_empty() { "\u{1}".to_string() } else { channel })
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default()
+            }
+            None => sqlx::query_scalar(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'outbox-relay-bench'",
+            )
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_default(),
+        };
+        pids.into_iter().map(|p| p as u32).collect()
+    }
+
+    pub async fn drop_table(&self, t: &pg::BenchTable) {
+        t.drop().await;
+        self.tables.lock().unwrap().retain(|x| x.name != t.name);
+    }
+
+    pub async fn cleanup(&self) {
+        let tables: Vec<pg::BenchTable> = std::mem::take(&mut *self.tables.lock().unwrap());
+        for t in tables {
+            t.drop().await;
+        }
+        if let Some(r) = &self.rabbit {
+            r.teardown().await;
+        }
+        if let Some(k) = &self.kafka {
+            k.teardown().await;
+        }
+    }
+
+    pub async fn preloaded(&self, suffix: &str, rows: u64) -> Result<pg::BenchTable> {
+        let t = self.table(suffix).await?;
+        let started = Instant::now();
+        t.preload(rows, self.args.aggregates, self.args.payload_bytes)
+            .await?;
+        eprintln!(
+            "  preloaded {rows} rows into {} in {:.1}s",
+            t.name,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(t)
+    }
+
+    /// Relay configuration by env for one phase.
+    pub async fn relay_env(
+        &self,
+        kind: Kind,
+        table: &str,
+        phase: &str,
+    ) -> Result<Vec<(String, String)>> {
+        let mut env: Vec<(String, String)> = vec![
+            (
+                "OUTBOX_RELAY__DATABASE__URL".into(),
+                self.args.database_url.clone(),
+            ),
+            ("OUTBOX_RELAY__DATABASE__TABLE".into(), table.into()),
+            ("OUTBOX_RELAY__SINK__KIND".into(), kind.label().into()),
+            ("OUTBOX_RELAY__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
+            ("RUST_LOG".into(), "warn".into()),
+        ];
+        match kind {
+            Kind::Rabbit => {
+                let r = self.rabbit.as_ref().unwrap();
+                env.push((
+                    "OUTBOX_RELAY__RABBITMQ__URL".into(),
+                    self.args.amqp_url.clone(),
+                ));
+                env.push((
+                    "OUTBOX_RELAY__RABBITMQ__EXCHANGE".into(),
+                    r.exchange.clone(),
+                ));
+            }
+            Kind::Kafka => {
+                let k = self.kafka.as_ref().unwrap();
+                let topic = k.topic(&format!("{}_{phase}", self.prefix)).await?;
+                env.push((
+                    "OUTBOX_RELAY__KAFKA__BROKERS".into(),
+                    self.args.kafka_brokers.clone(),
+                ));
+                env.push(("OUTBOX_RELAY__KAFKA__TOPIC".into(), topic));
+            }
+        }
+        for kv in &self.args.relay_env {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--relay-env {kv:?}: expected KEY=VALUE"))?;
+            env.push((k.into(), v.into()));
+        }
+        Ok(env)
+    }
+
+    pub fn spawn_relay(&self, env: &[(String, String)], phase: &str) -> Result<RelayChild> {
+        let log = std::env::temp_dir().join(format!("{}-{phase}-relay.log", self.prefix));
+        RelayChild::spawn(&self.relay_bin, env, log)
+    }
+}

@@ -1,0 +1,108 @@
+//! Command line of the bench: the sink choice, the phases, and every tunable (`Args`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SinkArg {
+    Rabbitmq,
+    Kafka,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Phase {
+    /// Raw broker ceiling (bare publisher, no database).
+    Ceiling,
+    /// Postgres ceiling (claim + mark, no broker).
+    Pg,
+    /// Preloaded rows drained by the relay.
+    Drain,
+    /// Commit → arrival latency at a fixed offered rate.
+    Latency,
+    /// The textbook relay on a smaller preload.
+    Naive,
+    /// Producer commits/s with and without the NOTIFY trigger.
+    Notify,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "outbox-relay-bench",
+    about = "Benchmark outbox-relay against the local Postgres, RabbitMQ and Kafka"
+)]
+pub struct Args {
+    #[arg(long, value_enum, default_value = "both")]
+    pub sink: SinkArg,
+    /// Rows preloaded for the drain and for the ceilings.
+    #[arg(long, default_value_t = 200_000)]
+    pub rows: u64,
+    /// Aggregates the rows are spread over.
+    #[arg(long, default_value_t = 1_000)]
+    pub aggregates: u32,
+    /// Size of each JSON payload as the relay reads it.
+    #[arg(long, default_value_t = 500)]
+    pub payload_bytes: usize,
+    /// Claim batch of the Postgres ceiling, and in-flight window of the broker ceilings
+    /// (the relay's default batch_size).
+    #[arg(long, default_value_t = 500)]
+    pub window: usize,
+    /// Offered rate of the latency run (rows/s, one row per producer transaction).
+    #[arg(long, default_value_t = 2_000.0)]
+    pub latency_rate: f64,
+    /// Duration of the latency run.
+    #[arg(long, default_value_t = 30.0)]
+    pub latency_secs: f64,
+    /// Concurrent producer connections (latency and NOTIFY runs).
+    #[arg(long, default_value_t = 8)]
+    pub producers: usize,
+    /// Latency run without the NOTIFY trigger (pair with e.g.
+    /// `--relay-env OUTBOX_RELAY__RELAY__POLL_INTERVAL=10ms`).
+    #[arg(long)]
+    pub disable_trigger: bool,
+    /// Rows preloaded for the textbook relay.
+    #[arg(long, default_value_t = 10_000)]
+    pub naive_rows: u64,
+    /// Seconds per NOTIFY on/off round (producers flat out).
+    #[arg(long, default_value_t = 5.0)]
+    pub notify_secs: f64,
+    /// On/off rounds of the NOTIFY run (alternating, to even out drift).
+    #[arg(long, default_value_t = 2)]
+    pub notify_rounds: u32,
+    /// Phases to run (comma separated); all by default.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ceiling,pg,drain,latency,naive,notify"
+    )]
+    pub phases: Vec<Phase>,
+    /// Extra relay configuration, `KEY=VALUE` (e.g. OUTBOX_RELAY__RELAY__BATCH_SIZE=1000).
+    #[arg(long = "relay-env", value_name = "KEY=VALUE")]
+    pub relay_env: Vec<String>,
+    /// The relay binary (default: `outbox-relay` next to this binary).
+    #[arg(long)]
+    pub relay_bin: Option<PathBuf>,
+    /// Do not `cargo build --release --bin outbox-relay` first (only done under `cargo run`).
+    #[arg(long)]
+    pub no_build: bool,
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    pub database_url: String,
+    #[arg(
+        long,
+        env = "BENCH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    #[arg(long, env = "BENCH_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+}
+
+pub fn has(args: &Args, p: Phase) -> bool {
+    args.phases.contains(&p)
+}

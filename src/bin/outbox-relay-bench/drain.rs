@@ -1,0 +1,101 @@
+//! Drain phases: preloaded rows drained by the relay under test, and by the textbook
+//! relay for comparison.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::bench::Bench;
+use crate::figures::{Drain, Kind};
+use crate::pg;
+use crate::procs::{census, CpuSplit};
+
+impl Bench {
+    pub async fn drain(&self, kind: Kind) -> Result<Drain> {
+        let phase = format!("drain_{}", &kind.label()[..1]);
+        let t = self.preloaded(&phase, self.args.rows).await?;
+        if let Some(r) = &self.rabbit {
+            if kind == Kind::Rabbit {
+                r.purge().await?;
+            }
+        }
+        let env = self.relay_env(kind, &t.name, &phase).await?;
+        let a = census();
+        let t0 = pg::db_now(&self.pool).await?;
+        let mut relay = self.spawn_relay(&env, &phase)?;
+        let started = Instant::now();
+        let limit = Duration::from_secs(600);
+        let mut last_report = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            relay.check_alive()?;
+            let pending = t.pending().await?;
+            if pending == 0 {
+                break;
+            }
+            if last_report.elapsed() > Duration::from_secs(5) {
+                eprintln!(
+                    "  {pending} rows pending after {:.0}s",
+                    started.elapsed().as_secs_f64()
+                );
+                last_report = Instant::now();
+            }
+            if started.elapsed() > limit {
+                let tail = relay.log_tail(10);
+                relay.stop().await;
+                bail!("{pending} rows still pending after {limit:?}; relay log:\n{tail}");
+            }
+        }
+        let ours = self.backends(Some(&t)).await;
+        let split = CpuSplit::between(&a, &census(), Some(relay.pid), &ours, kind.component());
+        let usage = relay.stop().await;
+        let end = t.max_processed_at().await?.context("no processed_at")?;
+        let processed = t.count_status("PROCESSED").await? as u64;
+        let failed = t.count_status("FAILED").await?;
+        if failed > 0 || processed != self.args.rows {
+            bail!(
+                "drain ended with {processed} PROCESSED and {failed} FAILED of {} rows",
+                self.args.rows
+            );
+        }
+        self.drop_table(&t).await;
+        if let (Some(r), Kind::Rabbit) = (&self.rabbit, kind) {
+            // Every PROCESSED row must be in the queue (at least once).
+            let depth = r.depth().await?;
+            r.purge().await?;
+            if u64::from(depth) < processed {
+                bail!("only {depth} messages in the queue for {processed} PROCESSED rows");
+            }
+        }
+        let secs = (end - t0).to_std().unwrap_or_default().as_secs_f64();
+        Ok(Drain {
+            rows: processed,
+            secs,
+            usage,
+            split,
+        })
+    }
+
+    pub async fn naive(&self, kind: Kind) -> Result<(u64, f64)> {
+        let phase = format!("naive_{}", &kind.label()[..1]);
+        let t = self.preloaded(&phase, self.args.naive_rows).await?;
+        let out = match kind {
+            Kind::Rabbit => {
+                let r = self.rabbit.as_ref().unwrap();
+                r.purge().await?;
+                let mut p = r.naive().await?;
+                let out = pg::naive_relay(&t, &mut p).await?;
+                r.purge().await?;
+                out
+            }
+            Kind::Kafka => {
+                let k = self.kafka.as_ref().unwrap();
+                let topic = k.topic(&format!("{}_{phase}", self.prefix)).await?;
+                let mut p = k.naive(&topic)?;
+                pg::naive_relay(&t, &mut p).await?
+            }
+        };
+        self.drop_table(&t).await;
+        Ok(out)
+    }
+}

@@ -1,0 +1,245 @@
+//! The Kafka side: unique topics (created and deleted here), the raw broker ceiling (a
+//! bare rdkafka producer with the relay's own producer settings — idempotent, acks=all —
+//! and the same in-flight window), a consumer that timestamps arrivals, and the textbook
+//! relay's publish-and-wait.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use outbox_relay::config::KafkaConfig;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::pg::{NaivePublisher, NaiveRow};
+use crate::rabbit::Arrivals;
+
+pub const PARTITIONS: i32 = 4;
+
+pub fn config(brokers: &str, topic: &str) -> Result<KafkaConfig> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "brokers": brokers,
+        "topic": topic,
+    }))?)
+}
+
+/// Whether a broker answers on `brokers` (first host) within 3 s.
+pub fn reachable(brokers: &str) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let first = brokers.split(',').next().unwrap_or_default().trim();
+    let addr = first
+        .to_socket_addrs()
+        .map_err(|e| anyhow!("{first}: {e}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{first}: no address"))?;
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| anyhow!("nothing listens on {first} ({e})"))?;
+    Ok(())
+}
+
+pub struct Kafka {
+    pub brokers: String,
+    pub topics: std::sync::Mutex<Vec<String>>,
+}
+
+impl Kafka {
+    pub fn new(brokers: &str) -> Self {
+        Self {
+            brokers: brokers.to_string(),
+            topics: Default::default(),
+        }
+    }
+
+    /// Create a fresh topic of `PARTITIONS` partitions (deleted by `teardown`).
+    pub async fn topic(&self, name: &str) -> Result<String> {
+        let cfg = config(&self.brokers, name)?;
+        outbox_relay::sink::kafka::tap::ensure_topic(&cfg, name, PARTITIONS)
+            .await
+            .map_err(|e| anyhow!("create topic {name}: {e}"))?;
+        self.topics.lock().unwrap().push(name.to_string());
+        Ok(name.to_string())
+    }
+
+    pub async fn teardown(&self) {
+        let topics: Vec<String> = std::mem::take(&mut *self.topics.lock().unwrap());
+        if topics.is_empty() {
+            return;
+        }
+        let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create();
+        if let Ok(admin) = admin {
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+            let _ =
+                tokio::time::timeout(Duration::from_secs(15), admin.delete_topics(&names, &opts))
+                    .await;
+        }
+    }
+
+    fn producer(&self, topic: &str) -> Result<FutureProducer> {
+        let cfg = config(&self.brokers, topic)?;
+        let c = outbox_relay::sink::kafka::props::producer_config(&cfg, Duration::from_secs(30))
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(c.create()?)
+    }
+
+    /// The raw broker ceiling: `n` messages of `payload` with the relay's producer
+    /// settings, at most `window` awaiting their delivery report. Returns seconds.
+    pub async fn ceiling(
+        &self,
+        topic: &str,
+        n: u64,
+        payload: &str,
+        aggregates: u32,
+        window: usize,
+    ) -> Result<f64> {
+        let producer = self.producer(topic)?;
+        let started = Instant::now();
+        let mut inflight = FuturesUnordered::new();
+        let mut sent = 0u64;
+        let mut acked = 0u64;
+        while acked < n {
+            while sent < n && inflight.len() < window {
+                let agg = format!("order-{}", sent % u64::from(aggregates));
+                let id = Uuid::new_v4().to_string();
+                let rec = FutureRecord::to(topic)
+                    .key(agg.as_str())
+                    .payload(payload)
+                    .headers(headers(&id, &agg));
+                let fut = producer
+                    .send_result(rec)
+                    .map_err(|(e, _)| anyhow!("enqueue: {e}"))?;
+                inflight.push(fut);
+                sent += 1;
+            }
+            match inflight.next().await {
+                Some(Ok(Ok(_))) => acked += 1,
+                Some(Ok(Err((e, _)))) => bail!("raw producer: delivery failed: {e}"),
+                Some(Err(_)) => bail!("raw producer: delivery report dropped"),
+                None => break,
+            }
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// Read `topic` from the start and note when each `event_id` header arrived.
+    pub async fn arrivals(&self, topic: &str) -> Result<(Arrivals, tokio::task::JoinHandle<()>)> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("bench-{}", Uuid::new_v4()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "5")
+            .set("fetch.min.bytes", "1")
+            .create()?;
+        consumer.subscribe(&[topic])?;
+        let seen: Arrivals = Arc::new(Mutex::new(HashMap::new()));
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok(m) = consumer.recv().await else {
+                    continue;
+                };
+                let at = Instant::now();
+                let id = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|x| x.key == "event_id")
+                        .and_then(|x| x.value)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(|v| Uuid::parse_str(v).ok())
+                });
+                if let Some(id) = id {
+                    s.lock().await.entry(id).or_insert(at);
+                }
+            }
+        });
+        Ok((seen, task))
+    }
+
+    /// Wait until the consumer of `arrivals` got its partitions (the first message
+    /// sent here arrives), so nothing produced afterwards is missed.
+    pub async fn warm(&self, topic: &str, seen: &Arrivals) -> Result<()> {
+        let producer = self.producer(topic)?;
+        let id = Uuid::new_v4();
+        let ids = id.to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .key("warm")
+                    .payload("{}")
+                    .headers(headers(&ids, "warm")),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| anyhow!("warm-up message: {e}"))?;
+        while !seen.lock().await.contains_key(&id) {
+            if Instant::now() > deadline {
+                bail!("the Kafka consumer did not receive the warm-up message within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    pub fn naive(&self, topic: &str) -> Result<NaiveKafka> {
+        Ok(NaiveKafka {
+            producer: self.producer(topic)?,
+            topic: topic.to_string(),
+        })
+    }
+}
+
+fn headers(event_id: &str, agg: &str) -> OwnedHeaders {
+    OwnedHeaders::new_with_capacity(5)
+        .insert(Header {
+            key: "traceparent",
+            value: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        })
+        .insert(Header {
+            key: "event_id",
+            value: Some(event_id),
+        })
+        .insert(Header {
+            key: "event_type",
+            value: Some("order.created"),
+        })
+        .insert(Header {
+            key: "aggregate_type",
+            value: Some("order"),
+        })
+        .insert(Header {
+            key: "aggregate_id",
+            value: Some(agg),
+        })
+}
+
+pub struct NaiveKafka {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl NaivePublisher for NaiveKafka {
+    async fn publish_one(&mut self, row: &NaiveRow) -> Result<()> {
+        let id = row.event_id.to_string();
+        let rec = FutureRecord::to(&self.topic)
+            .key(row.aggregate_id.as_str())
+            .payload(row.payload.as_str())
+            .headers(headers(&id, &row.aggregate_id));
+        self.producer
+            .send(rec, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| anyhow!("naive relay: delivery failed: {e}"))?;
+        Ok(())
+    }
+}

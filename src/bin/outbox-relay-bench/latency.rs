@@ -1,0 +1,122 @@
+//! Latency phase: commit → consumer arrival at a fixed offered rate, with the relay
+//! running and producers committing one row per transaction.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use crate::bench::Bench;
+use crate::figures::{Kind, Latency};
+use crate::pg;
+use crate::procs::{census, CpuSplit};
+
+impl Bench {
+    pub async fn latency(&self, kind: Kind) -> Result<Latency> {
+        let phase = format!("lat_{}", &kind.label()[..1]);
+        let t = self.table(&phase).await?;
+        if self.args.disable_trigger {
+            t.set_trigger(false).await?;
+        }
+        let env = self.relay_env(kind, &t.name, &phase).await?;
+        let (seen, consumer) = match kind {
+            Kind::Rabbit => {
+                let r = self.rabbit.as_ref().unwrap();
+                r.purge().await?;
+                r.arrivals().await?
+            }
+            Kind::Kafka => {
+                let k = self.kafka.as_ref().unwrap();
+                let topic = env
+                    .iter()
+                    .find(|(k, _)| k == "OUTBOX_RELAY__KAFKA__TOPIC")
+                    .map(|(_, v)| v.clone())
+                    .unwrap();
+                let (seen, task) = k.arrivals(&topic).await?;
+                k.warm(&topic, &seen).await?;
+                (seen, task)
+            }
+        };
+        let mut relay = self.spawn_relay(&env, &phase)?;
+        let ready_by = Instant::now() + Duration::from_secs(30);
+        while t.leased().await? < outbox_relay::store::PARTITIONS as i64 {
+            relay.check_alive()?;
+            if Instant::now() > ready_by {
+                bail!(
+                    "the relay did not take its leases within 30 s:\n{}",
+                    relay.log_tail(10)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let a = census();
+        let started = Instant::now();
+        let commits = pg::produce(
+            &self.args.database_url,
+            &t.name,
+            self.args.producers,
+            Some(self.args.latency_rate),
+            self.args.latency_secs,
+            self.args.aggregates,
+            self.args.payload_bytes,
+        )
+        .await?;
+        let produced_secs = started.elapsed().as_secs_f64();
+        // Wait for the stragglers (bounded).
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = {
+                let s = seen.lock().await;
+                commits
+                    .iter()
+                    .filter(|c| s.contains_key(&c.event_id))
+                    .count()
+            };
+            if got == commits.len() || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let ours = self.backends(Some(&t)).await;
+        eprintln!(
+            "  producers ran {produced_secs:.1}s, stragglers waited for {:.1}s",
+            started.elapsed().as_secs_f64() - produced_secs
+        );
+        let split = CpuSplit::between(&a, &census(), Some(relay.pid), &ours, kind.component());
+        relay.check_alive()?;
+        let db_side = t.latency_percentiles().await?;
+        let usage = relay.stop().await;
+        consumer.abort();
+        let s = seen.lock().await;
+        let mut lat: Vec<f64> = commits
+            .iter()
+            .filter_map(|c| {
+                s.get(&c.event_id)
+                    .map(|at| at.saturating_duration_since(c.at).as_secs_f64() * 1e3)
+            })
+            .collect();
+        drop(s);
+        lat.sort_by(f64::total_cmp);
+        let missing = commits.len() - lat.len();
+        self.drop_table(&t).await;
+        if let (Some(r), Kind::Rabbit) = (&self.rabbit, kind) {
+            r.purge().await?;
+        }
+        if lat.is_empty() {
+            bail!("no message arrived");
+        }
+        let q = |p: f64| lat[((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1];
+        Ok(Latency {
+            offered: self.args.latency_rate,
+            achieved: commits.len() as f64 / produced_secs,
+            committed: commits.len(),
+            missing,
+            p50: q(0.50),
+            p99: q(0.99),
+            max: q(1.0),
+            db_side,
+            usage,
+            split,
+        })
+    }
+}

@@ -1,0 +1,184 @@
+//! `outbox-relay-bench`: how fast outbox-relay moves rows from Postgres to each broker,
+//! where the time goes, and how that compares with the ceilings of the same machine and
+//! with the textbook relay. Not a test: a harness that prints figures.
+//!
+//! ```text
+//! cargo run --release --bin outbox-relay-bench -- [--sink rabbitmq|kafka|both] [--rows 200000]
+//! ```
+//!
+//! Every phase works on its own uniquely named table / queue / topic, dropped afterwards.
+//! The relay under test is the release binary (`target/release/outbox-relay run`) as a
+//! child process configured by env, so its RSS and CPU are its own.
+
+mod bench;
+mod ceilings;
+mod cli;
+mod drain;
+mod figures;
+mod kafka;
+mod latency;
+mod notify;
+mod pg;
+mod procs;
+mod rabbit;
+mod report;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bench::Bench;
+use clap::Parser;
+use cli::{Args, SinkArg};
+use figures::{Figures, SinkFigures};
+use report::print_table;
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outbox-relay-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let relay_bin = relay_binary(&args)?;
+    let prefix = format!("bench_{:08x}", rand::random::<u32>());
+    let pool = pg::pool(&args.database_url, 12).await?;
+    let payload = pg::rendered_payload(&pool, args.payload_bytes).await?;
+    let pg_version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&pool)
+        .await?;
+    let load = procs::load_average();
+    if load
+        .split_whitespace()
+        .next()
+        .and_then(|l| l.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        > procs::nproc() as f64
+    {
+        println!("WARNING: load average {load} exceeds the {} cores: other work is running, figures will be noisy", procs::nproc());
+    }
+    println!(
+        "outbox-relay-bench: prefix {prefix}, relay {}, {} rows, {} aggregates, {}-byte payloads, Postgres {pg_version}",
+        relay_bin.display(),
+        args.rows,
+        args.aggregates,
+        payload.len()
+    );
+
+    let want_rabbit = matches!(args.sink, SinkArg::Rabbitmq | SinkArg::Both);
+    let want_kafka = matches!(args.sink, SinkArg::Kafka | SinkArg::Both);
+    let mut figures = Figures {
+        payload_avg: payload.len() as f64,
+        pg_version,
+        load_start: procs::load_average(),
+        ..Default::default()
+    };
+    let mut rabbit_skip = None;
+    let rabbit = if want_rabbit {
+        match rabbit::Rabbit::setup(&args.amqp_url, &prefix).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                rabbit_skip = Some(format!("{e:#}"));
+                println!("rabbitmq: skipped ({e:#})");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut kafka_skip = None;
+    let kafka = if want_kafka {
+        match kafka_ready(&args.kafka_brokers) {
+            Ok(()) => Some(kafka::Kafka::new(&args.kafka_brokers)),
+            Err(why) => {
+                println!("kafka: skipped ({why})");
+                kafka_skip = Some(why);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let bench = Bench {
+        args,
+        prefix,
+        relay_bin,
+        pool,
+        tables: Default::default(),
+        rabbit,
+        kafka,
+        payload,
+    };
+
+    let outcome = tokio::select! {
+        r = bench.all(&mut figures) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    bench.cleanup().await;
+    if want_rabbit && figures.rabbit.is_none() {
+        figures.rabbit = Some(SinkFigures {
+            skipped: rabbit_skip,
+            ..Default::default()
+        });
+    }
+    if want_kafka && figures.kafka.is_none() {
+        figures.kafka = Some(SinkFigures {
+            skipped: kafka_skip,
+            ..Default::default()
+        });
+    }
+    outcome?;
+    print_table(&bench.args, &figures);
+    Ok(())
+}
+
+/// Kafka is benchmarked when a broker answers and the sink is built in.
+fn kafka_ready(brokers: &str) -> std::result::Result<(), String> {
+    kafka::reachable(brokers).map_err(|e| format!("no Kafka broker: {e}"))?;
+    let cfg = kafka::config(brokers, "bench").map_err(|e| e.to_string())?;
+    outbox_relay::sink::kafka::KafkaSink::new(&cfg, Duration::from_secs(10))
+        .map(|_| ())
+        .map_err(|e| format!("Kafka sink not ready: {e}"))
+}
+
+/// The relay binary under test; under `cargo run` it is rebuilt first so it matches
+/// the source tree.
+fn relay_binary(args: &Args) -> Result<PathBuf> {
+    let bin = match &args.relay_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary directory")?
+            .join("outbox-relay"),
+    };
+    if args.relay_bin.is_none() && !args.no_build {
+        if let Ok(cargo) = std::env::var("CARGO") {
+            eprintln!("building the relay: cargo build --release --bin outbox-relay");
+            let ok = std::process::Command::new(cargo)
+                .args(["build", "--release", "--bin", "outbox-relay"])
+                .stdout(std::process::Stdio::null())
+                .status()?
+                .success();
+            if !ok {
+                bail!("cargo build --release --bin outbox-relay failed");
+            }
+        }
+    }
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build --release --bin outbox-relay` first",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}

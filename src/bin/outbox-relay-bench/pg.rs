@@ -1,0 +1,381 @@
+//! The Postgres side of the bench: unique migrated tables, preloading, producers that
+//! commit one row per transaction (paced or flat out), the Postgres ceiling (claim +
+//! mark with no broker) and the textbook relay's database half.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use outbox_relay::config::OnFailed;
+use outbox_relay::store::Store;
+use outbox_relay::table::TableName;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+pub const TRACEPARENT: &str =
+    r#"{"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}"#;
+
+/// A migrated outbox table of its own; `drop` removes it and everything derived.
+#[derive(Clone)]
+pub struct BenchTable {
+    pub name: String,
+    pub pool: PgPool,
+}
+
+pub async fn pool(url: &str, max: u32) -> Result<PgPool> {
+    let opts: PgConnectOptions = url
+        .parse::<PgConnectOptions>()?
+        .application_name("outbox-relay-bench");
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(opts)
+        .await
+        .context("connect to Postgres")
+}
+
+pub async fn connection(url: &str) -> Result<PgConnection> {
+    let opts: PgConnectOptions = url
+        .parse::<PgConnectOptions>()?
+        .application_name("outbox-relay-bench");
+    Ok(opts.connect().await?)
+}
+
+impl BenchTable {
+    pub async fn create(pool: &PgPool, name: &str) -> Result<Self> {
+        let mut conn = pool.acquire().await?;
+        outbox_relay::migrate::migrate(&mut conn, &TableName::parse(name).unwrap())
+            .await
+            .with_context(|| format!("migrate {name}"))?;
+        Ok(Self {
+            name: name.to_string(),
+            pool: pool.clone(),
+        })
+    }
+
+    pub fn ident(&self) -> String {
+        format!("\"{}\"", self.name)
+    }
+
+    pub fn store(&self) -> Store {
+        Store::from_pool(self.pool.clone(), TableName::parse(&self.name).unwrap())
+    }
+
+    pub async fn drop(&self) {
+        let n = &self.name;
+        for sql in [
+            format!("DROP TABLE IF EXISTS \"{n}\" CASCADE"),
+            format!("DROP TABLE IF EXISTS \"{n}_relay_leases\""),
+            format!("DROP TABLE IF EXISTS \"{n}_relay_members\""),
+            format!("DROP TABLE IF EXISTS \"{n}_relay_migrations\""),
+            format!("DROP FUNCTION IF EXISTS \"{n}_notify\"() CASCADE"),
+        ] {
+            let _ = sqlx::query(&sql).execute(&self.pool).await;
+        }
+    }
+
+    /// `n` PENDING rows, ~`payload_bytes` of JSON each, aggregates spread pseudo-randomly
+    /// (a deterministic hash of the row number) over `aggregates`. Then VACUUM ANALYZE,
+    /// as autovacuum would soon do for an insert-heavy table.
+    pub async fn preload(&self, n: u64, aggregates: u32, payload_bytes: usize) -> Result<()> {
+        let pad = pad_for(&self.pool, payload_bytes).await?;
+        let t = self.ident();
+        let chunk = 50_000u64;
+        let mut from = 1u64;
+        while from <= n {
+            let to = (from + chunk - 1).min(n);
+            sqlx::query(&format!(
+                "INSERT INTO {t} (aggregate_type, aggregate_id, event_type, payload, headers)
+                 SELECT 'order', 'order-' || a, 'order.created', {payload}, $4::jsonb
+                 FROM generate_series($1::bigint, $2::bigint) g,
+                      LATERAL (SELECT (hashint8(g) & 2147483647) % $3 AS a) x
+                 ORDER BY g",
+                payload = payload_sql("a", "g", pad)
+            ))
+            .bind(from as i64)
+            .bind(to as i64)
+            .bind(i64::from(aggregates))
+            .bind(TRACEPARENT)
+            .execute(&self.pool)
+            .await
+            .context("preload")?;
+            from = to + 1;
+        }
+        sqlx::raw_sql(&format!("VACUUM ANALYZE {t}"))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn pending(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {} WHERE status = 'PENDING'",
+            self.ident()
+        ))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn count_status(&self, status: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {} WHERE status = $1",
+            self.ident()
+        ))
+        .bind(status)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// created_at → processed_at of PROCESSED rows, in ms: (p50, p99, max).
+    pub async fn latency_percentiles(&self) -> Result<(f64, f64, f64)> {
+        let r: (Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(&format!(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d),
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY d),
+                    max(d)
+             FROM (SELECT extract(epoch FROM processed_at - created_at)::float8 * 1000 AS d
+                   FROM {} WHERE status = 'PROCESSED') s",
+            self.ident()
+        ))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((r.0.unwrap_or(0.0), r.1.unwrap_or(0.0), r.2.unwrap_or(0.0)))
+    }
+
+    pub async fn max_processed_at(&self) -> Result<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT max(processed_at) FROM {} WHERE status = 'PROCESSED'",
+            self.ident()
+        ))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Partitions leased by some relay instance (256 = the relay is up and claiming).
+    pub async fn leased(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM \"{}_relay_leases\" WHERE owner IS NOT NULL AND lease_until > now()",
+            self.name
+        ))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn set_trigger(&self, enabled: bool) -> Result<()> {
+        sqlx::raw_sql(&format!(
+            "ALTER TABLE {} {} TRIGGER \"{}_notify_trg\"",
+            self.ident(),
+            if enabled { "ENABLE" } else { "DISABLE" },
+            self.name
+        ))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn notify_channel(&self) -> Result<String> {
+        Ok(self.store().notify_channel().await?)
+    }
+}
+
+/// The padding that makes a rendered payload `target` bytes long.
+async fn pad_for(pool: &PgPool, target: usize) -> Result<usize> {
+    let base: i32 = sqlx::query_scalar(&format!(
+        "SELECT octet_length(({})::text) FROM (SELECT 500 AS a, 100000 AS g) s",
+        payload_sql("a", "g", 0)
+    ))
+    .fetch_one(pool)
+    .await?;
+    Ok(target.saturating_sub(base as usize))
+}
+
+/// A payload exactly as the relay will read it (`payload::text` of the preloaded rows).
+pub async fn rendered_payload(pool: &PgPool, target: usize) -> Result<String> {
+    let pad = pad_for(pool, target).await?;
+    Ok(sqlx::query_scalar(&format!(
+        "SELECT ({})::text FROM (SELECT 500 AS a, 100000 AS g) s",
+        payload_sql("a", "g", pad)
+    ))
+    .fetch_one(pool)
+    .await?)
+}
+
+pub async fn db_now(pool: &PgPool) -> Result<DateTime<Utc>> {
+    Ok(sqlx::query_scalar("SELECT now()").fetch_one(pool).await?)
+}
+
+/// The payload as SQL over an aggregate number `a` and a sequence number `g`: an order
+/// event of about the usual shape, with a `note` padded by `pad` bytes.
+fn payload_sql(a: &str, g: &str, pad: usize) -> String {
+    format!(
+        "jsonb_build_object('orderId', 'order-' || {a}, 'seq', {g}, 'customerId', 'customer-' || {a},
+            'currency', 'EUR', 'total', 59.98, 'status', 'created',
+            'lines', '[{{\"sku\": \"SKU-1001\", \"qty\": 2, \"price\": 19.99}}, {{\"sku\": \"SKU-2002\", \"qty\": 1, \"price\": 20.00}}]'::jsonb,
+            'note', repeat('x', {pad}))"
+    )
+}
+
+/// The same payload built client-side (for producers that bind it).
+pub fn payload_text(agg: u32, seq: u64, target: usize) -> String {
+    let head = format!(
+        r#"{{"seq": {seq}, "lines": [{{"qty": 2, "sku": "SKU-1001", "price": 19.99}}, {{"qty": 1, "sku": "SKU-2002", "price": 20.00}}], "total": 59.98, "status": "created", "orderId": "order-{agg}", "currency": "EUR", "customerId": "customer-{agg}", "note": ""#
+    );
+    let pad = target.saturating_sub(head.len() + 2);
+    let mut s = head;
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\"}");
+    s
+}
+
+/// One committed producer row.
+pub struct Commit {
+    pub event_id: Uuid,
+    pub at: Instant,
+}
+
+/// `producers` connections each committing one row per transaction. With `rate` the
+/// rows are paced to that total rate (a late producer catches up without bursting past
+/// the schedule); without, flat out. Runs for `secs`. Returns every commit.
+pub async fn produce(
+    url: &str,
+    table: &str,
+    producers: usize,
+    rate: Option<f64>,
+    secs: f64,
+    aggregates: u32,
+    payload_bytes: usize,
+) -> Result<Vec<Commit>> {
+    let sql = Arc::new(format!(
+        "INSERT INTO \"{table}\" (event_id, aggregate_type, aggregate_id, event_type, payload, headers)
+         VALUES ($1, 'order', $2, 'order.created', $3::jsonb, $4::jsonb)"
+    ));
+    let mut conns = Vec::new();
+    for _ in 0..producers {
+        conns.push(connection(url).await?);
+    }
+    let start = Instant::now() + Duration::from_millis(50);
+    let end = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for (p, mut conn) in conns.into_iter().enumerate() {
+        let sql = sql.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out: Vec<Commit> = Vec::new();
+            let period = rate.map(|r| Duration::from_secs_f64(producers as f64 / r));
+            // Stagger producers over one period so the offered load is smooth.
+            let offset = period
+                .map(|d| d.mul_f64(p as f64 / producers as f64))
+                .unwrap_or_default();
+            let mut k: u32 = 0;
+            let mut seq = p as u64;
+            tokio::time::sleep_until((start + offset).into()).await;
+            loop {
+                if let Some(d) = period {
+                    let due = start + offset + d * k;
+                    if due >= end {
+                        break;
+                    }
+                    tokio::time::sleep_until(due.into()).await;
+                    k += 1;
+                } else if Instant::now() >= end {
+                    break;
+                }
+                let agg = rand::random::<u32>() % aggregates;
+                let event_id = Uuid::new_v4();
+                let payload = payload_text(agg, seq, payload_bytes);
+                seq += producers as u64;
+                sqlx::query(&sql)
+                    .bind(event_id)
+                    .bind(format!("order-{agg}"))
+                    .bind(payload)
+                    .bind(TRACEPARENT)
+                    .execute(&mut conn)
+                    .await?;
+                out.push(Commit {
+                    event_id,
+                    at: Instant::now(),
+                });
+            }
+            let _ = conn.close().await;
+            Ok::<_, anyhow::Error>(out)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(all)
+}
+
+/// The Postgres ceiling: claim 500 due rows, mark them PROCESSED, repeat until none are
+/// left — the relay's database work with no broker. Returns (rows, seconds).
+pub async fn pg_ceiling(table: &BenchTable, batch: u32) -> Result<(u64, f64)> {
+    let store = table.store();
+    let started = Instant::now();
+    let mut done = 0u64;
+    loop {
+        let rows = store.claim(None, batch, OnFailed::Block).await?;
+        if rows.is_empty() {
+            break;
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        done += store.mark_processed(&ids).await?;
+    }
+    Ok((done, started.elapsed().as_secs_f64()))
+}
+
+/// A row as the textbook relay reads it.
+#[derive(sqlx::FromRow)]
+pub struct NaiveRow {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Publishes one row and waits for its confirm.
+pub trait NaivePublisher {
+    fn publish_one(
+        &mut self,
+        row: &NaiveRow,
+    ) -> impl std::future::Future<Output = Result<()>> + Send;
+}
+
+/// The textbook relay: poll 10 rows in id order, publish one at a time awaiting each
+/// confirm, one UPDATE per row, sleep 1 s when idle. Stops when the table is drained.
+/// Returns (rows, seconds).
+pub async fn naive_relay<P: NaivePublisher>(
+    table: &BenchTable,
+    publisher: &mut P,
+) -> Result<(u64, f64)> {
+    let t = table.ident();
+    let select = format!(
+        "SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload::text AS payload, created_at
+         FROM {t} WHERE status = 'PENDING' ORDER BY id LIMIT 10"
+    );
+    let update = format!("UPDATE {t} SET status = 'PROCESSED', processed_at = now() WHERE id = $1");
+    let started = Instant::now();
+    let mut done = 0u64;
+    loop {
+        let rows: Vec<NaiveRow> = sqlx::query_as(&select).fetch_all(&table.pool).await?;
+        if rows.is_empty() {
+            if table.pending().await? == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        for row in &rows {
+            publisher.publish_one(row).await?;
+            sqlx::query(&update)
+                .bind(row.id)
+                .execute(&table.pool)
+                .await?;
+            done += 1;
+        }
+    }
+    Ok((done, started.elapsed().as_secs_f64()))
+}

@@ -1,0 +1,168 @@
+//! The operator's commands besides `run`: `migrate`, `check`, `status`, `replay`,
+//! `discard` (and `demo` in its own module).
+
+pub mod demo;
+
+use sqlx::Connection;
+
+use crate::app::{build_sink, AnySink, AppError};
+use crate::config::Settings;
+use crate::sink::Sink;
+use crate::store::Store;
+
+async fn connect_once(settings: &Settings) -> Result<Store, AppError> {
+    Ok(Store::connect(&settings.database, settings.table()).await?)
+}
+
+/// `outbox-relay migrate`: apply the embedded migrations (idempotent).
+pub async fn migrate(settings: &Settings) -> Result<(), AppError> {
+    let opts = crate::store::connect_options(settings.database.url.expose())?;
+    let mut conn = sqlx::PgConnection::connect_with(&opts)
+        .await
+        .map_err(|e| AppError::Database(crate::store::StoreError::from(e).to_string()))?;
+    let table = settings.table();
+    let applied = crate::migrate::migrate(&mut conn, &table).await?;
+    if applied.is_empty() {
+        println!("{table}: schema up to date (nothing to apply)");
+    } else {
+        println!("{table}: applied migrations {applied:?}");
+    }
+    Ok(())
+}
+
+/// `outbox-relay check`: config valid (already, or we would not be here), database
+/// reached and migrated, broker reached.
+pub async fn check(settings: &Settings) -> Result<(), AppError> {
+    let store = connect_once(settings).await?;
+    let mut conn = store
+        .pool()
+        .acquire()
+        .await
+        .map_err(crate::store::StoreError::from)?;
+    crate::migrate::check_schema(&mut conn, store.table()).await?;
+    println!(
+        "database: ok ({}, table {})",
+        settings.database.url,
+        store.table()
+    );
+    match build_sink(settings)? {
+        AnySink::Rabbit(mut s) => {
+            s.connect().await?;
+            s.close().await;
+        }
+        AnySink::Kafka(mut s) => {
+            s.connect().await?;
+            s.close().await;
+        }
+    }
+    println!("broker: ok ({})", settings.sink.kind);
+    Ok(())
+}
+
+/// `outbox-relay status [--json]`.
+pub async fn status(settings: &Settings, json: bool) -> Result<(), AppError> {
+    let store = connect_once(settings).await?;
+    let backlog = store.backlog().await?;
+    let failures = store.recent_failures(10).await?;
+    let blocked = store.blocked_aggregates(20).await?;
+    if json {
+        let doc = serde_json::json!({
+            "table": store.table().to_string(),
+            "counts": {
+                "PENDING": backlog.pending,
+                "PROCESSED": backlog.processed,
+                "FAILED": backlog.failed + backlog.discarded,
+            },
+            "pending": backlog.pending,
+            "processed": backlog.processed,
+            "failed": backlog.failed + backlog.discarded,
+            "discarded": backlog.discarded,
+            "oldest_pending_age_seconds": backlog.oldest_pending_age_seconds,
+            "blocked_aggregates": blocked,
+            "recent_failures": failures,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(|e| AppError::Runtime(e.to_string()))?
+        );
+        return Ok(());
+    }
+    println!("table {}", store.table());
+    println!("  PENDING    {}", backlog.pending);
+    println!("  PROCESSED  {}", backlog.processed);
+    println!(
+        "  FAILED     {} ({} discarded)",
+        backlog.failed + backlog.discarded,
+        backlog.discarded
+    );
+    println!(
+        "  oldest pending age: {:.1}s",
+        backlog.oldest_pending_age_seconds
+    );
+    if !blocked.is_empty() {
+        println!(
+            "blocked aggregates (a FAILED row holds back later rows; `replay` or `discard` it):"
+        );
+        for b in &blocked {
+            println!(
+                "  {}/{}: failed row {} with {} waiting",
+                b.aggregate_type, b.aggregate_id, b.failed_id, b.waiting
+            );
+        }
+    }
+    if !failures.is_empty() {
+        println!("recent failures:");
+        for f in &failures {
+            println!(
+                "  id {} {}/{} {} attempts={}{}: {}",
+                f.id,
+                f.aggregate_type,
+                f.aggregate_id,
+                f.event_type,
+                f.attempts,
+                if f.discarded { " (discarded)" } else { "" },
+                f.last_error.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `outbox-relay replay (--id ID… | --all-failed)`.
+pub async fn replay(settings: &Settings, ids: &[i64], all_failed: bool) -> Result<(), AppError> {
+    if ids.is_empty() != all_failed {
+        return Err(AppError::Usage(
+            "replay needs either --id ID… or --all-failed".into(),
+        ));
+    }
+    let store = connect_once(settings).await?;
+    let done = store
+        .replay(if all_failed { None } else { Some(ids) })
+        .await?;
+    println!("replayed {} row(s): {done:?}", done.len());
+    report_missing(ids, &done, "not FAILED (or discarded)");
+    Ok(())
+}
+
+/// `outbox-relay discard --id ID…`.
+pub async fn discard(settings: &Settings, ids: &[i64]) -> Result<(), AppError> {
+    if ids.is_empty() {
+        return Err(AppError::Usage("discard needs --id ID…".into()));
+    }
+    let store = connect_once(settings).await?;
+    let done = store.discard(ids).await?;
+    println!("discarded {} row(s): {done:?}", done.len());
+    report_missing(ids, &done, "not FAILED (or already discarded)");
+    Ok(())
+}
+
+fn report_missing(asked: &[i64], done: &[i64], why: &str) {
+    let missing: Vec<i64> = asked
+        .iter()
+        .copied()
+        .filter(|i| !done.contains(i))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("skipped {missing:?}: {why}");
+    }
+}

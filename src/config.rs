@@ -1,0 +1,520 @@
+//! Typed configuration: defaults → `--config` TOML → `OUTBOX_RELAY__SECTION__KEY` env vars,
+//! validated once at start. Every error names the offending key; secrets never print.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::table::TableName;
+
+/// Why the configuration cannot be used. Always names the key (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Load(String),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+    /// A `kafka.properties.<name>` entry that would weaken the guarantees.
+    #[error("{0}")]
+    Property(String),
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// A string that holds credentials (a URL with a password). `Debug`/`Display` redact it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The real value: only for handing to a client library, never for printing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The value with any password replaced by `***`, fit for logs.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({})", self.redacted())
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// Replace the password of a URL (and anything that looks like one) with `***`.
+pub fn redact_url(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        // Not a URL: still strip a `user:pass@` segment if one is there.
+        Err(_) => match (s.find("://"), s.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let creds = &s[scheme + 3..at];
+                match creds.find(':') {
+                    Some(colon) => {
+                        format!("{}{}:***{}", &s[..scheme + 3], &creds[..colon], &s[at..])
+                    }
+                    None => s.to_string(),
+                }
+            }
+            _ => s.to_string(),
+        },
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailed {
+    /// Later rows of a FAILED row's aggregate wait for `replay` or `discard`.
+    Block,
+    /// Later rows proceed.
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    Rabbitmq,
+    Kafka,
+}
+
+impl fmt::Display for SinkKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SinkKind::Rabbitmq => "rabbitmq",
+            SinkKind::Kafka => "kafka",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    #[serde(default = "default_database_url")]
+    pub url: Secret,
+    /// File holding the URL (Kubernetes Secret volume); wins over `url`.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    #[serde(default = "default_table")]
+    pub table: String,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_backoff_initial", with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+    #[serde(default = "default_on_failed")]
+    pub on_failed: OnFailed,
+    #[serde(default = "default_lease_timeout", with = "humantime_serde")]
+    pub lease_timeout: Duration,
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub retention: Duration,
+    /// How long one publish may wait for its broker confirm before the connection is
+    /// considered stalled (no attempt is spent; the relay reconnects).
+    #[serde(default = "default_publish_timeout", with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Listen for NOTIFY from the outbox trigger (polling stays on as the safety net).
+    #[serde(default = "default_true")]
+    pub listen: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    #[serde(default = "default_sink_kind")]
+    pub kind: SinkKind,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitmqConfig {
+    #[serde(default = "default_rabbitmq_url")]
+    pub url: Secret,
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    #[serde(default = "default_exchange")]
+    pub exchange: String,
+    #[serde(default)]
+    pub dead_letter_exchange: Option<String>,
+    /// PEM CA bundle for `amqps://` connections.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// Passed to librdkafka as-is.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default = "empty_table")]
+    pub database: DatabaseConfig,
+    #[serde(default = "empty_table")]
+    pub relay: RelayConfig,
+    #[serde(default = "empty_table")]
+    pub sink: SinkConfig,
+    #[serde(default = "empty_table")]
+    pub rabbitmq: RabbitmqConfig,
+    #[serde(default = "empty_table")]
+    pub kafka: KafkaConfig,
+    #[serde(default = "empty_table")]
+    pub http: HttpConfig,
+}
+
+/// Deserialize a section from an empty table, so every field takes its default.
+fn empty_table<T: serde::de::DeserializeOwned>() -> T {
+    serde_json::from_value(serde_json::json!({})).expect("every config field has a default")
+}
+
+fn default_database_url() -> Secret {
+    Secret::new("postgres://postgres@127.0.0.1:5432/test")
+}
+fn default_table() -> String {
+    "outbox".into()
+}
+const fn default_max_connections() -> u32 {
+    4
+}
+const fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+const fn default_batch_size() -> u32 {
+    500
+}
+const fn default_poll_interval() -> Duration {
+    Duration::from_millis(500)
+}
+const fn default_max_attempts() -> u32 {
+    10
+}
+const fn default_backoff_initial() -> Duration {
+    Duration::from_secs(1)
+}
+const fn default_backoff_max() -> Duration {
+    Duration::from_secs(300)
+}
+const fn default_on_failed() -> OnFailed {
+    OnFailed::Block
+}
+const fn default_lease_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+const fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+const fn default_retention() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+const fn default_publish_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+const fn default_true() -> bool {
+    true
+}
+const fn default_sink_kind() -> SinkKind {
+    SinkKind::Rabbitmq
+}
+fn default_rabbitmq_url() -> Secret {
+    Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f")
+}
+fn default_exchange() -> String {
+    "outbox".into()
+}
+fn default_brokers() -> String {
+    "localhost:9092".into()
+}
+fn default_topic() -> String {
+    "outbox.{aggregate_type}".into()
+}
+fn default_listen() -> String {
+    "0.0.0.0:9187".into()
+}
+
+impl Settings {
+    /// Load defaults, then the optional TOML file, then `OUTBOX_RELAY__*` env vars; validate.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "--config file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(
+                config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
+            );
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("OUTBOX_RELAY")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let raw = builder.build().map_err(|e| ConfigError::Load(scrub(e)))?;
+        let mut settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load(scrub(e)))?;
+        settings.resolve_files()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Read `*_file` secrets (the Kubernetes Secret-volume convention).
+    fn resolve_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.database.url_file {
+            self.database.url = read_secret_file("database.url_file", path)?;
+        }
+        if let Some(path) = &self.rabbitmq.url_file {
+            self.rabbitmq.url = read_secret_file("rabbitmq.url_file", path)?;
+        }
+        Ok(())
+    }
+
+    /// Check every value once, naming the key of the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let db = url::Url::parse(self.database.url.expose())
+            .map_err(|e| invalid("database.url", format!("not a URL: {e}")))?;
+        if !matches!(db.scheme(), "postgres" | "postgresql") {
+            return Err(invalid(
+                "database.url",
+                format!("scheme must be postgres://, got {}://", db.scheme()),
+            ));
+        }
+        TableName::parse(&self.database.table).map_err(|m| invalid("database.table", m))?;
+        if self.database.max_connections < 2 {
+            return Err(invalid("database.max_connections", "must be at least 2"));
+        }
+        let r = &self.relay;
+        if r.batch_size == 0 || r.batch_size > 10_000 {
+            return Err(invalid("relay.batch_size", "must be between 1 and 10000"));
+        }
+        if r.poll_interval.is_zero() {
+            return Err(invalid("relay.poll_interval", "must be greater than 0"));
+        }
+        if r.max_attempts == 0 {
+            return Err(invalid("relay.max_attempts", "must be at least 1"));
+        }
+        if r.backoff_initial.is_zero() {
+            return Err(invalid("relay.backoff_initial", "must be greater than 0"));
+        }
+        if r.backoff_max < r.backoff_initial {
+            return Err(invalid(
+                "relay.backoff_max",
+                "must not be smaller than relay.backoff_initial",
+            ));
+        }
+        if r.lease_timeout < Duration::from_secs(1) {
+            return Err(invalid("relay.lease_timeout", "must be at least 1s"));
+        }
+        if r.publish_timeout.is_zero() {
+            return Err(invalid("relay.publish_timeout", "must be greater than 0"));
+        }
+        match self.sink.kind {
+            SinkKind::Rabbitmq => {
+                let u = url::Url::parse(self.rabbitmq.url.expose())
+                    .map_err(|e| invalid("rabbitmq.url", format!("not a URL: {e}")))?;
+                if !matches!(u.scheme(), "amqp" | "amqps") {
+                    return Err(invalid(
+                        "rabbitmq.url",
+                        format!("scheme must be amqp:// or amqps://, got {}://", u.scheme()),
+                    ));
+                }
+                if self.rabbitmq.exchange.is_empty() {
+                    return Err(invalid(
+                        "rabbitmq.exchange",
+                        "must not be empty (the default exchange cannot be declared)",
+                    ));
+                }
+                if let Some(ca) = &self.rabbitmq.ca_file {
+                    if !ca.exists() {
+                        return Err(invalid(
+                            "rabbitmq.ca_file",
+                            format!("{} does not exist", ca.display()),
+                        ));
+                    }
+                }
+            }
+            SinkKind::Kafka => {
+                if self.kafka.brokers.trim().is_empty() {
+                    return Err(invalid("kafka.brokers", "must not be empty"));
+                }
+                if self.kafka.topic.trim().is_empty() {
+                    return Err(invalid("kafka.topic", "must not be empty"));
+                }
+                crate::sink::kafka::validate_properties(&self.kafka.properties)
+                    .map_err(|e| ConfigError::Property(e.to_string()))?;
+            }
+        }
+        self.http
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("http.listen", format!("not host:port ({e})")))?;
+        Ok(())
+    }
+
+    pub fn table(&self) -> TableName {
+        TableName::parse(&self.database.table).expect("validated at load")
+    }
+
+    pub fn http_listen(&self) -> SocketAddr {
+        self.http.listen.parse().expect("validated at load")
+    }
+}
+
+fn read_secret_file(key: &'static str, path: &Path) -> Result<Secret, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| Secret::new(s.trim()))
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+}
+
+/// `config` errors may echo a value; make sure a URL with a password never does.
+fn scrub(e: config::ConfigError) -> String {
+    let text = e.to_string();
+    let re = regex::Regex::new(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s`'\x22]+").expect("static regex");
+    re.replace_all(&text, |c: &regex::Captures| redact_url(&c[0]))
+        .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let s: Settings = empty_table();
+        s.validate().unwrap();
+        assert_eq!(s.relay.batch_size, 500);
+        assert_eq!(s.relay.poll_interval, Duration::from_millis(500));
+        assert_eq!(s.relay.on_failed, OnFailed::Block);
+        assert_eq!(s.kafka.topic, "outbox.{aggregate_type}");
+    }
+
+    #[test]
+    fn secret_never_prints_password() {
+        let s = Secret::new("postgres://app:hunter2@db:5432/x");
+        assert!(!format!("{s} {s:?}").contains("hunter2"));
+        assert!(s.redacted().contains("app:***@db"));
+        assert_eq!(s.expose(), "postgres://app:hunter2@db:5432/x");
+    }
+
+    #[test]
+    fn toml_parses_spec_example() {
+        let toml = r#"
+[database]
+url = "postgres://localhost/outbox"
+table = "app.outbox"
+[relay]
+batch_size = 100
+poll_interval = "250ms"
+backoff_max = "5m"
+on_failed = "skip"
+[sink]
+kind = "kafka"
+[kafka]
+brokers = "k:9092"
+[kafka.properties]
+"compression.type" = "lz4"
+"#;
+        let s: Settings = toml_from(toml);
+        s.validate().unwrap();
+        assert_eq!(s.relay.on_failed, OnFailed::Skip);
+        assert_eq!(s.relay.backoff_max, Duration::from_secs(300));
+        assert_eq!(s.kafka.properties["compression.type"], "lz4");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let mut s: Settings = empty_table();
+        s.relay.batch_size = 0;
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("relay.batch_size"));
+        let mut s: Settings = empty_table();
+        s.database.table = "bad name;".into();
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("database.table"));
+        let mut s: Settings = empty_table();
+        s.relay.backoff_max = Duration::from_millis(1);
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("relay.backoff_max"));
+    }
+
+    fn toml_from(text: &str) -> Settings {
+        config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap()
+    }
+}

@@ -1,0 +1,28 @@
+//! outbox-relay: a transactional outbox relay. Producers commit an outbox row with their
+//! business rows; the relay publishes committed rows to RabbitMQ or Kafka with broker
+//! confirms and marks them `PROCESSED` (or `FAILED` after its retries).
+//!
+//! Layout (each stage is a module; brokers stay behind the `Sink` seam):
+//! - `config`   — typed settings: defaults → TOML → env, validated, secrets redacted
+//! - `table`    — the configured table name and the relay tables derived from it
+//! - `migrate`  — embedded SQL migrations and the start-up schema check
+//! - `model`    — the outbox row and the validated wire `Message`
+//! - `store`    — Postgres: claim, mark, leases (`store::leases`), operator queries (`store::admin`)
+//! - `sink`     — the `Sink` trait; `sink::rabbitmq` (lapin), `sink::kafka` (rdkafka)
+//! - `relay`    — the loop: leases, waves (per-aggregate order), backoff, wake-ups
+//! - `app`      — wiring for `run`: tasks, HTTP, gauges, retention, graceful shutdown
+//! - `http`, `health`, `metrics` — `/livez`, `/readyz`, `/metrics`
+//! - `commands` — `migrate`, `check`, `status`, `replay`, `discard`, `demo`
+
+pub mod app;
+pub mod commands;
+pub mod config;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod migrate;
+pub mod model;
+pub mod relay;
+pub mod sink;
+pub mod store;
+pub mod table;

@@ -1,0 +1,50 @@
+//! Metric names (SPEC §6) and the Prometheus recorder.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const PUBLISHED_TOTAL: &str = "outbox_relay_published_total";
+pub const FAILED_TOTAL: &str = "outbox_relay_failed_total";
+pub const RETRIES_TOTAL: &str = "outbox_relay_retries_total";
+pub const PENDING_ROWS: &str = "outbox_relay_pending_rows";
+pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
+pub const PUBLISH_LATENCY: &str = "outbox_relay_publish_latency_seconds";
+pub const BROKER_UP: &str = "outbox_relay_broker_up";
+pub const DATABASE_UP: &str = "outbox_relay_database_up";
+pub const PARTITIONS_HELD: &str = "outbox_relay_partitions_held";
+pub const DEAD_LETTERED_TOTAL: &str = "outbox_relay_dead_lettered_total";
+pub const RETENTION_DELETED_TOTAL: &str = "outbox_relay_retention_deleted_total";
+
+/// Install the global Prometheus recorder and register every SPEC metric at zero, so a
+/// scrape shows all names from the first second.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(PUBLISH_LATENCY.into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
+            ],
+        )
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    metrics::describe_counter!(
+        PUBLISHED_TOTAL,
+        "Rows confirmed by the broker and marked PROCESSED"
+    );
+    metrics::describe_counter!(FAILED_TOTAL, "Rows that ended FAILED");
+    metrics::describe_counter!(RETRIES_TOTAL, "Broker rejections that scheduled a retry");
+    metrics::describe_gauge!(PENDING_ROWS, "PENDING rows in the outbox table");
+    metrics::describe_gauge!(OLDEST_PENDING_AGE, "Age of the oldest PENDING row");
+    metrics::describe_histogram!(PUBLISH_LATENCY, "Row commit to broker confirm");
+    metrics::describe_gauge!(BROKER_UP, "1 when the broker is reachable");
+    metrics::describe_gauge!(DATABASE_UP, "1 when the database is reachable");
+    metrics::counter!(PUBLISHED_TOTAL).absolute(0);
+    metrics::counter!(FAILED_TOTAL).absolute(0);
+    metrics::counter!(RETRIES_TOTAL).absolute(0);
+    metrics::gauge!(PENDING_ROWS).set(0.0);
+    metrics::gauge!(OLDEST_PENDING_AGE).set(0.0);
+    metrics::gauge!(BROKER_UP).set(0.0);
+    metrics::gauge!(DATABASE_UP).set(0.0);
+    Ok(handle)
+}

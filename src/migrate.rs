@@ -1,0 +1,151 @@
+//! Embedded SQL migrations (`migrations/*.sql`, sqlx file format) and the schema check
+//! that `run` does at start.
+//!
+//! The files name the table `outbox`; for another configured table every `outbox` /
+//! `outbox_*` identifier is rewritten to `<table>` / `<table>_*` and the migration runs
+//! with `search_path` set to the table's schema. History goes to `<table>_relay_migrations`,
+//! never sqlx's `_sqlx_migrations` (which may belong to the order service).
+
+use sqlx::{Connection, PgConnection, Row};
+
+use crate::table::TableName;
+
+/// One embedded migration.
+pub struct Migration {
+    pub version: i64,
+    pub description: &'static str,
+    pub sql: &'static str,
+}
+
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "outbox",
+        sql: include_str!("../migrations/0001_outbox.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "relay",
+        sql: include_str!("../migrations/0002_relay.sql"),
+    },
+];
+
+/// The table comment the latest migration leaves; `run` refuses to start without it.
+pub const SCHEMA_MARKER: &str = "relay schema 2";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("table {table} is not migrated to the expected version ({found}): run `outbox-relay migrate`")]
+    NotMigrated { table: String, found: String },
+}
+
+/// Rewrite the table identifiers of a migration for `table`.
+pub fn render(sql: &str, table: &TableName) -> String {
+    if table.name() == "outbox" {
+        return sql.to_string();
+    }
+    let re = regex::Regex::new(r"\boutbox(_[A-Za-z0-9_]*)?\b").expect("static regex");
+    re.replace_all(sql, |c: &regex::Captures| {
+        format!(
+            "\"{}\"",
+            table.derived_bare(c.get(1).map_or("", |m| m.as_str()))
+        )
+    })
+    .into_owned()
+}
+
+/// Apply every migration not yet recorded, each in its own transaction, serialized
+/// across concurrent `migrate` runs by an advisory lock. Idempotent. Returns the
+/// versions applied now.
+pub async fn migrate(conn: &mut PgConnection, table: &TableName) -> Result<Vec<i64>, MigrateError> {
+    let schema_sql = format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", table.schema());
+    let history_sql = format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+            version BIGINT PRIMARY KEY,
+            description TEXT NOT NULL,
+            installed_on TIMESTAMPTZ NOT NULL DEFAULT now())",
+        table.history()
+    );
+    let lock_key = format!("outbox-relay migrate {table}");
+    let mut applied = Vec::new();
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(&lock_key)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(&schema_sql).execute(&mut *tx).await?;
+    sqlx::raw_sql(&history_sql).execute(&mut *tx).await?;
+    let done: Vec<i64> = sqlx::query_scalar(&format!("SELECT version FROM {}", table.history()))
+        .fetch_all(&mut *tx)
+        .await?;
+    let search_path = format!("SET LOCAL search_path TO \"{}\", public", table.schema());
+    for m in MIGRATIONS {
+        if done.contains(&m.version) {
+            continue;
+        }
+        sqlx::raw_sql(&search_path).execute(&mut *tx).await?;
+        sqlx::raw_sql(&render(m.sql, table))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "INSERT INTO {} (version, description) VALUES ($1, $2)",
+            table.history()
+        ))
+        .bind(m.version)
+        .bind(m.description)
+        .execute(&mut *tx)
+        .await?;
+        applied.push(m.version);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Check that the table exists and carries the latest schema marker.
+pub async fn check_schema(conn: &mut PgConnection, table: &TableName) -> Result<(), MigrateError> {
+    let row = sqlx::query(
+        "SELECT to_regclass($1) IS NOT NULL AS present,
+                obj_description(to_regclass($1), 'pg_class') AS marker",
+    )
+    .bind(table.ident())
+    .fetch_one(conn)
+    .await?;
+    let present: bool = row.try_get("present")?;
+    let marker: Option<String> = row.try_get("marker")?;
+    if present && marker.as_deref() == Some(SCHEMA_MARKER) {
+        return Ok(());
+    }
+    Err(MigrateError::NotMigrated {
+        table: table.to_string(),
+        found: if present {
+            format!("marker {:?}", marker.unwrap_or_default())
+        } else {
+            "table missing".into()
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_rewrites_identifiers_only() {
+        let t = TableName::parse("app.Events").unwrap();
+        let sql = render(MIGRATIONS[1].sql, &t);
+        assert!(sql.contains("ALTER TABLE \"Events\" ADD COLUMN"));
+        assert!(sql.contains("\"Events_relay_leases\""));
+        assert!(sql.contains("'relay_wake_'"));
+        assert!(!sql.contains(" outbox "));
+        let plain = render(MIGRATIONS[0].sql, &TableName::parse("outbox").unwrap());
+        assert_eq!(plain, MIGRATIONS[0].sql);
+    }
+
+    #[test]
+    fn versions_are_increasing() {
+        assert!(MIGRATIONS.windows(2).all(|w| w[0].version < w[1].version));
+        assert!(MIGRATIONS.last().unwrap().sql.contains(SCHEMA_MARKER));
+    }
+}

@@ -1,0 +1,179 @@
+//! The outbox row as the store reads it, and the validated `Message` a sink publishes.
+//! Validation is pure: a row that cannot become a message fails on its own, with a
+//! readable reason, before any broker sees it.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// A claimed `PENDING` row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub destination: Option<String>,
+    pub routing_key: Option<String>,
+    /// `payload::text`: the JSON exactly as Postgres renders the JSONB value.
+    pub payload: String,
+    pub headers: serde_json::Value,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What goes on the wire; built only from a row that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub destination: Option<String>,
+    pub routing_key: Option<String>,
+    pub payload: String,
+    /// The row's `headers` entries, in key order.
+    pub headers: Vec<(String, String)>,
+    pub created_at: DateTime<Utc>,
+    /// Rejections so far (decides whether this try is the last).
+    pub attempts: i32,
+}
+
+impl Message {
+    /// The (aggregate_type, aggregate_id) ordering key.
+    pub fn aggregate(&self) -> (&str, &str) {
+        (&self.aggregate_type, &self.aggregate_id)
+    }
+}
+
+/// Longest header name AMQP (short string) allows.
+const MAX_HEADER_NAME: usize = 255;
+
+impl OutboxRow {
+    /// Validate the row and turn it into a message, or say what is wrong with it.
+    pub fn to_message(&self) -> Result<Message, String> {
+        if self.aggregate_id.is_empty() {
+            return Err(
+                "aggregate_id is empty: it is the ordering key and the Kafka message key".into(),
+            );
+        }
+        if self.aggregate_type.is_empty() {
+            return Err("aggregate_type is empty".into());
+        }
+        if self.event_type.is_empty() {
+            return Err(
+                "event_type is empty: it is the message type and default routing key".into(),
+            );
+        }
+        if matches!(self.destination.as_deref(), Some("")) {
+            return Err(
+                "destination is an empty string: use NULL for the configured default".into(),
+            );
+        }
+        let headers = match &self.headers {
+            serde_json::Value::Object(map) => {
+                let mut out = Vec::with_capacity(map.len());
+                for (k, v) in map {
+                    if k.is_empty() || k.len() > MAX_HEADER_NAME {
+                        return Err(format!(
+                            "headers key {k:?} must be 1 to {MAX_HEADER_NAME} bytes long"
+                        ));
+                    }
+                    match v {
+                        serde_json::Value::String(s) => out.push((k.clone(), s.clone())),
+                        other => {
+                            return Err(format!(
+                                "headers must be an object of string values: key {k:?} holds {}",
+                                json_kind(other)
+                            ))
+                        }
+                    }
+                }
+                out
+            }
+            other => {
+                return Err(format!(
+                    "headers must be a JSON object of string values, got {}",
+                    json_kind(other)
+                ))
+            }
+        };
+        Ok(Message {
+            id: self.id,
+            event_id: self.event_id,
+            aggregate_type: self.aggregate_type.clone(),
+            aggregate_id: self.aggregate_id.clone(),
+            event_type: self.event_type.clone(),
+            destination: self.destination.clone(),
+            routing_key: self.routing_key.clone(),
+            payload: self.payload.clone(),
+            headers,
+            created_at: self.created_at,
+            attempts: self.attempts,
+        })
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn sample_row(id: i64, aggregate_id: &str) -> OutboxRow {
+    OutboxRow {
+        id,
+        event_id: Uuid::new_v4(),
+        aggregate_type: "order".into(),
+        aggregate_id: aggregate_id.into(),
+        event_type: "order.created".into(),
+        destination: None,
+        routing_key: None,
+        payload: r#"{"orderId": "42"}"#.into(),
+        headers: serde_json::json!({"traceparent": "00-abc-def-01"}),
+        attempts: 0,
+        created_at: Utc::now(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_row_becomes_message() {
+        let m = sample_row(7, "42").to_message().unwrap();
+        assert_eq!(
+            m.headers,
+            vec![("traceparent".into(), "00-abc-def-01".into())]
+        );
+        assert_eq!(m.aggregate(), ("order", "42"));
+    }
+
+    #[test]
+    fn bad_rows_say_why() {
+        let mut r = sample_row(1, "");
+        assert!(r
+            .to_message()
+            .unwrap_err()
+            .contains("aggregate_id is empty"));
+        r.aggregate_id = "1".into();
+        r.headers = serde_json::json!(["a"]);
+        assert!(r.to_message().unwrap_err().contains("got an array"));
+        r.headers = serde_json::json!({"n": 5});
+        assert!(r
+            .to_message()
+            .unwrap_err()
+            .contains("key \"n\" holds a number"));
+        r.headers = serde_json::json!({});
+        r.destination = Some(String::new());
+        assert!(r.to_message().unwrap_err().contains("destination"));
+    }
+}

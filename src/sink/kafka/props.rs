@@ -1,0 +1,255 @@
+//! The librdkafka configuration of the relay's producer: our defaults, then the user's
+//! `kafka.properties` as-is, then the guarantees (idempotence, `acks=all`) that no
+//! property may weaken.
+//!
+//! Invariant: the producer is always idempotent with `acks=all`. A property that would
+//! turn either off is refused before any client is created, with an error naming the
+//! key as `kafka.properties.<name>`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+use crate::config::KafkaConfig;
+
+/// A `kafka.properties` entry the relay cannot accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PropertyError {
+    /// The full config key, e.g. `kafka.properties.acks`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for PropertyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config key `{}`: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for PropertyError {}
+
+fn refuse(name: &str, message: impl Into<String>) -> PropertyError {
+    PropertyError {
+        key: format!("kafka.properties.{name}"),
+        message: message.into(),
+    }
+}
+
+/// Check `kafka.properties` against the relay's guarantees (SPEC §3.1): an idempotent
+/// producer with `acks=all`, and no transactions (the relay does not drive them).
+pub fn validate_properties(props: &BTreeMap<String, String>) -> Result<(), PropertyError> {
+    for (name, value) in props {
+        let v = value.trim().to_ascii_lowercase();
+        match name.as_str() {
+            "enable.idempotence" if !matches!(v.as_str(), "true" | "1" | "yes" | "on") => {
+                return Err(refuse(
+                    name,
+                    format!("the relay requires an idempotent producer (enable.idempotence=true) for at-least-once delivery in order; got {value:?}"),
+                ));
+            }
+            "acks" | "request.required.acks" if !matches!(v.as_str(), "all" | "-1") => {
+                return Err(refuse(
+                    name,
+                    format!("the relay marks a row PROCESSED only after acks=all (or -1); got {value:?}"),
+                ));
+            }
+            "transactional.id" => {
+                return Err(refuse(
+                    name,
+                    "the relay does not use Kafka transactions; remove this property",
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The message timeout librdkafka will apply: the user's `message.timeout.ms` (or its
+/// alias `delivery.timeout.ms`) if set, else `default`. `None` means "never" (0).
+pub fn message_timeout(
+    props: &BTreeMap<String, String>,
+    default: Duration,
+) -> Result<Option<Duration>, PropertyError> {
+    for name in ["message.timeout.ms", "delivery.timeout.ms"] {
+        if let Some(v) = props.get(name) {
+            let ms: u64 = v.trim().parse().map_err(|_| {
+                refuse(name, format!("must be a number of milliseconds, got {v:?}"))
+            })?;
+            return Ok((ms > 0).then(|| Duration::from_millis(ms)));
+        }
+    }
+    Ok(Some(default))
+}
+
+/// The producer configuration for `cfg`, with `timeout` as the default
+/// `message.timeout.ms`.
+pub fn producer_config(
+    cfg: &KafkaConfig,
+    timeout: Duration,
+) -> Result<ClientConfig, PropertyError> {
+    validate_properties(&cfg.properties)?;
+    let mut c = base_config(cfg);
+    c.set("client.id", "outbox-relay")
+        // Ships with every row; tuned for "publish a wave, await its reports".
+        .set("linger.ms", "1")
+        // Same key → same partition as the Java client's default partitioner.
+        .set("partitioner", "murmur2_random")
+        // A typo'd `destination` must fail its row, never create a topic (SPEC §2).
+        .set("allow.auto.create.topics", "false")
+        .set("message.timeout.ms", timeout.as_millis().max(1).to_string());
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    // The guarantees, last: nothing above may have weakened them.
+    c.set("enable.idempotence", "true").set("acks", "all");
+    if c.get("request.required.acks").is_some() {
+        c.set("request.required.acks", "all");
+    }
+    Ok(c)
+}
+
+/// Brokers plus the user's properties (security settings), for the demo's admin and
+/// consumer clients: producer-only keys are dropped so librdkafka does not warn.
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = base_config(cfg);
+    for (k, v) in &cfg.properties {
+        if is_common_property(k) {
+            c.set(k, v);
+        }
+    }
+    c
+}
+
+fn base_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", cfg.brokers.trim());
+    c
+}
+
+/// Properties that make sense for any client (connection, security, debugging).
+fn is_common_property(k: &str) -> bool {
+    [
+        "security.",
+        "ssl.",
+        "sasl.",
+        "socket.",
+        "broker.",
+        "client.",
+        "debug",
+        "bootstrap.",
+        "metadata.",
+        "reconnect.",
+        "api.version",
+        "enable.ssl",
+        "log_level",
+    ]
+    .iter()
+    .any(|p| k.starts_with(p))
+}
+
+/// Is this property's value a secret (never to be echoed in an error)?
+pub fn is_secret_property(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k.ends_with(".pem")
+        || (k.starts_with("ssl.") && k.contains("key"))
+        || k.contains("oauthbearer.config")
+        || k == "sasl.jaas.config"
+}
+
+/// Replace the values of secret properties in `text` with `***`.
+pub fn scrub(text: &str, props: &BTreeMap<String, String>) -> String {
+    let mut out = crate::config::redact_url(text);
+    for (k, v) in props {
+        if is_secret_property(k) && !v.is_empty() {
+            out = out.replace(v.as_str(), "***");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn cfg(kv: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            brokers: "k:9092".into(),
+            topic: "outbox.{aggregate_type}".into(),
+            dead_letter_topic: None,
+            properties: props(kv),
+        }
+    }
+
+    #[test]
+    fn guarantees_cannot_be_weakened() {
+        let e = validate_properties(&props(&[("enable.idempotence", "false")])).unwrap_err();
+        assert_eq!(e.key, "kafka.properties.enable.idempotence");
+        assert!(e
+            .to_string()
+            .contains("`kafka.properties.enable.idempotence`"));
+        let e = validate_properties(&props(&[("acks", "1")])).unwrap_err();
+        assert_eq!(e.key, "kafka.properties.acks");
+        let e = validate_properties(&props(&[("request.required.acks", "0")])).unwrap_err();
+        assert_eq!(e.key, "kafka.properties.request.required.acks");
+        assert!(
+            validate_properties(&props(&[("acks", "all"), ("enable.idempotence", "true")])).is_ok()
+        );
+        assert!(validate_properties(&props(&[("acks", "-1")])).is_ok());
+        assert!(validate_properties(&props(&[("transactional.id", "x")])).is_err());
+    }
+
+    #[test]
+    fn defaults_then_user_then_guarantees() {
+        let c = producer_config(
+            &cfg(&[("linger.ms", "20"), ("compression.type", "lz4")]),
+            Duration::from_secs(15),
+        )
+        .unwrap();
+        assert_eq!(c.get("linger.ms"), Some("20"));
+        assert_eq!(c.get("compression.type"), Some("lz4"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("message.timeout.ms"), Some("15000"));
+        assert_eq!(c.get("bootstrap.servers"), Some("k:9092"));
+        let c = producer_config(
+            &cfg(&[("message.timeout.ms", "4000")]),
+            Duration::from_secs(15),
+        )
+        .unwrap();
+        assert_eq!(c.get("message.timeout.ms"), Some("4000"));
+    }
+
+    #[test]
+    fn message_timeout_follows_override() {
+        let d = Duration::from_secs(15);
+        assert_eq!(message_timeout(&props(&[]), d).unwrap(), Some(d));
+        assert_eq!(
+            message_timeout(&props(&[("delivery.timeout.ms", "2000")]), d).unwrap(),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            message_timeout(&props(&[("message.timeout.ms", "0")]), d).unwrap(),
+            None
+        );
+        assert!(message_timeout(&props(&[("message.timeout.ms", "x")]), d).is_err());
+    }
+
+    #[test]
+    fn secrets_are_scrubbed() {
+        let p = props(&[("sasl.password", "hunter2"), ("sasl.username", "app")]);
+        let s = scrub("Invalid value \"hunter2\" for sasl.password (user app)", &p);
+        assert!(!s.contains("hunter2"));
+        assert!(s.contains("app"));
+    }
+}

@@ -1,0 +1,285 @@
+//! The Postgres store: claiming due rows in `id` order, marking outcomes in one statement
+//! per kind, and (in submodules) partition leases and the operator's queries.
+//!
+//! Invariants:
+//! - a row is claimed by `status`, never by `id > last_seen` (ids are handed out before
+//!   commit, so a lower id can become visible later);
+//! - a claimed row is never behind a *blocker* of its aggregate: a FAILED row (in block
+//!   mode, not discarded) or a row waiting for its retry;
+//! - marks only touch rows still `PENDING`, so a late mark cannot undo an operator's action.
+
+pub mod admin;
+pub mod leases;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+use crate::config::{DatabaseConfig, OnFailed};
+use crate::model::OutboxRow;
+use crate::table::TableName;
+
+/// Number of hash partitions aggregates are spread over (fixed by the lease table).
+pub const PARTITIONS: i32 = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unreachable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Query(String),
+}
+
+impl StoreError {
+    /// Whether the error means the database is down or the connection dropped.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+            {
+                // 08xxx connection exceptions, 57P0x admin shutdown / terminated backend.
+                StoreError::Unavailable(e.to_string())
+            }
+            _ => StoreError::Query(e.to_string()),
+        }
+    }
+}
+
+/// A rejected or invalid row and what to do with it.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    pub id: i64,
+    pub error: String,
+    /// Delay before the next try, if one is left.
+    pub retry_in: Duration,
+    /// Fail at once, whatever the attempt count (input no retry can fix).
+    pub fatal: bool,
+}
+
+/// The row's state after a rejection was recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectOutcome {
+    pub id: i64,
+    pub failed: bool,
+    pub attempts: i32,
+}
+
+/// Prebuilt statements for the configured table (identifiers quoted, data bound).
+#[derive(Debug)]
+struct Sql {
+    claim: String,
+    mark_processed: String,
+    reject: String,
+}
+
+impl Sql {
+    fn new(t: &TableName) -> Self {
+        let tbl = t.ident();
+        Self {
+            claim: format!(
+                "SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
+                        o.destination, o.routing_key, o.payload::text AS payload, o.headers,
+                        o.attempts, o.created_at
+                 FROM {tbl} o
+                 WHERE o.status = 'PENDING'
+                   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+                   AND o.id <> ALL($4::bigint[])
+                   AND ($1::int[] IS NULL
+                        OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($1))
+                   AND NOT EXISTS (
+                       SELECT 1 FROM {tbl} b
+                       WHERE b.aggregate_type = o.aggregate_type
+                         AND b.aggregate_id = o.aggregate_id
+                         AND b.id < o.id
+                         AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND $2)
+                              OR (b.status = 'PENDING' AND b.next_attempt_at > now())))
+                 ORDER BY o.id
+                 LIMIT $3"
+            ),
+            mark_processed: format!(
+                "UPDATE {tbl} SET status = 'PROCESSED', processed_at = now(), next_attempt_at = NULL
+                 WHERE id = ANY($1) AND status = 'PENDING'"
+            ),
+            reject: format!(
+                "UPDATE {tbl} AS t SET
+                    attempts = t.attempts + 1,
+                    last_error = r.err,
+                    status = CASE WHEN r.fatal OR t.attempts + 1 >= $5 THEN 'FAILED' ELSE 'PENDING' END,
+                    next_attempt_at = CASE WHEN r.fatal OR t.attempts + 1 >= $5 THEN NULL
+                                           ELSE now() + r.delay_ms * interval '1 millisecond' END
+                 FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[]) AS r(id, err, delay_ms, fatal)
+                 WHERE t.id = r.id AND t.status = 'PENDING'
+                 RETURNING t.id, t.status = 'FAILED' AS failed, t.attempts"
+            ),
+        }
+    }
+}
+
+/// Handle to the outbox table.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+    table: TableName,
+    sql: std::sync::Arc<Sql>,
+}
+
+/// Connection options from a database URL (no password in any error we return).
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    url.parse::<PgConnectOptions>()
+        .map(|o| o.log_statements(tracing::log::LevelFilter::Trace))
+        .map_err(|e| {
+            StoreError::Query(format!(
+                "database.url is not a valid Postgres URL: {}",
+                crate::config::redact_url(&e.to_string())
+            ))
+        })
+}
+
+impl Store {
+    /// Open a pool. Fails fast (within `connect_timeout`) when the database is down.
+    pub async fn connect(cfg: &DatabaseConfig, table: TableName) -> Result<Self, StoreError> {
+        let opts = connect_options(cfg.url.expose())?.application_name("outbox-relay");
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.max_connections)
+            .acquire_timeout(cfg.connect_timeout)
+            .connect_with(opts)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(Self::from_pool(pool, table))
+    }
+
+    pub fn from_pool(pool: PgPool, table: TableName) -> Self {
+        let sql = std::sync::Arc::new(Sql::new(&table));
+        Self { pool, table, sql }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn table(&self) -> &TableName {
+        &self.table
+    }
+
+    /// Up to `limit` due rows in `id` order from the given partitions (`None` = all),
+    /// none of them behind a blocker of its aggregate.
+    pub async fn claim(
+        &self,
+        partitions: Option<&[i32]>,
+        limit: u32,
+        on_failed: OnFailed,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        self.claim_excluding(partitions, &[], limit, on_failed)
+            .await
+    }
+
+    /// Like `claim`, leaving out the rows `exclude` names: rows this instance still holds
+    /// in memory (being published, or confirmed and being marked), so the next batch
+    /// can be claimed while the previous one is in flight.
+    pub async fn claim_excluding(
+        &self,
+        partitions: Option<&[i32]>,
+        exclude: &[i64],
+        limit: u32,
+        on_failed: OnFailed,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        // Not a named prepared statement: Postgres would switch it to a *generic* plan
+        // after five runs and keep that plan until the next ANALYZE. Cached while the
+        // table is empty or unanalyzed (a fresh deployment), that plan probes blockers
+        // with a sequential scan per claimed row — seconds per claim once rows pile up
+        // (p50 latency 4 s at 2 000 rows/s in the bench). An unnamed statement is
+        // planned for every claim with the table's real size (~0.3 ms).
+        let rows = sqlx::query_as::<_, OutboxRow>(&self.sql.claim)
+            .persistent(false)
+            .bind(partitions)
+            .bind(on_failed == OnFailed::Block)
+            .bind(i64::from(limit))
+            .bind(exclude)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows)
+    }
+
+    /// Mark confirmed rows `PROCESSED` in one statement. Returns how many changed.
+    pub async fn mark_processed(&self, ids: &[i64]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(&self.sql.mark_processed)
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Record rejections in one statement: `attempts + 1`, `last_error`, the next try or
+    /// `FAILED` once `max_attempts` is reached (or at once for `fatal`).
+    pub async fn reject(
+        &self,
+        rejections: &[Rejection],
+        max_attempts: u32,
+    ) -> Result<Vec<RejectOutcome>, StoreError> {
+        if rejections.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = rejections.iter().map(|r| r.id).collect();
+        let errs: Vec<&str> = rejections.iter().map(|r| r.error.as_str()).collect();
+        let delays: Vec<i64> = rejections
+            .iter()
+            .map(|r| i64::try_from(r.retry_in.as_millis()).unwrap_or(i64::MAX))
+            .collect();
+        let fatal: Vec<bool> = rejections.iter().map(|r| r.fatal).collect();
+        let rows: Vec<(i64, bool, i32)> = sqlx::query_as(&self.sql.reject)
+            .bind(&ids)
+            .bind(&errs)
+            .bind(&delays)
+            .bind(&fatal)
+            .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, failed, attempts)| RejectOutcome {
+                id,
+                failed,
+                attempts,
+            })
+            .collect())
+    }
+
+    /// The `oid` of the outbox table; the NOTIFY channel is `relay_wake_<oid>`.
+    pub async fn notify_channel(&self) -> Result<String, StoreError> {
+        let oid: i64 = sqlx::query_scalar("SELECT to_regclass($1)::oid::bigint")
+            .bind(self.table.ident())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(format!("relay_wake_{oid}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_quote_the_table() {
+        let sql = Sql::new(&TableName::parse("app.ev").unwrap());
+        assert!(sql.claim.contains("FROM \"app\".\"ev\" o"));
+        assert!(sql.mark_processed.contains("= ANY($1)"));
+    }
+}

@@ -1,0 +1,74 @@
+//! The relay itself killed: 20 consecutive runs over one table, each SIGKILLed at a random
+//! point 100–800 ms after it started (during start-up, claim, publish, confirm or mark),
+//! while producers keep committing; then one run drains everything. 0 lost, order of
+//! first deliveries kept per aggregate, the duplicates a crash makes unavoidable counted.
+//! In the serial phase: its many relay processes would only slow the parallel suites.
+
+mod common;
+#[path = "fault_support/mod.rs"]
+mod fault_support;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use fault_support::*;
+use rand::Rng;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_sigkills_at_random_points_lose_nothing() {
+    let table = TestTable::new("fkill20").await;
+    let broker = TestBroker::new("fkill20").await;
+    // Short leases so each new run takes the killed one's partitions over quickly.
+    let env = fault_env(
+        &table.name,
+        &broker.exchange,
+        &[
+            ("OUTBOX_RELAY__RELAY__LEASE_TIMEOUT", "1s"),
+            ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "200"),
+        ],
+    );
+    table.produce(2_000, 50, 4).await;
+    let producer = Producer::start(&table.pool, &table.name, 50, 4, Duration::from_millis(2));
+    let mut progress = Vec::new();
+    let t0 = Instant::now();
+    for run in 0..20 {
+        let life = Duration::from_millis(rand::thread_rng().gen_range(100..=800));
+        let mut relay = RelayProc::start(&env);
+        // The attack's schedule: the kill lands wherever the relay happens to be.
+        tokio::time::sleep(life).await;
+        relay.signal("KILL");
+        let status = relay.child.wait().await.unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "run {run} was SIGKILLed"
+        );
+        progress.push((life.as_millis(), table.count("PROCESSED").await));
+    }
+    println!(
+        "20 runs in {:?}: (lifetime ms, processed after) {progress:?}",
+        t0.elapsed()
+    );
+    assert!(
+        progress.last().unwrap().1 > 0,
+        "the killed runs got work done"
+    );
+
+    let relay = RelayProc::start(&env);
+    let (commits, _) = producer.stop().await;
+    let t = settle_and_tally(
+        "relay SIGKILL x20 at random points",
+        &table,
+        &broker,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(t.failed, 0);
+    println!(
+        "duplicates caused by 20 SIGKILLs: {} (producers committed {commits} + 2000 up front)",
+        t.duplicates
+    );
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}

@@ -1,0 +1,139 @@
+//! Postgres attacked under the relay while order-service-like producers keep committing:
+//! its backends (pool and LISTEN connection) killed with `pg_terminate_backend` again and
+//! again mid-batch, and the whole server restarted mid-run. For each: committed =
+//! delivered + failed, 0 lost, per-aggregate order of first deliveries, duplicates
+//! counted, no attempt spent. Disruptive (serial phase); Postgres is always started again.
+
+mod common;
+#[path = "fault_support/mod.rs"]
+mod fault_support;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use fault_support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backends_terminated_mid_batch_lose_nothing() {
+    let table = TestTable::new("fpgkill").await;
+    let broker = TestBroker::new("fpgkill").await;
+    table.produce(4_000, 40, 4).await;
+    let relay = RelayProc::start(&fault_env(&table.name, &broker.exchange, &[]));
+    let producer = Producer::start(&table.pool, &table.name, 40, 4, Duration::from_millis(2));
+    wait_for(Duration::from_secs(30), "relaying under way", || async {
+        (table.count("PROCESSED").await > 300).then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(10), "the relay LISTENs", || async {
+        (relay_listeners(&table.pool).await >= 1).then_some(())
+    })
+    .await;
+
+    let mut killed = 0;
+    for round in 0..12 {
+        let before = table.count("PROCESSED").await;
+        killed += terminate_relay_backends(&table.pool).await;
+        // The relay must reconnect and make progress before the next blow.
+        wait_for(
+            Duration::from_secs(30),
+            &format!("progress after kill round {round}"),
+            || async { (table.count("PROCESSED").await > before).then_some(()) },
+        )
+        .await;
+    }
+    assert!(killed >= 12, "terminated {killed} relay backends");
+    wait_for(
+        Duration::from_secs(30),
+        "the LISTEN connection is back",
+        || async { (relay_listeners(&table.pool).await >= 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(relay.get("/livez").await.map(|r| r.0), Some(200));
+
+    let (commits, retries) = producer.stop().await;
+    let t = settle_and_tally(
+        "pg_terminate_backend x12 mid-batch",
+        &table,
+        &broker,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(t.failed, 0);
+    println!("terminated {killed} relay backends; producers committed {commits} (+4000 up front), {retries} producer retries");
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_restarted_mid_run_loses_nothing() {
+    let table = TestTable::new("fpgrestart").await;
+    let broker = TestBroker::new("fpgrestart").await;
+    table.produce(4_000, 40, 4).await;
+    let relay = RelayProc::start(&fault_env(
+        &table.name,
+        &broker.exchange,
+        &[("OUTBOX_RELAY__DATABASE__CONNECT_TIMEOUT", "2s")],
+    ));
+    let producer = Producer::start(&table.pool, &table.name, 40, 4, Duration::from_millis(2));
+    wait_for(Duration::from_secs(30), "relaying under way", || async {
+        (table.count("PROCESSED").await > 500).then_some(())
+    })
+    .await;
+
+    let guard = PgStartOnDrop;
+    let t0 = Instant::now();
+    assert!(pg_ctlcluster("stop"), "pg_ctlcluster stop");
+    wait_metric(
+        &relay,
+        "outbox_relay_database_up",
+        Duration::from_secs(30),
+        |v| v == 0.0,
+    )
+    .await;
+    assert_eq!(
+        relay.get("/livez").await.map(|r| r.0),
+        Some(200),
+        "alive while waiting for the database"
+    );
+    assert!(pg_ctlcluster("start"), "pg_ctlcluster start");
+    assert!(wait_pg_ready(Duration::from_secs(60)), "Postgres back");
+    drop(guard);
+    let outage = t0.elapsed();
+
+    // The test's own pool held connections to the old server: use a fresh one.
+    let pool = fresh_pool().await;
+    let table = TestTable {
+        name: table.name.clone(),
+        pool,
+    };
+    wait_metric(
+        &relay,
+        "outbox_relay_database_up",
+        Duration::from_secs(60),
+        |v| v == 1.0,
+    )
+    .await;
+    let before = table.count("PROCESSED").await;
+    wait_for(
+        Duration::from_secs(60),
+        "progress after the restart",
+        || async { (table.count("PROCESSED").await > before).then_some(()) },
+    )
+    .await;
+    let (commits, retries) = producer.stop().await;
+    let t = settle_and_tally(
+        "Postgres stop/start mid-run",
+        &table,
+        &broker,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(t.failed, 0);
+    println!(
+        "Postgres down for {outage:?}; producers committed {commits} (+4000 up front), {retries} producer retries"
+    );
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}

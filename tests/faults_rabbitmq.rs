@@ -1,0 +1,107 @@
+//! RabbitMQ stopped in the middle of a run (`rabbitmqctl stop_app`, then `start_app`):
+//! nothing is lost, no row spends an attempt, `/readyz` and `/livez` stay 200 while
+//! `outbox_relay_broker_up` drops to 0 and comes back to 1. Disruptive: runs in the
+//! serial phase of `scripts/test.sh`, and always restarts the app it stopped.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .status()
+        .expect("rabbitmqctl");
+    assert!(status.success(), "rabbitmqctl {args:?}");
+}
+
+/// Restarts the RabbitMQ app even if the test panics half-way.
+struct StartAppOnDrop;
+impl Drop for StartAppOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["start_app"])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_stopped_mid_run_loses_nothing_and_spends_no_attempts() {
+    let table = TestTable::new("rstop").await;
+    let mut broker = TestBroker::new("rstop").await;
+    let relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
+    let producer = {
+        let t = TestTable {
+            name: table.name.clone(),
+            pool: table.pool.clone(),
+        };
+        tokio::spawn(async move { t.produce(6_000, 60, 4).await })
+    };
+    wait_for(Duration::from_secs(30), "relaying under way", || async {
+        (table.count("PROCESSED").await > 300).then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(10), "broker_up = 1", || async {
+        (relay.metric("outbox_relay_broker_up").await == Some(1.0)).then_some(())
+    })
+    .await;
+
+    let guard = StartAppOnDrop;
+    rabbitmqctl(&["stop_app"]);
+    wait_for(
+        Duration::from_secs(30),
+        "broker_up = 0 while RabbitMQ is stopped",
+        || async { (relay.metric("outbox_relay_broker_up").await == Some(0.0)).then_some(()) },
+    )
+    .await;
+    let stuck = table.count("PROCESSED").await;
+    assert_eq!(
+        relay.get("/readyz").await.map(|r| r.0),
+        Some(200),
+        "readiness does not follow the broker"
+    );
+    assert_eq!(
+        relay.get("/livez").await.map(|r| r.0),
+        Some(200),
+        "alive while waiting for the broker"
+    );
+    assert_eq!(
+        table.max_attempts_seen().await,
+        0,
+        "an outage spends no attempts"
+    );
+    rabbitmqctl(&["start_app"]);
+    drop(guard);
+    rabbitmqctl(&["await_startup"]);
+
+    producer.await.unwrap();
+    table
+        .wait_status("PROCESSED", 6_000, Duration::from_secs(120))
+        .await;
+    wait_for(Duration::from_secs(30), "broker_up = 1 again", || async {
+        (relay.metric("outbox_relay_broker_up").await == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(table.max_attempts_seen().await, 0, "no row's attempts grew");
+    broker.reconnect().await;
+    let n = broker.depth().await as usize;
+    let got = broker.take(n, Duration::from_secs(30)).await;
+    let unique: std::collections::HashSet<_> = got.iter().map(|g| g.message_id.clone()).collect();
+    assert_eq!(
+        unique.len(),
+        6_000,
+        "nothing lost (stopped at {stuck} processed)"
+    );
+    let dups = assert_order(&got, &table.index().await);
+    println!("RabbitMQ stop/start at {stuck} processed: {dups} duplicates");
+    assert_eq!(
+        relay.metric("outbox_relay_published_total").await,
+        Some(6_000.0),
+        "published_total = rows relayed"
+    );
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}

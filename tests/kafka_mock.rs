@@ -1,0 +1,240 @@
+//! The Kafka sink against librdkafka's mock cluster (no external broker): per-message
+//! permanent errors, a broker outage that spends no attempts, and the dead-letter topic.
+
+#[path = "kafka_support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox_relay::sink::kafka::KafkaSink;
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use support::*;
+
+fn sink(cfg: &outbox_relay::config::KafkaConfig) -> (CountingSink<KafkaSink>, Arc<Counts>) {
+    let counts = Arc::new(Counts::default());
+    let inner = KafkaSink::new(cfg, Duration::from_secs(2)).expect("valid Kafka config");
+    (
+        CountingSink {
+            inner,
+            counts: counts.clone(),
+        },
+        counts,
+    )
+}
+
+/// A message over `message.max.bytes` and a broker-side INVALID_RECORD each fail only
+/// their own row, with a readable `last_error`; everything else is PROCESSED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_errors_fail_only_their_row() {
+    let cluster = MockCluster::new(1).unwrap();
+    let topic = format!("kt-{}", hex_id());
+    cluster.create_topic(&topic, 3, 1).unwrap();
+    let table = TestTable::create().await;
+
+    let mut rows = Vec::new();
+    for seq in 0..3 {
+        for a in 0..10 {
+            rows.push(Row::new(&format!("agg-{a}"), seq).to(&topic));
+        }
+    }
+    let mut big = Row::new("big", 0).to(&topic);
+    big.payload = serde_json::json!({ "blob": "x".repeat(20_000) });
+    rows.insert(5, big);
+    table.insert(&rows).await;
+
+    let cfg = kafka_config(
+        &cluster.bootstrap_servers(),
+        &[("message.max.bytes", "10000")],
+    );
+    let (sink, _counts) = sink(&cfg);
+    let relay = RunningRelay::start(&table.store, sink, relay_config("2s"));
+    wait_until(
+        Duration::from_secs(30),
+        "30 rows PROCESSED and the big one FAILED",
+        || async {
+            table.count_where("status = 'PROCESSED'").await == 30
+                && table.count_where("status = 'FAILED'").await == 1
+        },
+    )
+    .await;
+
+    for r in table.rows().await {
+        if r.aggregate_id == "big" {
+            assert_eq!(r.status, "FAILED");
+            assert_eq!(r.attempts, 3);
+            let e = r.last_error.unwrap();
+            assert!(
+                e.contains("too large") && e.contains(&topic),
+                "last_error: {e}"
+            );
+        } else {
+            assert_eq!(
+                (r.status.as_str(), r.attempts, r.processed),
+                ("PROCESSED", 0, true),
+                "{r:?}"
+            );
+        }
+    }
+    let c = consumer(&cluster.bootstrap_servers(), &[&topic]);
+    let got = read_events(&c, Duration::from_secs(30), 30).await;
+    assert_eq!(event_ids(&got).len(), 30);
+
+    // Broker-side verdict: the next Produce request is refused with INVALID_RECORD.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+    );
+    table.insert(&[Row::new("invalid", 0).to(&topic)]).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the row refused once is PROCESSED on retry",
+        || async {
+            table
+                .count_where("aggregate_id = 'invalid' AND status = 'PROCESSED'")
+                .await
+                == 1
+        },
+    )
+    .await;
+    let r = table
+        .rows()
+        .await
+        .into_iter()
+        .find(|r| r.aggregate_id == "invalid")
+        .unwrap();
+    assert_eq!(r.attempts, 1, "one rejection counted: {r:?}");
+    let e = r.last_error.unwrap_or_default();
+    assert!(
+        e.contains("InvalidRecord") && e.contains(&topic),
+        "last_error: {e}"
+    );
+
+    relay.stop().await;
+    table.drop_all().await;
+}
+
+/// The broker goes away and comes back: rows wait PENDING with `attempts = 0`, then all
+/// arrive, in order per aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_spends_no_attempts() {
+    let cluster = MockCluster::new(1).unwrap();
+    let topic = format!("kt-{}", hex_id());
+    cluster.create_topic(&topic, 4, 1).unwrap();
+    let table = TestTable::create().await;
+    let cfg = kafka_config(&cluster.bootstrap_servers(), &[]);
+    let (sink, counts) = sink(&cfg);
+    let relay = RunningRelay::start(&table.store, sink, relay_config("1s"));
+
+    // Warm up (the topic is known to the sink), then take the broker down.
+    table.insert(&[Row::new("warm", 0).to(&topic)]).await;
+    wait_until(Duration::from_secs(20), "warm-up row PROCESSED", || async {
+        table.count_where("status = 'PROCESSED'").await == 1
+    })
+    .await;
+    cluster.broker_down(1).unwrap();
+
+    let rows: Vec<Row> = (0..20)
+        .flat_map(|seq| (0..10).map(move |a| (a, seq)))
+        .map(|(a, seq)| Row::new(&format!("agg-{a}"), seq).to(&topic))
+        .collect();
+    table.insert(&rows).await;
+    let before = counts.get().2;
+    wait_until(
+        Duration::from_secs(60),
+        "publishes answered Unavailable during the outage",
+        || async { counts.get().2 >= before + 20 },
+    )
+    .await;
+    assert_eq!(
+        table
+            .count_where("status = 'PENDING' AND attempts = 0")
+            .await,
+        200
+    );
+    assert_eq!(counts.get().1, 0, "no rejection during an outage");
+
+    cluster.broker_up(1).unwrap();
+    wait_until(
+        Duration::from_secs(90),
+        "all rows PROCESSED after the broker is back",
+        || async { table.count_where("status = 'PROCESSED'").await == 201 },
+    )
+    .await;
+    assert_eq!(
+        table
+            .count_where("attempts <> 0 OR last_error IS NOT NULL")
+            .await,
+        0
+    );
+
+    let db = table.rows().await;
+    let c = consumer(&cluster.bootstrap_servers(), &[&topic]);
+    let got = read_events(&c, Duration::from_secs(30), 201).await;
+    let ids = event_ids(&got);
+    for r in &db {
+        assert!(ids.contains_key(&r.event_id), "lost: {r:?}");
+    }
+    assert_order(&db, &got);
+
+    relay.stop().await;
+    table.drop_all().await;
+}
+
+/// A row that ends FAILED (its destination topic does not exist) is produced to
+/// `kafka.dead_letter_topic` with a `last_error` header; the relay creates no topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_row_goes_to_dead_letter_topic() {
+    let cluster = MockCluster::new(1).unwrap();
+    let topic = format!("kt-{}", hex_id());
+    let dlt = format!("kt-dlt-{}", hex_id());
+    let missing = format!("kt-missing-{}", hex_id());
+    cluster.create_topic(&topic, 1, 1).unwrap();
+    cluster.create_topic(&dlt, 1, 1).unwrap();
+    let table = TestTable::create().await;
+    table
+        .insert(&[
+            Row::new("a", 0).to(&topic),
+            Row::new("typo", 0).to(&missing),
+            Row::new("b", 0).to(&topic),
+        ])
+        .await;
+    let mut cfg = kafka_config(&cluster.bootstrap_servers(), &[]);
+    cfg.dead_letter_topic = Some(dlt.clone());
+    let (sink, _counts) = sink(&cfg);
+    let relay = RunningRelay::start(&table.store, sink, relay_config("2s"));
+    wait_until(Duration::from_secs(30), "2 PROCESSED, 1 FAILED", || async {
+        table.count_where("status = 'PROCESSED'").await == 2
+            && table.count_where("status = 'FAILED'").await == 1
+    })
+    .await;
+    let failed = table
+        .rows()
+        .await
+        .into_iter()
+        .find(|r| r.status == "FAILED")
+        .unwrap();
+    assert_eq!(failed.aggregate_id, "typo");
+    assert_eq!(failed.attempts, 3);
+    let why = failed.last_error.clone().unwrap();
+    assert!(
+        why.contains(&missing) && why.contains("does not exist"),
+        "{why}"
+    );
+
+    let c = consumer(&cluster.bootstrap_servers(), &[&dlt]);
+    let got = read_events(&c, Duration::from_secs(30), 1).await;
+    let d = &got[0];
+    assert_eq!(d.header("event_id"), Some(failed.event_id.as_str()));
+    assert_eq!(d.header("last_error"), Some(why.as_str()));
+    assert_eq!(d.header("original_topic"), Some(missing.as_str()));
+    assert_eq!(d.key.as_deref(), Some("typo"));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&d.payload).unwrap(),
+        serde_json::from_str::<serde_json::Value>(&failed.payload).unwrap()
+    );
+
+    relay.stop().await;
+    table.drop_all().await;
+}

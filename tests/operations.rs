@@ -1,0 +1,265 @@
+//! Operations (SPEC §6): `/metrics` after relaying N rows, `/livez` and `/readyz`,
+//! retention of old `PROCESSED` rows, secrets from files, and no password in any log
+//! line or error message.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const SPEC_METRICS: [&str; 8] = [
+    "outbox_relay_published_total",
+    "outbox_relay_failed_total",
+    "outbox_relay_retries_total",
+    "outbox_relay_pending_rows",
+    "outbox_relay_oldest_pending_age_seconds",
+    "outbox_relay_publish_latency_seconds",
+    "outbox_relay_broker_up",
+    "outbox_relay_database_up",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_what_was_relayed_and_probes_answer() {
+    let table = TestTable::new("metrics").await;
+    let broker = TestBroker::new("metrics").await;
+    let relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
+    wait_for(Duration::from_secs(20), "/readyz 200", || async {
+        (relay.get("/readyz").await.map(|r| r.0) == Some(200)).then_some(())
+    })
+    .await;
+    assert_eq!(relay.get("/livez").await.map(|r| r.0), Some(200));
+    table.produce(1_234, 20, 4).await;
+    let missing = unique("nope");
+    table
+        .insert(
+            "m-fail",
+            "order.created",
+            Some(&missing),
+            serde_json::json!({}),
+        )
+        .await;
+    table
+        .wait_status("PROCESSED", 1_234, Duration::from_secs(60))
+        .await;
+    table
+        .wait_status("FAILED", 1, Duration::from_secs(30))
+        .await;
+    wait_for(
+        Duration::from_secs(10),
+        "published_total = 1234",
+        || async {
+            (relay.metric("outbox_relay_published_total").await == Some(1_234.0)).then_some(())
+        },
+    )
+    .await;
+    let (code, body) = relay.get("/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    for name in SPEC_METRICS {
+        assert!(body.contains(name), "/metrics has {name}:\n{body}");
+    }
+    assert!(
+        body.contains("outbox_relay_publish_latency_seconds_bucket"),
+        "latency is a histogram"
+    );
+    assert_eq!(relay.metric("outbox_relay_failed_total").await, Some(1.0));
+    assert_eq!(
+        relay.metric("outbox_relay_retries_total").await,
+        Some(2.0),
+        "max_attempts 3 = 2 retries, then FAILED"
+    );
+    assert_eq!(relay.metric("outbox_relay_broker_up").await, Some(1.0));
+    assert_eq!(relay.metric("outbox_relay_database_up").await, Some(1.0));
+    wait_for(
+        Duration::from_secs(10),
+        "pending gauge back to 0",
+        || async { (relay.metric("outbox_relay_pending_rows").await == Some(0.0)).then_some(()) },
+    )
+    .await;
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_deletes_only_old_processed_rows() {
+    let table = TestTable::new("retain").await;
+    let broker = TestBroker::new("retain").await;
+    let t = &table.name;
+    // 30 old PROCESSED, 20 recent PROCESSED, 10 old FAILED, 5 old discarded FAILED.
+    sqlx::query(&format!(
+        "INSERT INTO \"{t}\" (aggregate_type, aggregate_id, event_type, payload, status, processed_at, created_at)
+         SELECT 'order', g::text, 'order.created', '{{}}', 'PROCESSED', now() - interval '3 hours', now() - interval '3 hours'
+         FROM generate_series(1, 30) g"
+    ))
+    .execute(&table.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO \"{t}\" (aggregate_type, aggregate_id, event_type, payload, status, processed_at)
+         SELECT 'order', g::text, 'order.created', '{{}}', 'PROCESSED', now() - interval '10 minutes'
+         FROM generate_series(1, 20) g"
+    ))
+    .execute(&table.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO \"{t}\" (aggregate_type, aggregate_id, event_type, payload, status, created_at, discarded_at)
+         SELECT 'order', 'f' || g, 'order.created', '{{}}', 'FAILED', now() - interval '3 hours',
+                CASE WHEN g > 10 THEN now() - interval '3 hours' END
+         FROM generate_series(1, 15) g"
+    ))
+    .execute(&table.pool)
+    .await
+    .unwrap();
+    let mut env = relay_env(&table.name, &broker.exchange);
+    env.push(("OUTBOX_RELAY__RELAY__RETENTION".into(), "1h".into()));
+    let relay = RelayProc::start(&env);
+    wait_for(
+        Duration::from_secs(30),
+        "old PROCESSED rows deleted",
+        || async { (table.count("PROCESSED").await == 20).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        table.count("FAILED").await,
+        15,
+        "FAILED and discarded rows are kept"
+    );
+    assert_eq!(table.total().await, 35);
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passwords_never_appear_in_logs_or_errors() {
+    let table = TestTable::new("secret").await;
+    let broker = TestBroker::new("secret").await;
+    // Wrong RabbitMQ password: the relay keeps running (no attempts spent) and logs why.
+    let mut env = relay_env(&table.name, &broker.exchange);
+    env.push((
+        "OUTBOX_RELAY__RABBITMQ__URL".into(),
+        "amqp://guest:Wr0ng-Rabbit-Pw@127.0.0.1:5672/%2f".into(),
+    ));
+    table
+        .insert("s1", "order.created", None, serde_json::json!({}))
+        .await;
+    let relay = RelayProc::start(&env);
+    wait_for(
+        Duration::from_secs(20),
+        "the relay logged the broker failure",
+        || async { relay.logs().contains("broker").then_some(()) },
+    )
+    .await;
+    let (code, out, err) = run_cmd(&env, &["check"]).await;
+    assert_eq!(code, 2, "check fails on a wrong broker password");
+    let logs = relay.logs();
+    drop(relay);
+    for text in [&out, &err, &logs] {
+        assert!(
+            !text.contains("Wr0ng-Rabbit-Pw"),
+            "password leaked:\n{text}"
+        );
+    }
+    assert!(
+        err.contains("***") || err.contains("guest"),
+        "the error still says which URL: {err}"
+    );
+
+    // Wrong database credentials (unknown role): exit 2, password not printed.
+    let mut env = relay_env(&table.name, &broker.exchange);
+    env.push((
+        "OUTBOX_RELAY__DATABASE__URL".into(),
+        "postgres://no_such_role:Db-S3cret-Pw@127.0.0.1:5432/test".into(),
+    ));
+    for cmd in ["run", "check", "status", "migrate"] {
+        let (code, out, err) = run_cmd(&env, &[cmd]).await;
+        assert_eq!(code, 2, "{cmd}: {err}");
+        assert!(
+            !out.contains("Db-S3cret-Pw") && !err.contains("Db-S3cret-Pw"),
+            "{cmd} leaked:\n{err}"
+        );
+    }
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn urls_can_come_from_secret_files() {
+    let table = TestTable::new("files").await;
+    let broker = TestBroker::new("files").await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_file = dir.path().join("database-url");
+    let mq_file = dir.path().join("rabbitmq-url");
+    std::fs::write(&db_file, format!("{}\n", pg_url())).unwrap();
+    std::fs::write(&mq_file, amqp_url()).unwrap();
+    let mut env = relay_env(&table.name, &broker.exchange);
+    env.retain(|(k, _)| k != "OUTBOX_RELAY__DATABASE__URL" && k != "OUTBOX_RELAY__RABBITMQ__URL");
+    env.push((
+        "OUTBOX_RELAY__DATABASE__URL".into(),
+        "postgres://wrong@127.0.0.1:1/nope".into(),
+    ));
+    env.push((
+        "OUTBOX_RELAY__DATABASE__URL_FILE".into(),
+        db_file.display().to_string(),
+    ));
+    env.push((
+        "OUTBOX_RELAY__RABBITMQ__URL_FILE".into(),
+        mq_file.display().to_string(),
+    ));
+    let (code, out, err) = run_cmd(&env, &["check"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    env.push((
+        "OUTBOX_RELAY__RABBITMQ__URL_FILE".into(),
+        "/nonexistent/secret".into(),
+    ));
+    let (code, _, err) = run_cmd(&env, &["check"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("rabbitmq.url_file"), "{err}");
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_tls_is_configured_through_the_url() {
+    let table = TestTable::new("tls").await;
+    let broker = TestBroker::new("tls").await;
+    let ssl_on: bool = sqlx::query_scalar("SELECT current_setting('ssl') = 'on'")
+        .fetch_one(&table.pool)
+        .await
+        .unwrap();
+    assert!(
+        ssl_on,
+        "this test needs a Postgres with ssl = on (Debian's default)"
+    );
+    let mut env = relay_env(&table.name, &broker.exchange);
+    env.push((
+        "OUTBOX_RELAY__DATABASE__URL".into(),
+        format!("{}?sslmode=require", pg_url()),
+    ));
+    let (code, out, err) = run_cmd(&env, &["check"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    // The relay works over TLS end to end.
+    table
+        .insert("tls-1", "order.created", None, serde_json::json!({}))
+        .await;
+    let relay = RelayProc::start(&env);
+    table
+        .wait_status("PROCESSED", 1, Duration::from_secs(30))
+        .await;
+    drop(relay);
+    // A CA that does not exist is an error that names it (proof the TLS settings are used).
+    let mut env = relay_env(&table.name, &broker.exchange);
+    env.push((
+        "OUTBOX_RELAY__DATABASE__URL".into(),
+        format!(
+            "{}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            pg_url()
+        ),
+    ));
+    let (code, _, err) = run_cmd(&env, &["check"]).await;
+    assert_eq!(code, 2, "{err}");
+    broker.cleanup().await;
+    table.cleanup().await;
+}

@@ -1,0 +1,290 @@
+//! Key-scoped quarantine (SPEC §3.2, §3.4) and the operator's commands: a failed row
+//! holds back its own aggregate only; `replay` delivers the chain in order, `discard`
+//! releases it, `skip` never holds it; a row in backoff holds back its aggregate only;
+//! `status` / `status --json` report what happened.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Aggregate "blocked": first row to a missing exchange, then 3 good rows. Aggregate
+/// "free": 5 good rows. Returns (failed id, blocked chain ids, free ids).
+async fn scenario(table: &TestTable, missing: &str) -> (i64, Vec<i64>, Vec<i64>) {
+    let first = table
+        .insert(
+            "blocked",
+            "order.created",
+            Some(missing),
+            serde_json::json!({}),
+        )
+        .await;
+    let mut chain = Vec::new();
+    let mut free = Vec::new();
+    for i in 0..5 {
+        if i < 3 {
+            chain.push(
+                table
+                    .insert("blocked", "order.updated", None, serde_json::json!({}))
+                    .await,
+            );
+        }
+        free.push(
+            table
+                .insert("free", "order.updated", None, serde_json::json!({}))
+                .await,
+        );
+    }
+    (first, chain, free)
+}
+
+fn ids_of(got: &[Got], index: &std::collections::HashMap<String, (i64, String)>) -> Vec<i64> {
+    got.iter().map(|g| index[&g.message_id].0).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_row_blocks_its_aggregate_until_replay_delivers_the_chain_in_order() {
+    let table = TestTable::new("qblock").await;
+    let broker = TestBroker::new("qblock").await;
+    let missing = unique("later_exchange");
+    let (first, chain, free) = scenario(&table, &missing).await;
+    let env = relay_env(&table.name, &broker.exchange);
+    let relay = RelayProc::start(&env);
+    table
+        .wait_status("FAILED", 1, Duration::from_secs(30))
+        .await;
+    table
+        .wait_status("PROCESSED", free.len() as i64, Duration::from_secs(30))
+        .await;
+    let got = broker.take(free.len(), Duration::from_secs(10)).await;
+    assert_eq!(
+        ids_of(&got, &table.index().await),
+        free,
+        "other aggregate flows"
+    );
+    for id in &chain {
+        assert_eq!(
+            table.row(*id).await.0,
+            "PENDING",
+            "later rows of the failed aggregate wait"
+        );
+    }
+
+    // status shows the failure and the blocked aggregate.
+    let (code, out, _) = run_cmd(&env, &["status"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("FAILED     1"), "{out}");
+    assert!(
+        out.contains("order/blocked") && out.contains("3 waiting"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&missing),
+        "latest failure with its error: {out}"
+    );
+    let (code, out, _) = run_cmd(&env, &["status", "--json"]).await;
+    assert_eq!(code, 0);
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("status --json is JSON");
+    assert_eq!(doc["counts"]["FAILED"], 1);
+    assert_eq!(doc["counts"]["PENDING"], 3);
+    assert_eq!(doc["counts"]["PROCESSED"], 5);
+    assert!(doc["oldest_pending_age_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(doc["recent_failures"][0]["id"], first);
+    assert!(doc["recent_failures"][0]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains(&missing));
+    assert_eq!(doc["blocked_aggregates"][0]["aggregate_id"], "blocked");
+
+    // Fix the cause, replay: the whole chain arrives, in order.
+    broker.add_exchange(&missing).await;
+    let (code, out, err) = run_cmd(&env, &["replay", "--id", &first.to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("replayed 1"), "{out}");
+    table
+        .wait_status("PROCESSED", 9, Duration::from_secs(30))
+        .await;
+    let got = broker.take(4, Duration::from_secs(10)).await;
+    let mut expected = vec![first];
+    expected.extend(&chain);
+    assert_eq!(
+        ids_of(&got, &table.index().await),
+        expected,
+        "chain delivered in id order"
+    );
+    let (_, attempts, _) = table.row(first).await;
+    assert_eq!(attempts, 0, "replay resets attempts");
+    drop(relay);
+    broker.delete_exchange(&missing).await;
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn discard_releases_the_chain_and_keeps_the_row_for_audit() {
+    let table = TestTable::new("qdisc").await;
+    let broker = TestBroker::new("qdisc").await;
+    let missing = unique("never_exchange");
+    let (first, chain, free) = scenario(&table, &missing).await;
+    let env = relay_env(&table.name, &broker.exchange);
+    let relay = RelayProc::start(&env);
+    table
+        .wait_status("FAILED", 1, Duration::from_secs(30))
+        .await;
+    table
+        .wait_status("PROCESSED", free.len() as i64, Duration::from_secs(30))
+        .await;
+    let (code, out, err) = run_cmd(&env, &["discard", "--id", &first.to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("discarded 1"), "{out}");
+    table
+        .wait_status("PROCESSED", 8, Duration::from_secs(30))
+        .await;
+    let got = broker.take(8, Duration::from_secs(10)).await;
+    let ids = ids_of(&got, &table.index().await);
+    let chain_got: Vec<i64> = ids.iter().copied().filter(|i| chain.contains(i)).collect();
+    assert_eq!(chain_got, chain, "released chain in order");
+    assert_eq!(
+        table.row(first).await.0,
+        "FAILED",
+        "discarded row kept for audit"
+    );
+    let (_, out, _) = run_cmd(&env, &["status", "--json"]).await;
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["discarded"], 1);
+    assert_eq!(doc["blocked_aggregates"].as_array().unwrap().len(), 0);
+    // A second replay cannot resurrect a discarded row.
+    let (code, out, _) = run_cmd(&env, &["replay", "--all-failed"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("replayed 0"), "{out}");
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skip_mode_lets_later_rows_flow_at_once() {
+    let table = TestTable::new("qskip").await;
+    let broker = TestBroker::new("qskip").await;
+    let missing = unique("skip_exchange");
+    let (first, _chain, _free) = scenario(&table, &missing).await;
+    let mut env = relay_env(&table.name, &broker.exchange);
+    env.push(("OUTBOX_RELAY__RELAY__ON_FAILED".into(), "skip".into()));
+    env.push(("OUTBOX_RELAY__RELAY__BACKOFF_INITIAL".into(), "1h".into()));
+    env.push(("OUTBOX_RELAY__RELAY__BACKOFF_MAX".into(), "1h".into()));
+    env.push(("OUTBOX_RELAY__RELAY__MAX_ATTEMPTS".into(), "1".into()));
+    let relay = RelayProc::start(&env);
+    table
+        .wait_status("PROCESSED", 8, Duration::from_secs(30))
+        .await;
+    assert_eq!(table.row(first).await.0, "FAILED");
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn row_in_backoff_holds_back_its_own_aggregate_only() {
+    let table = TestTable::new("qback").await;
+    let broker = TestBroker::new("qback").await;
+    let missing = unique("backoff_exchange");
+    let (first, chain, free) = scenario(&table, &missing).await;
+    let mut env = relay_env(&table.name, &broker.exchange);
+    env.push(("OUTBOX_RELAY__RELAY__BACKOFF_INITIAL".into(), "1h".into()));
+    env.push(("OUTBOX_RELAY__RELAY__BACKOFF_MAX".into(), "1h".into()));
+    let relay = RelayProc::start(&env);
+    table
+        .wait_status("PROCESSED", free.len() as i64, Duration::from_secs(30))
+        .await;
+    wait_for(
+        Duration::from_secs(10),
+        "first rejection recorded",
+        || async { (table.row(first).await.1 == 1).then_some(()) },
+    )
+    .await;
+    let (status, attempts, err) = table.row(first).await;
+    assert_eq!(
+        (status.as_str(), attempts),
+        ("PENDING", 1),
+        "waiting for its retry"
+    );
+    assert!(err.unwrap().contains(&missing));
+    // More rows of both aggregates keep coming: only the free one moves.
+    let late_free = table
+        .insert("free", "order.updated", None, serde_json::json!({}))
+        .await;
+    let late_blocked = table
+        .insert("blocked", "order.updated", None, serde_json::json!({}))
+        .await;
+    table
+        .wait_status("PROCESSED", free.len() as i64 + 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(table.row(late_free).await.0, "PROCESSED");
+    for id in chain.iter().chain([&late_blocked]) {
+        assert_eq!(table.row(*id).await.0, "PENDING");
+    }
+    let next_at: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(&format!(
+        "SELECT next_attempt_at FROM \"{}\" WHERE id = $1",
+        table.name
+    ))
+    .bind(first)
+    .fetch_one(&table.pool)
+    .await
+    .unwrap();
+    assert!(
+        next_at.unwrap() > chrono::Utc::now() + chrono::Duration::minutes(20),
+        "backoff scheduled"
+    );
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_row_goes_to_the_dead_letter_exchange_with_its_error() {
+    let table = TestTable::new("qdlx").await;
+    let broker = TestBroker::new("qdlx").await;
+    let dlx = TestBroker::new("qdlx_dead").await;
+    let missing = unique("dlx_missing");
+    let bad = table
+        .insert(
+            "d1",
+            "order.created",
+            Some(&missing),
+            serde_json::json!({"traceparent": "t-1"}),
+        )
+        .await;
+    table
+        .insert("d2", "order.created", None, serde_json::json!({}))
+        .await;
+    let mut env = relay_env(&table.name, &broker.exchange);
+    env.push((
+        "OUTBOX_RELAY__RABBITMQ__DEAD_LETTER_EXCHANGE".into(),
+        dlx.exchange.clone(),
+    ));
+    let relay = RelayProc::start(&env);
+    table
+        .wait_status("FAILED", 1, Duration::from_secs(30))
+        .await;
+    let got = dlx.take(1, Duration::from_secs(10)).await;
+    let index = table.index().await;
+    assert_eq!(
+        index[&got[0].message_id].0, bad,
+        "the failed row, same event_id"
+    );
+    assert!(
+        got[0].headers["last_error"].contains(&missing),
+        "{:?}",
+        got[0].headers
+    );
+    assert_eq!(got[0].headers["traceparent"], "t-1");
+    assert_eq!(table.row(bad).await.0, "FAILED");
+    table
+        .wait_status("PROCESSED", 1, Duration::from_secs(10))
+        .await;
+    drop(relay);
+    dlx.cleanup().await;
+    broker.cleanup().await;
+    table.cleanup().await;
+}

@@ -1,0 +1,261 @@
+//! Store tests on a fresh database per test (`#[sqlx::test]`): claiming by status in id
+//! order, blockers scoped to their aggregate, marks, leases, replay/discard, retention.
+
+use std::time::Duration;
+
+use outbox_relay::config::OnFailed;
+use outbox_relay::store::{Rejection, Store};
+use outbox_relay::table::TableName;
+use sqlx::PgPool;
+
+async fn store(pool: PgPool) -> Store {
+    let table = TableName::parse("outbox").unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    outbox_relay::migrate::migrate(&mut conn, &table)
+        .await
+        .unwrap();
+    outbox_relay::migrate::check_schema(&mut conn, &table)
+        .await
+        .unwrap();
+    Store::from_pool(pool, table)
+}
+
+async fn insert(pool: &PgPool, agg: &str) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', $1, 'e', '{\"a\": 1}') RETURNING id",
+    )
+    .bind(agg)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+fn ids(rows: &[outbox_relay::model::OutboxRow]) -> Vec<i64> {
+    rows.iter().map(|r| r.id).collect()
+}
+
+fn reject(id: i64, retry_in: Duration) -> Rejection {
+    Rejection {
+        id,
+        error: format!("rejected {id}"),
+        retry_in,
+        fatal: false,
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn claims_pending_rows_in_id_order_and_respects_limit(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let a = insert(&pool, "a").await;
+    let b = insert(&pool, "b").await;
+    let c = insert(&pool, "a").await;
+    assert_eq!(
+        ids(&s.claim(None, 10, OnFailed::Block).await.unwrap()),
+        vec![a, b, c]
+    );
+    assert_eq!(
+        ids(&s.claim(None, 2, OnFailed::Block).await.unwrap()),
+        vec![a, b]
+    );
+    assert_eq!(s.mark_processed(&[a, b]).await.unwrap(), 2);
+    assert_eq!(
+        ids(&s.claim(None, 10, OnFailed::Block).await.unwrap()),
+        vec![c]
+    );
+    // A late mark of an already-processed row changes nothing.
+    assert_eq!(s.mark_processed(&[a]).await.unwrap(), 0);
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_row_in_backoff_holds_back_only_its_aggregate(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let a1 = insert(&pool, "a").await;
+    let b1 = insert(&pool, "b").await;
+    let a2 = insert(&pool, "a").await;
+    let out = s
+        .reject(&[reject(a1, Duration::from_secs(3600))], 5)
+        .await
+        .unwrap();
+    assert_eq!((out[0].failed, out[0].attempts), (false, 1));
+    assert_eq!(
+        ids(&s.claim(None, 10, OnFailed::Block).await.unwrap()),
+        vec![b1],
+        "a1 waits, a2 behind it"
+    );
+    // Due again: the aggregate moves in order.
+    sqlx::query("UPDATE outbox SET next_attempt_at = now() - interval '1 second' WHERE id = $1")
+        .bind(a1)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&s.claim(None, 10, OnFailed::Block).await.unwrap()),
+        vec![a1, b1, a2]
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn failed_rows_block_or_skip_and_replay_discard_release(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let a1 = insert(&pool, "a").await;
+    let a2 = insert(&pool, "a").await;
+    let b1 = insert(&pool, "b").await;
+    let out = s.reject(&[reject(a1, Duration::ZERO)], 1).await.unwrap();
+    assert!(out[0].failed, "max_attempts = 1: FAILED at once");
+    assert_eq!(
+        ids(&s.claim(None, 10, OnFailed::Block).await.unwrap()),
+        vec![b1]
+    );
+    assert_eq!(
+        ids(&s.claim(None, 10, OnFailed::Skip).await.unwrap()),
+        vec![a2, b1]
+    );
+    let blocked = s.blocked_aggregates(10).await.unwrap();
+    assert_eq!((blocked[0].failed_id, blocked[0].waiting), (a1, 1));
+
+    assert_eq!(s.replay(Some(&[a1])).await.unwrap(), vec![a1]);
+    let rows = s.claim(None, 10, OnFailed::Block).await.unwrap();
+    assert_eq!(ids(&rows), vec![a1, a2, b1]);
+    assert_eq!(rows[0].attempts, 0, "replay resets attempts");
+
+    s.reject(&[reject(a1, Duration::ZERO)], 1).await.unwrap();
+    assert_eq!(s.discard(&[a1]).await.unwrap(), vec![a1]);
+    assert_eq!(
+        ids(&s.claim(None, 10, OnFailed::Block).await.unwrap()),
+        vec![a2, b1]
+    );
+    assert!(
+        s.replay(None).await.unwrap().is_empty(),
+        "a discarded row is not replayed"
+    );
+    let backlog = s.backlog().await.unwrap();
+    assert_eq!(
+        (backlog.pending, backlog.failed, backlog.discarded),
+        (2, 0, 1)
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn fatal_rejections_fail_at_once_with_their_error(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let a = insert(&pool, "a").await;
+    let r = Rejection {
+        id: a,
+        error: "headers must be a JSON object".into(),
+        retry_in: Duration::ZERO,
+        fatal: true,
+    };
+    let out = s.reject(&[r], 10).await.unwrap();
+    assert!(out[0].failed);
+    let (status, err): (String, String) =
+        sqlx::query_as("SELECT status, last_error FROM outbox WHERE id = $1")
+            .bind(a)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), err.as_str()),
+        ("FAILED", "headers must be a JSON object")
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn leases_share_partitions_and_expire(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let ttl = Duration::from_secs(30);
+    assert_eq!(s.heartbeat("one", ttl).await.unwrap(), 1);
+    assert_eq!(s.acquire_leases("one", ttl, 256).await.unwrap().len(), 256);
+    assert_eq!(s.heartbeat("two", ttl).await.unwrap(), 2);
+    assert!(
+        s.acquire_leases("two", ttl, 128).await.unwrap().is_empty(),
+        "all held"
+    );
+    let held = s.renew_leases("one", ttl).await.unwrap();
+    s.release_leases("one", &held[128..]).await.unwrap();
+    assert_eq!(s.acquire_leases("two", ttl, 128).await.unwrap().len(), 128);
+    // "one" dies: its leases lapse and "two" can take them.
+    sqlx::query("UPDATE outbox_relay_leases SET lease_until = now() - interval '1 second' WHERE owner = 'one'").execute(&pool).await.unwrap();
+    assert!(
+        s.renew_leases("one", ttl).await.unwrap().is_empty(),
+        "an expired lease is not renewed"
+    );
+    assert_eq!(s.acquire_leases("two", ttl, 256).await.unwrap().len(), 128);
+    // The claim filter only returns rows of the given partitions.
+    let a = insert(&pool, "a").await;
+    let part: i32 = sqlx::query_scalar("SELECT hashtext('order/a') & 255")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&s.claim(Some(&[part]), 10, OnFailed::Block).await.unwrap()),
+        vec![a]
+    );
+    let other = (part + 1) % 256;
+    assert!(s
+        .claim(Some(&[other]), 10, OnFailed::Block)
+        .await
+        .unwrap()
+        .is_empty());
+    s.leave("two").await.unwrap();
+    assert!(s.renew_leases("two", ttl).await.unwrap().is_empty());
+}
+
+#[sqlx::test(migrations = false)]
+async fn custom_schema_qualified_table_migrates_and_claims(pool: PgPool) {
+    let table = TableName::parse("events.order_outbox").unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    outbox_relay::migrate::migrate(&mut conn, &table)
+        .await
+        .unwrap();
+    assert!(
+        outbox_relay::migrate::migrate(&mut conn, &table)
+            .await
+            .unwrap()
+            .is_empty(),
+        "idempotent"
+    );
+    outbox_relay::migrate::check_schema(&mut conn, &table)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO events.order_outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', '1', 'e', '{}')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let s = Store::from_pool(pool.clone(), table);
+    assert_eq!(s.claim(None, 10, OnFailed::Block).await.unwrap().len(), 1);
+    let channel = s.notify_channel().await.unwrap();
+    assert!(channel.starts_with("relay_wake_"));
+    // The default table is untouched and unmigrated.
+    let err = outbox_relay::migrate::check_schema(&mut conn, &TableName::parse("outbox").unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("outbox-relay migrate"));
+}
+
+#[sqlx::test(migrations = false)]
+async fn claim_probes_blockers_through_the_partial_index(pool: PgPool) {
+    let _s = store(pool.clone()).await;
+    sqlx::query("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) SELECT 'order', (g % 100)::text, 'e', '{}' FROM generate_series(1, 20000) g")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE outbox").execute(&pool).await.unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT o.id FROM outbox o WHERE o.status = 'PENDING' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+           AND NOT EXISTS (SELECT 1 FROM outbox b WHERE b.aggregate_type = o.aggregate_type AND b.aggregate_id = o.aggregate_id AND b.id < o.id
+             AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND true) OR (b.status = 'PENDING' AND b.next_attempt_at > now())))
+           ORDER BY o.id LIMIT 500",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("outbox_blockers_idx"),
+        "blocker probe uses the partial index:\n{plan}"
+    );
+    assert!(
+        plan.contains("outbox_pending_idx"),
+        "claim walks the pending index:\n{plan}"
+    );
+}
