@@ -73,8 +73,21 @@ fn init_logging() {
     }
 }
 
+/// One-shot commands die quietly on a closed stdout (`outbox-relay status | head -1`), as
+/// Unix tools do, instead of panicking on `EPIPE`. The daemon (`run`) keeps Rust's default
+/// (SIGPIPE ignored): a peer closing a socket must never kill it.
+fn die_on_closed_pipe() {
+    // SAFETY: called once at start, before any thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run) {
+        die_on_closed_pipe();
+    }
     init_logging();
     let result = (|| -> anyhow::Result<Result<(), AppError>> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
