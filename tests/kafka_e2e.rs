@@ -57,7 +57,7 @@ async fn ten_thousand_rows_arrive_in_order() {
         0
     );
 
-    let c = consumer(BROKER, &[&topic]);
+    let c = consumer(BROKER, &[&topic]).await;
     let got = read_events(&c, Duration::from_secs(120), 10_000).await;
     println!(
         "relayed 10 000 rows in {relayed:?}; read back {} records",

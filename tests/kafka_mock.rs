@@ -77,7 +77,7 @@ async fn permanent_errors_fail_only_their_row() {
             );
         }
     }
-    let c = consumer(&cluster.bootstrap_servers(), &[&topic]);
+    let c = consumer(&cluster.bootstrap_servers(), &[&topic]).await;
     let got = read_events(&c, Duration::from_secs(30), 30).await;
     assert_eq!(event_ids(&got).len(), 30);
 
@@ -170,7 +170,7 @@ async fn broker_outage_spends_no_attempts() {
     );
 
     let db = table.rows().await;
-    let c = consumer(&cluster.bootstrap_servers(), &[&topic]);
+    let c = consumer(&cluster.bootstrap_servers(), &[&topic]).await;
     let got = read_events(&c, Duration::from_secs(30), 201).await;
     let ids = event_ids(&got);
     for r in &db {
@@ -223,7 +223,7 @@ async fn failed_row_goes_to_dead_letter_topic() {
         "{why}"
     );
 
-    let c = consumer(&cluster.bootstrap_servers(), &[&dlt]);
+    let c = consumer(&cluster.bootstrap_servers(), &[&dlt]).await;
     let got = read_events(&c, Duration::from_secs(30), 1).await;
     let d = &got[0];
     assert_eq!(d.header("event_id"), Some(failed.event_id.as_str()));

@@ -9,12 +9,14 @@ use crate::common::*;
 
 use super::services::fault_env;
 
+#[path = "../kafka_support/mod.rs"]
+mod kafka_support;
+
 /// Read `topics` from the beginning until nothing new arrived for `quiet` (after at
 /// least `min` distinct event ids) or `within` passed. Returns the `event_id` headers in
 /// arrival order (per partition, that is log order).
 ///
-/// Partitions are assigned explicitly (no consumer-group join): a group rebalance on a
-/// loaded machine can take longer than the whole drain window.
+/// Partitions are assigned explicitly (`kafka_support::consumer`, no group join).
 pub async fn kafka_drain(
     brokers: &str,
     topics: &[&str],
@@ -22,17 +24,9 @@ pub async fn kafka_drain(
     quiet: Duration,
     within: Duration,
 ) -> Vec<String> {
-    use rdkafka::consumer::StreamConsumer;
     use rdkafka::message::{Headers, Message as _};
-    let c: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("fault-drain"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .expect("kafka consumer");
     let deadline = Instant::now() + within;
-    let c = assign_from_beginning(c, topics, deadline).await;
+    let c = kafka_support::consumer(brokers, topics).await;
     let mut out = Vec::new();
     let mut distinct = HashSet::new();
     let mut last_new = Instant::now();
@@ -67,49 +61,6 @@ pub async fn kafka_drain(
         }
     }
     out
-}
-
-/// Assign every partition of `topics` to `c` at the beginning of its log, retrying the
-/// metadata lookup until each topic shows partitions (panics at `deadline`).
-async fn assign_from_beginning<C>(c: C, topics: &[&str], deadline: Instant) -> C
-where
-    C: rdkafka::consumer::Consumer + Send + 'static,
-{
-    use rdkafka::{Offset, TopicPartitionList};
-    let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let mut tpl = TopicPartitionList::new();
-        for topic in &topics {
-            loop {
-                let parts = c
-                    .fetch_metadata(Some(topic), Duration::from_secs(5))
-                    .map(|md| {
-                        md.topics()
-                            .iter()
-                            .filter(|t| t.name() == topic && t.error().is_none())
-                            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default();
-                if !parts.is_empty() {
-                    for p in parts {
-                        tpl.add_partition_offset(topic, p, Offset::Beginning)
-                            .expect("add partition");
-                    }
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "topic {topic:?} shows no partitions in its metadata"
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-        c.assign(&tpl).expect("assign partitions");
-        c
-    })
-    .await
-    .expect("assign task")
 }
 
 /// Relay env for the Kafka sink at `brokers`, default topic `topic`, with `properties`

@@ -306,18 +306,53 @@ impl Received {
     }
 }
 
-/// A consumer in a fresh group reading `topics` from the beginning.
-pub fn consumer(brokers: &str, topics: &[&str]) -> StreamConsumer {
+/// A consumer reading every partition of `topics` from the beginning. Partitions are
+/// assigned explicitly (no consumer-group join, whose rebalance can outlast a test's
+/// deadline on a loaded machine); the metadata lookup is retried for up to 30 s.
+pub async fn consumer(brokers: &str, topics: &[&str]) -> StreamConsumer {
+    use rdkafka::{Offset, TopicPartitionList};
     let c: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("kt-{}", hex_id()))
-        .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .create()
         .unwrap();
-    c.subscribe(topics).unwrap();
-    c
+    let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut tpl = TopicPartitionList::new();
+        for topic in &topics {
+            loop {
+                let parts: Vec<i32> = c
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .map(|md| {
+                        md.topics()
+                            .iter()
+                            .filter(|t| t.name() == topic && t.error().is_none())
+                            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if !parts.is_empty() {
+                    for p in parts {
+                        tpl.add_partition_offset(topic, p, Offset::Beginning)
+                            .unwrap();
+                    }
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "topic {topic:?} has no partitions"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        c.assign(&tpl).unwrap();
+        c
+    })
+    .await
+    .unwrap()
 }
 
 /// Read from `consumer` until `want` distinct `event_id`s arrived (duplicates are kept
