@@ -205,7 +205,7 @@ async fn sigkill_mid_batch_then_restart_loses_nothing() {
     table.produce(5_000, 100, 4).await;
     let env = relay_env(&table.name, &broker.exchange);
     let mut relay = RelayProc::start(&env);
-    wait_for(Duration::from_secs(30), "some rows processed", || async {
+    wait_for(Duration::from_secs(90), "some rows processed", || async {
         (table.count("PROCESSED").await > 200).then_some(())
     })
     .await;
@@ -216,9 +216,9 @@ async fn sigkill_mid_batch_then_restart_loses_nothing() {
     // The killed instance's leases expire (lease_timeout/2); the new one takes over.
     let relay = RelayProc::start(&env);
     table
-        .wait_status("PROCESSED", 5_000, Duration::from_secs(60))
+        .wait_status("PROCESSED", 5_000, Duration::from_secs(180))
         .await;
-    let got = broker.take(5_000, Duration::from_secs(30)).await;
+    let got = broker.take(5_000, Duration::from_secs(90)).await;
     let extra = broker.depth().await as usize;
     let more = broker.take(extra, Duration::from_secs(10)).await;
     let all: Vec<_> = got.into_iter().chain(more).collect();
@@ -237,7 +237,7 @@ async fn sigterm_exits_zero_within_shutdown_timeout() {
     let broker = TestBroker::new("term").await;
     table.produce(3_000, 50, 4).await;
     let mut relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
-    wait_for(Duration::from_secs(30), "relay publishing", || async {
+    wait_for(Duration::from_secs(90), "relay publishing", || async {
         (table.count("PROCESSED").await > 100).then_some(())
     })
     .await;
@@ -264,7 +264,7 @@ async fn sigterm_exits_zero_within_shutdown_timeout() {
     assert_eq!(leases, 0, "leases released on shutdown");
     let relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
     table
-        .wait_status("PROCESSED", 3_000, Duration::from_secs(60))
+        .wait_status("PROCESSED", 3_000, Duration::from_secs(180))
         .await;
     drop(relay);
     broker.cleanup().await;

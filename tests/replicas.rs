@@ -21,7 +21,7 @@ async fn lease_owners(table: &TestTable) -> Vec<(String, i64)> {
 
 async fn wait_balanced(table: &TestTable, replicas: usize) {
     wait_for(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "partitions spread over the replicas",
         || async {
             let owners = lease_owners(table).await;
@@ -56,7 +56,7 @@ async fn three_replicas_share_thirty_thousand_rows_in_order() {
     table.produce(30_000, 300, 8).await;
     let got = consumer.await.unwrap();
     table
-        .wait_status("PROCESSED", 30_000, Duration::from_secs(60))
+        .wait_status("PROCESSED", 30_000, Duration::from_secs(180))
         .await;
     let unique: std::collections::HashSet<_> = got.iter().map(|g| g.message_id.clone()).collect();
     assert_eq!(unique.len(), 30_000, "nothing lost");
@@ -94,7 +94,7 @@ async fn sigkilled_replica_is_taken_over_within_lease_timeout() {
     let mut relays: Vec<RelayProc> = (0..3).map(|_| RelayProc::start(&env)).collect();
     wait_balanced(&table, 3).await;
     table.produce(6_000, 300, 8).await;
-    wait_for(Duration::from_secs(30), "relaying under way", || async {
+    wait_for(Duration::from_secs(90), "relaying under way", || async {
         (table.count("PROCESSED").await > 500).then_some(())
     })
     .await;
@@ -123,10 +123,10 @@ async fn sigkilled_replica_is_taken_over_within_lease_timeout() {
         "takeover within lease_timeout (4s): {takeover:?}"
     );
     table
-        .wait_status("PROCESSED", 6_000, Duration::from_secs(60))
+        .wait_status("PROCESSED", 6_000, Duration::from_secs(180))
         .await;
     let n = broker.depth().await as usize;
-    let got = broker.take(n, Duration::from_secs(30)).await;
+    let got = broker.take(n, Duration::from_secs(90)).await;
     let unique: std::collections::HashSet<_> = got.iter().map(|g| g.message_id.clone()).collect();
     assert_eq!(unique.len(), 6_000, "nothing lost");
     let dups = assert_order(&got, &table.index().await);
