@@ -268,7 +268,10 @@ async fn main() -> anyhow::Result<()> {
                                 .unwrap_or_default();
                             // Record before acking: a redelivery after a broken
                             // connection is then counted as a duplicate, never a loss.
-                            deliveries.lock().unwrap().push(id);
+                            deliveries
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .push(id);
                             let _ = d.ack(BasicAckOptions::default()).await;
                         }
                         Ok(_) => break,
@@ -338,7 +341,10 @@ async fn main() -> anyhow::Result<()> {
     let mut last = usize::MAX;
     while Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let n = deliveries.lock().unwrap().len();
+        let n = deliveries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
         if n == last {
             break;
         }
@@ -354,7 +360,10 @@ async fn main() -> anyhow::Result<()> {
     ))
     .fetch_all(&pool)
     .await?;
-    let got = deliveries.lock().unwrap().clone();
+    let got = deliveries
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     let by_event: HashMap<&str, (i64, &str)> = rows
         .iter()
         .map(|r| (r.1.as_str(), (r.0, r.2.as_str())))

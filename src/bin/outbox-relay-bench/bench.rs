@@ -25,6 +25,20 @@ pub struct Bench {
 }
 
 impl Bench {
+    /// The RabbitMQ side; set up before any RabbitMQ phase runs.
+    pub fn rabbit(&self) -> Result<&rabbit::Rabbit> {
+        self.rabbit
+            .as_ref()
+            .context("RabbitMQ phase without a RabbitMQ connection")
+    }
+
+    /// The Kafka side; set up before any Kafka phase runs.
+    pub fn kafka(&self) -> Result<&kafka::Kafka> {
+        self.kafka
+            .as_ref()
+            .context("Kafka phase without a Kafka client")
+    }
+
     pub async fn all(&self, f: &mut Figures) -> Result<()> {
         if has(&self.args, Phase::Pg) {
             let (rate, split) = self.pg_ceiling().await?;
@@ -157,7 +171,10 @@ impl Bench {
     pub async fn table(&self, suffix: &str) -> Result<pg::BenchTable> {
         let name = format!("{}_{suffix}", self.prefix);
         let t = pg::BenchTable::create(&self.pool, &name).await?;
-        self.tables.lock().unwrap().push(t.clone());
+        self.tables
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(t.clone());
         Ok(t)
     }
 
@@ -190,11 +207,19 @@ impl Bench {
 
     pub async fn drop_table(&self, t: &pg::BenchTable) {
         t.drop().await;
-        self.tables.lock().unwrap().retain(|x| x.name != t.name);
+        self.tables
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|x| x.name != t.name);
     }
 
     pub async fn cleanup(&self) {
-        let tables: Vec<pg::BenchTable> = std::mem::take(&mut *self.tables.lock().unwrap());
+        let tables: Vec<pg::BenchTable> = std::mem::take(
+            &mut *self
+                .tables
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         for t in tables {
             t.drop().await;
         }
@@ -238,7 +263,7 @@ impl Bench {
         ];
         match kind {
             Kind::Rabbit => {
-                let r = self.rabbit.as_ref().unwrap();
+                let r = self.rabbit()?;
                 env.push((
                     "OUTBOX_RELAY__RABBITMQ__URL".into(),
                     self.args.amqp_url.clone(),
@@ -249,7 +274,7 @@ impl Bench {
                 ));
             }
             Kind::Kafka => {
-                let k = self.kafka.as_ref().unwrap();
+                let k = self.kafka()?;
                 let topic = k.topic(&format!("{}_{phase}", self.prefix)).await?;
                 env.push((
                     "OUTBOX_RELAY__KAFKA__BROKERS".into(),

@@ -32,7 +32,7 @@ impl Bench {
         let a = census();
         let secs = match kind {
             Kind::Rabbit => {
-                let r = self.rabbit.as_ref().unwrap();
+                let r = self.rabbit()?;
                 r.purge().await?;
                 let a2 = census();
                 let secs = r
@@ -44,7 +44,7 @@ impl Bench {
                 return Ok((n as f64 / secs, split));
             }
             Kind::Kafka => {
-                let k = self.kafka.as_ref().unwrap();
+                let k = self.kafka()?;
                 let topic = k.topic(&format!("{}_ceiling", self.prefix)).await?;
                 k.ceiling(
                     &topic,

@@ -81,7 +81,7 @@ impl Bench {
         let t = self.preloaded(&phase, self.args.naive_rows).await?;
         let out = match kind {
             Kind::Rabbit => {
-                let r = self.rabbit.as_ref().unwrap();
+                let r = self.rabbit()?;
                 r.purge().await?;
                 let mut p = r.naive().await?;
                 let out = pg::naive_relay(&t, &mut p).await?;
@@ -89,7 +89,7 @@ impl Bench {
                 out
             }
             Kind::Kafka => {
-                let k = self.kafka.as_ref().unwrap();
+                let k = self.kafka()?;
                 let topic = k.topic(&format!("{}_{phase}", self.prefix)).await?;
                 let mut p = k.naive(&topic)?;
                 pg::naive_relay(&t, &mut p).await?

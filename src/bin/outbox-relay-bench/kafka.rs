@@ -65,12 +65,20 @@ impl Kafka {
         outbox_relay::sink::kafka::tap::ensure_topic(&cfg, name, PARTITIONS)
             .await
             .map_err(|e| anyhow!("create topic {name}: {e}"))?;
-        self.topics.lock().unwrap().push(name.to_string());
+        self.topics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(name.to_string());
         Ok(name.to_string())
     }
 
     pub async fn teardown(&self) {
-        let topics: Vec<String> = std::mem::take(&mut *self.topics.lock().unwrap());
+        let topics: Vec<String> = std::mem::take(
+            &mut *self
+                .topics
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         if topics.is_empty() {
             return;
         }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::bench::Bench;
 use crate::figures::{Kind, Latency};
@@ -20,17 +20,17 @@ impl Bench {
         let env = self.relay_env(kind, &t.name, &phase).await?;
         let (seen, consumer) = match kind {
             Kind::Rabbit => {
-                let r = self.rabbit.as_ref().unwrap();
+                let r = self.rabbit()?;
                 r.purge().await?;
                 r.arrivals().await?
             }
             Kind::Kafka => {
-                let k = self.kafka.as_ref().unwrap();
+                let k = self.kafka()?;
                 let topic = env
                     .iter()
                     .find(|(k, _)| k == "OUTBOX_RELAY__KAFKA__TOPIC")
                     .map(|(_, v)| v.clone())
-                    .unwrap();
+                    .context("Kafka relay env has no OUTBOX_RELAY__KAFKA__TOPIC")?;
                 let (seen, task) = k.arrivals(&topic).await?;
                 k.warm(&topic, &seen).await?;
                 (seen, task)

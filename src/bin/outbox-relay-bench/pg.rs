@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use chrono::{DateTime, Utc};
 use outbox_relay::config::OnFailed;
 use outbox_relay::store::Store;
@@ -46,9 +46,12 @@ pub async fn connection(url: &str) -> Result<PgConnection> {
 impl BenchTable {
     pub async fn create(pool: &PgPool, name: &str) -> Result<Self> {
         let mut conn = pool.acquire().await?;
-        outbox_relay::migrate::migrate(&mut conn, &TableName::parse(name).unwrap())
-            .await
-            .with_context(|| format!("migrate {name}"))?;
+        outbox_relay::migrate::migrate(
+            &mut conn,
+            &TableName::parse(name).map_err(|e| anyhow!("table {name}: {e}"))?,
+        )
+        .await
+        .with_context(|| format!("migrate {name}"))?;
         Ok(Self {
             name: name.to_string(),
             pool: pool.clone(),
@@ -59,8 +62,10 @@ impl BenchTable {
         format!("\"{}\"", self.name)
     }
 
-    pub fn store(&self) -> Store {
-        Store::from_pool(self.pool.clone(), TableName::parse(&self.name).unwrap())
+    pub fn store(&self) -> Result<Store> {
+        let table =
+            TableName::parse(&self.name).map_err(|e| anyhow!("table {}: {e}", self.name))?;
+        Ok(Store::from_pool(self.pool.clone(), table))
     }
 
     pub async fn drop(&self) {
@@ -175,7 +180,7 @@ impl BenchTable {
     }
 
     pub async fn notify_channel(&self) -> Result<String> {
-        Ok(self.store().notify_channel().await?)
+        Ok(self.store()?.notify_channel().await?)
     }
 }
 
@@ -310,7 +315,7 @@ pub async fn produce(
 /// The Postgres ceiling: claim 500 due rows, mark them PROCESSED, repeat until none are
 /// left — the relay's database work with no broker. Returns (rows, seconds).
 pub async fn pg_ceiling(table: &BenchTable, batch: u32) -> Result<(u64, f64)> {
-    let store = table.store();
+    let store = table.store()?;
     let started = Instant::now();
     let mut done = 0u64;
     loop {
