@@ -159,6 +159,16 @@ pub struct RelayConfig {
     /// Listen for NOTIFY from the outbox trigger (polling stays on as the safety net).
     #[serde(default = "default_true")]
     pub listen: bool,
+    /// Most messages sent and not yet confirmed at any moment (the sliding window).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+    /// Most bytes of claimed rows (payload, headers, keys) held in memory at once.
+    #[serde(default = "default_max_in_flight_bytes")]
+    pub max_in_flight_bytes: u64,
+    /// Most rows of one aggregate held in memory (and taken by one claim): a hot
+    /// aggregate gets this share while others are due, never the whole window.
+    #[serde(default = "default_max_rows_per_aggregate")]
+    pub max_rows_per_aggregate: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -269,6 +279,15 @@ const fn default_retention() -> Duration {
 const fn default_publish_timeout() -> Duration {
     Duration::from_secs(15)
 }
+const fn default_max_in_flight() -> u32 {
+    1000
+}
+const fn default_max_in_flight_bytes() -> u64 {
+    32 * 1024 * 1024
+}
+const fn default_max_rows_per_aggregate() -> u32 {
+    64
+}
 const fn default_true() -> bool {
     true
 }
@@ -370,6 +389,33 @@ impl Settings {
         }
         if r.publish_timeout.is_zero() {
             return Err(invalid("relay.publish_timeout", "must be greater than 0"));
+        }
+        if r.publish_timeout >= r.lease_timeout {
+            return Err(invalid(
+                "relay.publish_timeout",
+                format!(
+                    "must be shorter than relay.lease_timeout ({:?}): a send must fit inside the partition lease that fences it",
+                    r.lease_timeout
+                ),
+            ));
+        }
+        if r.max_in_flight == 0 || r.max_in_flight > 100_000 {
+            return Err(invalid(
+                "relay.max_in_flight",
+                "must be between 1 and 100000",
+            ));
+        }
+        if r.max_in_flight_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "relay.max_in_flight_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
+        }
+        if r.max_rows_per_aggregate == 0 {
+            return Err(invalid(
+                "relay.max_rows_per_aggregate",
+                "must be at least 1",
+            ));
         }
         match self.sink.kind {
             SinkKind::Rabbitmq => {

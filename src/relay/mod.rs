@@ -1,42 +1,59 @@
-//! The relay loop: claim a batch of due rows from the partitions this instance leases,
-//! publish it in per-aggregate waves through a `Sink`, await the confirms, and record
-//! every outcome in one statement per kind. It sees only `Store` and `Sink`.
+//! The relay engine: a claimer keeps a window of due rows in memory, the dispatcher sends
+//! each aggregate's head through the `Sink` with many confirms outstanding, and the
+//! completer records outcomes in batched statements. Leases run on their own clock. It
+//! sees only `Store` and `Sink`.
+//!
+//! Stages (one file each): `window` (per-aggregate FIFOs, bounded in rows and bytes),
+//! `claimer` (fair claims), `dispatch` (sending, outcomes, broker outages), `completer`
+//! (batched marks), `leases` (renew, rebalance, the fence), `backoff`, `wake`.
 //!
 //! Crash points (any of them may be a SIGKILL):
-//! - after claim, before publish: nothing was marked; the rows are claimed again
-//!   (by us after restart, or by whoever takes the partition over);
-//! - after publish, before confirm / after confirm, before mark: the rows are still
+//! - after claim, before send: nothing was marked; the rows are claimed again (by us
+//!   after restart, or by whoever takes the partition over);
+//! - after send, before confirm / after confirm, before mark: the row is still
 //!   `PENDING` and will be published again — a duplicate, never a loss (consumers dedup
-//!   on `event_id`);
+//!   on `event_id`); its aggregate's next row was not sent (only a confirmed head
+//!   releases the next one), so first deliveries stay in order;
 //! - after mark: done.
 
 pub mod backoff;
-pub mod leases;
+mod claimer;
+mod completer;
+mod dispatch;
+mod leases;
 pub mod wake;
-pub mod waves;
+mod window;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
 use crate::health::Health;
 use crate::metrics as m;
-use crate::model::Message;
-use crate::sink::{Sink, SinkError};
-use crate::store::{Rejection, Store, StoreError};
+use crate::sink::Sink;
+use crate::store::{Store, StoreError};
 use backoff::Pacer;
-use leases::LeaseKeeper;
+use claimer::{Claimed, Plan, Sweep};
+use completer::{Completer, Recorded};
+use dispatch::{Broker, Flight, Pending};
+use leases::{Leases, Renewal};
+use window::{AggKey, Body, Entry, Inserted, Window};
+
+/// Late-committed rows seen behind a row of their aggregate that was already sent.
+pub const LATE_ROWS_TOTAL: &str = "outbox_relay_late_rows_total";
 
 pub struct Relay<S: Sink> {
     store: Store,
     sink: S,
     cfg: RelayConfig,
-    leases: LeaseKeeper,
+    instance: String,
     wake: Arc<Notify>,
     health: Arc<Health>,
 }
@@ -50,456 +67,389 @@ impl<S: Sink> Relay<S> {
         wake: Arc<Notify>,
         health: Arc<Health>,
     ) -> Self {
-        let leases = LeaseKeeper::new(instance, cfg.lease_timeout);
         Self {
             store,
             sink,
             cfg,
-            leases,
+            instance,
             wake,
             health,
         }
     }
 
-    /// Run until `cancel` fires; then finish the in-flight wave, record it, hand the
-    /// leases back and return.
-    ///
-    /// While there is a backlog the loop is a pipeline: the next batch is claimed (with
-    /// the rows still in memory excluded) while the current one is published, and a
-    /// confirmed batch is marked while the next one is published. The pipeline only runs
-    /// while every row confirms: any rejection, unavailable broker or held-back row
-    /// drops the prefetched batch (it was claimed without knowing that outcome) and
-    /// records synchronously, so the next claim sees every blocker in the database.
-    pub async fn run(mut self, cancel: CancellationToken) {
-        let mut db_pacer = Pacer::default();
-        let mut broker_pacer = Pacer::default();
-        match self.sink.connect().await {
-            Ok(()) => metrics::gauge!(m::BROKER_UP).set(1.0),
-            Err(e) => {
-                metrics::gauge!(m::BROKER_UP).set(0.0);
-                tracing::warn!(error = %e, "broker not reachable yet; will retry");
-            }
+    /// Run until `cancel` fires; then stop claiming, wait (within `shutdown_timeout`) for
+    /// what is out at the broker, record it, hand the leases back and return.
+    pub async fn run(self, cancel: CancellationToken) {
+        Engine::new(self).run(cancel).await;
+    }
+}
+
+/// The engine's state (see the module doc).
+struct Engine<S: Sink> {
+    store: Store,
+    sink: S,
+    cfg: RelayConfig,
+    wake: Arc<Notify>,
+    health: Arc<Health>,
+    leases: Leases,
+    renewing: Option<JoinHandle<Result<Renewal, StoreError>>>,
+    releasing: HashSet<i32>,
+    release_task: Option<JoinHandle<Result<(), StoreError>>>,
+    window: Window,
+    max_rows: usize,
+    flights: HashMap<i64, Flight>,
+    confirms: FuturesUnordered<Pending>,
+    /// A suspect row out alone: nothing else is sent until it comes back.
+    probation: Option<i64>,
+    /// How long a confirm may take (the sink's answer to `publish_timeout`).
+    confirm_timeout: Duration,
+    /// When the broker last confirmed something.
+    last_confirm: Option<Instant>,
+    broker: Broker,
+    completer: Completer,
+    /// Ids handed to the completer and not yet recorded, with their aggregate hash
+    /// (claims leave them out; their partitions are not handed back meanwhile).
+    recording: HashMap<i64, i32>,
+    /// Rejected rows being recorded: their aggregate (held back) and hash.
+    rejected: HashMap<i64, (AggKey, i32)>,
+    sweep: Sweep,
+    claiming: Option<JoinHandle<Result<Claimed, StoreError>>>,
+    claim_due: bool,
+    next_claim_at: Instant,
+    db_pacer: Pacer,
+    /// Aggregates dropped from memory since the running claim started.
+    dropped: HashSet<AggKey>,
+    next_poll: Instant,
+}
+
+impl<S: Sink> Engine<S> {
+    fn new(r: Relay<S>) -> Self {
+        let leases = Leases::new(r.instance, r.cfg.lease_timeout);
+        let completer = Completer::new(r.store.clone(), r.cfg.max_attempts, r.health.clone());
+        let max_rows = (r.cfg.max_in_flight as usize * 2).max(r.cfg.batch_size as usize);
+        let confirm_timeout = r.sink.confirm_timeout(r.cfg.publish_timeout);
+        Self {
+            store: r.store,
+            sink: r.sink,
+            wake: r.wake,
+            health: r.health,
+            leases,
+            renewing: None,
+            releasing: HashSet::new(),
+            release_task: None,
+            window: Window::default(),
+            max_rows,
+            flights: HashMap::new(),
+            confirms: FuturesUnordered::new(),
+            probation: None,
+            last_confirm: None,
+            confirm_timeout,
+            broker: Broker::default(),
+            completer,
+            recording: HashMap::new(),
+            rejected: HashMap::new(),
+            sweep: Sweep::default(),
+            claiming: None,
+            claim_due: true,
+            next_claim_at: Instant::now(),
+            db_pacer: Pacer::default(),
+            dropped: HashSet::new(),
+            next_poll: Instant::now() + r.cfg.poll_interval,
+            cfg: r.cfg,
         }
-        let mut pipe = Pipeline::default();
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        self.broker_connect().await;
         while !cancel.is_cancelled() {
             self.health.beat();
-            if Instant::now() >= self.leases.next_renew() {
-                // Renew (and rebalance) only with nothing in flight.
-                pipe.drain().await;
-                if let Err(e) = self.leases.maintain(&self.store, true).await {
-                    self.db_down(&e, &mut db_pacer, &cancel).await;
-                    continue;
-                }
-            }
-            if !self.leases.fence_ok() {
-                // No partitions (others hold them all) or leases not yet valid: idle.
-                pipe.drain().await;
-                self.idle(&cancel).await;
-                continue;
-            }
-            let rows = match pipe.next.take() {
-                Some(next) if next.held == self.leases.held() => Ok(next.rows),
-                stale => {
-                    if stale.is_some() {
-                        // Partitions changed since the prefetch: claim afresh.
-                        pipe.carry.clear();
-                    }
-                    let exclude = pipe.in_memory_ids();
-                    self.store
-                        .claim_excluding(
-                            self.leases.claim_filter(),
-                            &exclude,
-                            self.cfg.batch_size,
-                            self.cfg.on_failed,
-                        )
-                        .await
-                }
-            };
-            let rows = match rows {
-                Ok(rows) => rows,
-                Err(e) => {
-                    pipe.drain().await;
-                    self.db_down(&e, &mut db_pacer, &cancel).await;
-                    continue;
-                }
-            };
-            db_pacer.reset();
-            metrics::gauge!(m::DATABASE_UP).set(1.0);
-            if rows.is_empty() && pipe.carry.is_empty() {
-                pipe.drain().await;
-                self.idle(&cancel).await;
-                continue;
-            }
-            // A full batch means more is probably due: claim the next one meanwhile.
-            let full = rows.len() >= self.cfg.batch_size as usize;
-            let carried = std::mem::take(&mut pipe.carry);
-            let mut exclude = pipe.recording_ids.clone();
-            exclude.extend(rows.iter().map(|r| r.id));
-            exclude.extend(carried.iter().map(|m| m.id));
-            let held = self.leases.held().to_vec();
-            let prefetch = full.then(|| {
-                let store = self.store.clone();
-                let filter = self.leases.claim_filter().map(<[i32]>::to_vec);
-                let (limit, on_failed) = (self.cfg.batch_size, self.cfg.on_failed);
-                tokio::spawn(async move {
-                    store
-                        .claim_excluding(filter.as_deref(), &exclude, limit, on_failed)
-                        .await
-                })
-            });
-            let out = self
-                .publish_batch(rows, carried, prefetch.is_some(), &cancel)
-                .await;
-            let clean = out.clean();
-            let broker_unavailable = out.broker_unavailable;
-            if clean {
-                pipe.wait_recording().await;
-                pipe.recording_ids = out.confirmed.clone();
-                pipe.carry = out.carried;
-                pipe.recording = Some(tokio::spawn(record(
-                    self.recorder(),
-                    out.confirmed,
-                    out.rejections,
-                    cancel.clone(),
-                )));
-                if let Some(p) = prefetch {
-                    match p.await {
-                        Ok(Ok(rows)) => pipe.next = Some(Claimed { rows, held }),
-                        // The next iteration claims again (and reports the error); the
-                        // carried rows are claimed again with it.
-                        _ => pipe.carry.clear(),
+            self.step().await;
+            let timer = self.next_timer();
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                Some((id, outcome)) = self.confirms.next(), if !self.confirms.is_empty() => {
+                    self.on_outcome(id, outcome).await;
+                    // Take every other confirm already in, before sending more.
+                    while let Some(Some((id, outcome))) = futures::FutureExt::now_or_never(self.confirms.next()) {
+                        self.on_outcome(id, outcome).await;
                     }
                 }
-            } else {
-                // Something was not confirmed: drop what was claimed without knowing it,
-                // and record before claiming again.
-                if let Some(p) = prefetch {
-                    let _ = p.await;
-                }
-                pipe.carry.clear();
-                pipe.drain().await;
-                record(
-                    self.recorder(),
-                    out.confirmed,
-                    out.rejections,
-                    cancel.clone(),
-                )
-                .await;
-            }
-            if broker_unavailable {
-                metrics::gauge!(m::BROKER_UP).set(0.0);
-                let pause = broker_pacer.next_pause();
-                tracing::warn!(
-                    ?pause,
-                    untouched = out.untouched,
-                    "broker unavailable; rows stay PENDING, no attempts spent"
-                );
-                self.pause(pause, &cancel).await;
-            } else {
-                broker_pacer.reset();
+                r = join(&mut self.renewing) => { self.renewing = None; self.on_renewed(r); }
+                r = join(&mut self.release_task) => { self.release_task = None; self.on_released(r); }
+                r = join(&mut self.claiming) => { self.claiming = None; self.on_claimed(r); }
+                r = self.completer.next() => self.on_recorded(r),
+                _ = self.wake.notified() => self.claim_due = true,
+                _ = tokio::time::sleep_until(timer.into()) => {}
             }
         }
-        pipe.drain().await;
+        self.shutdown().await;
+    }
+
+    /// Everything that is due now, in order: leases, the fence, reconnect, claim, send.
+    async fn step(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_poll {
+            self.claim_due = true;
+            self.next_poll = now + self.cfg.poll_interval;
+        }
+        if self.renewing.is_none() && now >= self.leases.next_renew() {
+            let (store, instance) = (self.store.clone(), self.leases.instance.clone());
+            let (ttl, have) = (self.leases.ttl(), self.leases.held().len());
+            self.renewing = Some(tokio::spawn(leases::renew(store, instance, ttl, have)));
+        }
+        if !self.flights.is_empty() && self.leases.lapsed() {
+            self.abandon("the partition leases may have lapsed (fence)")
+                .await;
+        }
+        self.try_release();
+        if self.broker.down && now >= self.broker.retry_at {
+            self.broker_connect().await;
+        }
+        self.maybe_claim();
+        self.dispatch().await;
+        self.completer.kick();
+    }
+
+    fn next_timer(&self) -> Instant {
+        let mut t = self.next_poll.min(self.leases.next_renew());
+        if self.broker.down {
+            t = t.min(self.broker.retry_at);
+        }
+        if self.claim_due && self.claiming.is_none() && self.next_claim_at > Instant::now() {
+            // Waiting out a database error before claiming again.
+            t = t.min(self.next_claim_at);
+        }
+        if !self.flights.is_empty() {
+            if let Some(v) = self.leases.valid_until() {
+                t = t.min(v);
+            }
+        }
+        t.max(Instant::now() + Duration::from_millis(1))
+    }
+
+    fn maybe_claim(&mut self) {
+        let now = Instant::now();
+        if self.claiming.is_some()
+            || !self.claim_due
+            || now < self.next_claim_at
+            || self.broker.down
+            || !self.leases.fence_ok()
+        {
+            return;
+        }
+        let room_rows = self.max_rows.saturating_sub(self.window.rows());
+        let max_bytes = usize::try_from(self.cfg.max_in_flight_bytes).unwrap_or(usize::MAX);
+        let room_bytes = max_bytes.saturating_sub(self.window.bytes());
+        if room_rows == 0 || (room_bytes == 0 && !self.window.is_empty()) {
+            return;
+        }
+        let front = self.sweep.front_next();
+        let (after, mut capped) = self.sweep.plan(front);
+        capped.extend(self.window.frozen_hashes());
+        capped.extend(self.rejected.values().map(|(_, h)| *h));
+        let mut exclude: HashSet<i64> = self.window.ids().copied().collect();
+        exclude.extend(self.recording.keys().copied());
+        let plan = Plan {
+            front,
+            after,
+            capped,
+            exclude,
+            counts: self.window.per_hash().clone(),
+            max_per_aggregate: self.cfg.max_rows_per_aggregate,
+            room_rows: room_rows.min(self.cfg.batch_size as usize),
+            room_bytes: room_bytes.max(1),
+            scan_limit: self.cfg.batch_size.saturating_mul(8).max(1000),
+            partitions: self.leases.claim_filter(),
+            on_failed: self.cfg.on_failed,
+        };
+        self.dropped.clear();
+        self.claim_due = false;
+        self.claiming = Some(tokio::spawn(claimer::claim(self.store.clone(), plan)));
+    }
+
+    fn on_claimed(&mut self, r: Result<Result<Claimed, StoreError>, tokio::task::JoinError>) {
+        let claimed = match r {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return self.db_error("claim", &e),
+            Err(e) => return tracing::error!(error = %e, "claim task failed"),
+        };
+        metrics::gauge!(m::DATABASE_UP).set(1.0);
+        self.db_pacer.reset();
+        if !claimed.front {
+            self.sweep
+                .advance(claimed.cursor, claimed.end, &claimed.capped);
+        }
+        let more = !claimed.rows.is_empty() || !claimed.end;
+        let held: HashSet<i32> = self.leases.held().iter().copied().collect();
+        for c in claimed.rows {
+            let bytes = c.bytes();
+            let row = c.row;
+            let key: AggKey = (row.aggregate_type.clone(), row.aggregate_id.clone());
+            let partition = c.hash & (crate::store::PARTITIONS - 1);
+            if self.dropped.contains(&key) || !held.contains(&partition) {
+                // Its aggregate was dropped (or its partition let go) while the claim ran:
+                // an earlier row may have left memory, so this one must wait its turn.
+                self.sweep.cap(c.hash);
+                continue;
+            }
+            let body = match row.to_message() {
+                Ok(msg) => Body::Message(Arc::new(msg)),
+                Err(why) => Body::Invalid(why),
+            };
+            let entry = Entry {
+                id: row.id,
+                body,
+                bytes,
+                hash: c.hash,
+                strikes: 0,
+                suspect: false,
+            };
+            if self.window.insert(key, entry) == Inserted::Late {
+                metrics::counter!(LATE_ROWS_TOTAL).increment(1);
+                tracing::warn!(
+                    id = row.id,
+                    "row committed after a later row of its aggregate was sent; sent out of id order"
+                );
+            }
+        }
+        self.claim_due = more;
+    }
+
+    fn db_error(&mut self, what: &str, e: &StoreError) {
+        metrics::gauge!(m::DATABASE_UP).set(0.0);
+        let pause = self.db_pacer.next_pause();
+        tracing::warn!(error = %e, ?pause, "database error ({what}); retrying");
+        self.next_claim_at = Instant::now() + pause;
+        self.claim_due = true;
+    }
+
+    fn on_renewed(&mut self, r: Result<Result<Renewal, StoreError>, tokio::task::JoinError>) {
+        let renewal = match r {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.leases.retry_soon();
+                return self.db_error("lease renew", &e);
+            }
+            Err(e) => {
+                self.leases.retry_soon();
+                return tracing::error!(error = %e, "lease task failed");
+            }
+        };
+        metrics::gauge!(m::DATABASE_UP).set(1.0);
+        let changes = self.leases.apply(renewal, &self.releasing);
+        if !changes.lost.is_empty() {
+            self.drop_partitions(&changes.lost);
+        }
+        if !changes.surplus.is_empty() {
+            self.drop_partitions(&changes.surplus);
+            self.releasing.extend(changes.surplus);
+        }
+        self.claim_due = true;
+    }
+
+    fn drop_partitions(&mut self, parts: &HashSet<i32>) {
+        self.window.drop_partitions(parts);
+        // A claim running now may bring rows of these partitions: `on_claimed` checks
+        // the partitions held when it lands.
+    }
+
+    /// Hand surplus partitions back once nothing of theirs is out or being recorded.
+    fn try_release(&mut self) {
+        if self.releasing.is_empty() || self.release_task.is_some() {
+            return;
+        }
+        let parts = &self.releasing;
+        let part = |h: &i32| parts.contains(&(h & (crate::store::PARTITIONS - 1)));
+        let busy = self.recording.values().any(part)
+            || self.flights.values().any(|f| part(&f.hash))
+            || self.window.out_in(parts) > 0;
+        if busy {
+            return;
+        }
+        let parts: Vec<i32> = self.releasing.iter().copied().collect();
+        let (store, instance) = (self.store.clone(), self.leases.instance.clone());
+        self.release_task = Some(tokio::spawn(async move {
+            store.release_leases(&instance, &parts).await
+        }));
+    }
+
+    fn on_released(&mut self, r: Result<Result<(), StoreError>, tokio::task::JoinError>) {
+        match r {
+            Ok(Ok(())) => {
+                tracing::info!(released = self.releasing.len(), "handed partitions back");
+                self.releasing.clear();
+            }
+            Ok(Err(e)) => self.db_error("lease release", &e),
+            Err(e) => tracing::error!(error = %e, "lease release task failed"),
+        }
+    }
+
+    fn on_recorded(&mut self, r: Recorded) {
+        match r {
+            Recorded::Marked(ids) => {
+                for id in ids {
+                    self.recording.remove(&id);
+                }
+            }
+            Recorded::Rejected(ids) => {
+                for id in ids {
+                    self.recording.remove(&id);
+                    if let Some((key, hash)) = self.rejected.remove(&id) {
+                        // The blocker is in the database now: forget the aggregate's
+                        // rows; claims bring them back in order once it is due.
+                        self.window.drop_aggregate(&key);
+                        self.sweep.cap(hash);
+                        self.dropped.insert(key);
+                    }
+                }
+                self.claim_due = true;
+            }
+        }
+    }
+
+    /// Stop claiming; wait for what is out and record it (bounded), leave.
+    async fn shutdown(mut self) {
+        let deadline = Instant::now() + self.cfg.shutdown_timeout.mul_f64(0.8);
+        self.window.clear();
+        if let Some(c) = self.claiming.take() {
+            c.abort();
+        }
+        loop {
+            self.completer.kick();
+            if self.confirms.is_empty() && self.completer.is_idle() {
+                break;
+            }
+            let until = deadline.into();
+            tokio::select! {
+                Some((id, outcome)) = self.confirms.next(), if !self.confirms.is_empty() => {
+                    self.on_outcome(id, outcome).await;
+                }
+                r = self.completer.next() => self.on_recorded(r),
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        if !self.flights.is_empty() {
+            self.abandon("shutting down").await;
+        }
+        if !self.completer.is_idle() {
+            tracing::error!(
+                "gave up recording outcomes at shutdown; those rows will be re-published"
+            );
+            self.completer.abort();
+        }
         self.sink.close().await;
-        if let Err(e) = self.leases.leave(&self.store).await {
+        self.leases.clear();
+        if let Err(e) = self.store.leave(&self.leases.instance).await {
             tracing::warn!(error = %e, "could not hand leases back; they expire after lease_timeout/2");
         }
         tracing::info!("relay loop stopped");
     }
-
-    fn recorder(&self) -> Recorder {
-        Recorder {
-            store: self.store.clone(),
-            max_attempts: self.cfg.max_attempts,
-            shutdown_timeout: self.cfg.shutdown_timeout,
-            health: self.health.clone(),
-        }
-    }
-
-    /// Publish `carried` rows (deferred from the previous batch, in memory) and the
-    /// claimed `rows` in per-aggregate waves. With `defer_tail`, a short tail of small
-    /// waves is handed back as `carried` instead of costing a confirm round trip each:
-    /// the next batch starts with it (its rows stay excluded from claims meanwhile).
-    async fn publish_batch(
-        &mut self,
-        rows: Vec<crate::model::OutboxRow>,
-        carried: Vec<Message>,
-        defer_tail: bool,
-        cancel: &CancellationToken,
-    ) -> Published {
-        let mut out = Published::default();
-        let total = rows.len() + carried.len();
-        let mut final_failures: Vec<(Message, String)> = Vec::new();
-        let mut messages = carried;
-        messages.reserve(rows.len());
-        // Aggregates whose earlier row was not confirmed in this batch.
-        let mut held_back: HashSet<(String, String)> = HashSet::new();
-        for row in rows {
-            match row.to_message() {
-                Ok(msg) => messages.push(msg),
-                Err(why) => {
-                    tracing::warn!(id = row.id, event_id = %row.event_id, error = %why, "row cannot be published");
-                    held_back.insert((row.aggregate_type.clone(), row.aggregate_id.clone()));
-                    out.rejections.push(Rejection {
-                        id: row.id,
-                        error: why,
-                        retry_in: Duration::ZERO,
-                        fatal: true,
-                    });
-                }
-            }
-        }
-        if messages.windows(2).any(|w| w[0].id > w[1].id) {
-            messages.sort_by_key(|m| m.id);
-        }
-        let waves = waves::plan(messages);
-        let mut left = total - out.rejections.len();
-        let mut waves = waves.into_iter();
-        while let Some(wave) = waves.next() {
-            if cancel.is_cancelled() || out.broker_unavailable {
-                break;
-            }
-            if self.leases.maintain(&self.store, false).await.is_err() || !self.leases.fence_ok() {
-                // Cannot prove we still own these partitions: stop publishing.
-                self.leases.invalidate();
-                break;
-            }
-            left -= wave.len();
-            let wave: Vec<Message> = if held_back.is_empty() {
-                wave
-            } else {
-                wave.into_iter()
-                    .filter(|msg| {
-                        !held_back.contains(&(msg.aggregate_type.clone(), msg.aggregate_id.clone()))
-                    })
-                    .collect()
-            };
-            if wave.is_empty() {
-                continue;
-            }
-            let results = self.sink.publish(&wave).await;
-            let now = Utc::now();
-            for (msg, res) in wave.into_iter().zip(results) {
-                match res {
-                    Ok(()) => {
-                        let latency = (now - msg.created_at).to_std().unwrap_or_default();
-                        metrics::histogram!(m::PUBLISH_LATENCY).record(latency.as_secs_f64());
-                        out.confirmed.push(msg.id);
-                    }
-                    Err(SinkError::Unavailable(why)) => {
-                        tracing::debug!(id = msg.id, error = %why, "not confirmed: broker unavailable");
-                        out.broker_unavailable = true;
-                        held_back.insert((msg.aggregate_type.clone(), msg.aggregate_id.clone()));
-                    }
-                    Err(SinkError::Rejected(why)) => {
-                        held_back.insert((msg.aggregate_type.clone(), msg.aggregate_id.clone()));
-                        out.rejections.push(self.rejection(&msg, why.clone()));
-                        if self.is_last_attempt(&msg) {
-                            final_failures.push((msg, why));
-                        }
-                    }
-                }
-            }
-            if !out.broker_unavailable {
-                metrics::gauge!(m::BROKER_UP).set(1.0);
-            }
-            // A short tail (a quarter of the batch at most, half a batch size at most)
-            // waits for the next batch, whose first wave it joins.
-            if defer_tail
-                && held_back.is_empty()
-                && left > 0
-                && left * 4 <= total
-                && left <= self.cfg.batch_size as usize / 2
-            {
-                out.carried = waves.by_ref().flatten().collect();
-                break;
-            }
-        }
-        // Dead-letter before the FAILED mark: a crash in between re-publishes, never loses.
-        for (msg, why) in &final_failures {
-            match self.sink.dead_letter(msg, why).await {
-                Ok(true) => metrics::counter!(m::DEAD_LETTERED_TOTAL).increment(1),
-                Ok(false) => {}
-                Err(e) => tracing::error!(id = msg.id, error = %e, "dead-letter publish failed"),
-            }
-        }
-        out.untouched = total - out.confirmed.len() - out.rejections.len();
-        out
-    }
-
-    fn is_last_attempt(&self, msg: &Message) -> bool {
-        msg.attempts + 1 >= self.cfg.max_attempts as i32
-    }
-
-    fn rejection(&self, msg: &Message, why: String) -> Rejection {
-        let attempt = u32::try_from(msg.attempts + 1).unwrap_or(1);
-        tracing::warn!(id = msg.id, event_id = %msg.event_id, attempt, error = %why, "broker rejected row");
-        Rejection {
-            id: msg.id,
-            error: why,
-            retry_in: backoff::retry_delay(attempt, self.cfg.backoff_initial, self.cfg.backoff_max),
-            fatal: false,
-        }
-    }
-
-    async fn db_down(&mut self, e: &StoreError, pacer: &mut Pacer, cancel: &CancellationToken) {
-        metrics::gauge!(m::DATABASE_UP).set(0.0);
-        self.leases.invalidate();
-        let pause = pacer.next_pause();
-        tracing::warn!(error = %e, ?pause, "database error; retrying");
-        self.pause(pause, cancel).await;
-    }
-
-    /// Wait for a NOTIFY, the poll interval, the next lease renew, or shutdown.
-    async fn idle(&mut self, cancel: &CancellationToken) {
-        let until_renew = self
-            .leases
-            .next_renew()
-            .saturating_duration_since(Instant::now());
-        let wait = self
-            .cfg
-            .poll_interval
-            .min(until_renew.max(Duration::from_millis(10)));
-        tokio::select! {
-            _ = cancel.cancelled() => {}
-            _ = self.wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
-
-    async fn pause(&mut self, d: Duration, cancel: &CancellationToken) {
-        tokio::select! {
-            _ = cancel.cancelled() => {}
-            _ = tokio::time::sleep(d) => {}
-        }
-    }
 }
 
-/// A batch claimed ahead, with the partitions held when it was claimed.
-struct Claimed {
-    rows: Vec<crate::model::OutboxRow>,
-    held: Vec<i32>,
-}
-
-/// What publishing one batch came to, before it is recorded.
-#[derive(Default)]
-struct Published {
-    confirmed: Vec<i64>,
-    rejections: Vec<Rejection>,
-    /// Rows deferred to the next batch (not published, still `PENDING`).
-    carried: Vec<Message>,
-    /// Rows left `PENDING` untouched (carried, broker down, held back, shutdown).
-    untouched: usize,
-    /// A message came back `SinkError::Unavailable`: pause before the next claim.
-    broker_unavailable: bool,
-}
-
-impl Published {
-    /// Every row confirmed, or deliberately deferred.
-    fn clean(&self) -> bool {
-        self.rejections.is_empty()
-            && !self.broker_unavailable
-            && self.untouched == self.carried.len()
-    }
-}
-
-/// The rows this instance holds in memory between claims.
-#[derive(Default)]
-struct Pipeline {
-    /// The next batch, claimed while the current one was published.
-    next: Option<Claimed>,
-    /// Rows deferred from the last batch; the next one starts with them.
-    carry: Vec<Message>,
-    /// The confirmed batch being marked in the background, and its ids.
-    recording: Option<tokio::task::JoinHandle<()>>,
-    recording_ids: Vec<i64>,
-}
-
-impl Pipeline {
-    /// Ids a claim must leave out: rows in memory, or confirmed and not yet marked.
-    fn in_memory_ids(&self) -> Vec<i64> {
-        let mut ids = self.recording_ids.clone();
-        ids.extend(self.carry.iter().map(|m| m.id));
-        ids
-    }
-
-    async fn wait_recording(&mut self) {
-        if let Some(r) = self.recording.take() {
-            let _ = r.await;
-        }
-        self.recording_ids.clear();
-    }
-
-    /// Empty the pipeline: finish the mark in flight; forget the prefetched batch and the
-    /// carried rows (they are `PENDING` and untouched: claimed again later).
-    async fn drain(&mut self) {
-        self.next = None;
-        self.carry.clear();
-        self.wait_recording().await;
-    }
-}
-
-/// What recording outcomes needs (owned, so it can run beside the next batch).
-struct Recorder {
-    store: Store,
-    max_attempts: u32,
-    shutdown_timeout: Duration,
-    health: Arc<Health>,
-}
-
-/// Write a batch's outcomes (FAILED rows are counted in the metrics). Retries while the
-/// database is down (bounded by shutdown): confirmed-but-unmarked rows would only be
-/// re-published, but marking them spares consumers the duplicates.
-async fn record(
-    r: Recorder,
-    confirmed: Vec<i64>,
-    rejections: Vec<Rejection>,
-    cancel: CancellationToken,
-) {
-    let deadline = Instant::now() + r.shutdown_timeout;
-    let mut pacer = Pacer::default();
-    let mut marked = confirmed.is_empty();
-    let mut rejected = rejections.is_empty();
-    loop {
-        if !marked {
-            match r.store.mark_processed(&confirmed).await {
-                Ok(n) => {
-                    metrics::counter!(m::PUBLISHED_TOTAL).increment(n);
-                    marked = true;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, rows = confirmed.len(), "marking PROCESSED failed; retrying")
-                }
-            }
-        }
-        if !rejected {
-            match r.store.reject(&rejections, r.max_attempts).await {
-                Ok(outcomes) => {
-                    for o in &outcomes {
-                        if o.failed {
-                            metrics::counter!(m::FAILED_TOTAL).increment(1);
-                            tracing::error!(id = o.id, attempts = o.attempts, "row FAILED");
-                        } else {
-                            metrics::counter!(m::RETRIES_TOTAL).increment(1);
-                        }
-                    }
-                    rejected = true;
-                }
-                Err(e) => tracing::warn!(error = %e, "recording rejections failed; retrying"),
-            }
-        }
-        if marked && rejected {
-            metrics::gauge!(m::DATABASE_UP).set(1.0);
-            return;
-        }
-        metrics::gauge!(m::DATABASE_UP).set(0.0);
-        r.health.beat();
-        if cancel.is_cancelled() && Instant::now() > deadline {
-            tracing::error!(
-                "gave up recording outcomes at shutdown; those rows will be re-published"
-            );
-            return;
-        }
-        tokio::time::sleep(pacer.next_pause()).await;
+/// Await an optional task (pending for ever when there is none).
+async fn join<T>(h: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match h {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
     }
 }

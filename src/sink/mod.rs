@@ -1,7 +1,9 @@
-//! The seam between the relay loop and a broker. The loop sees only the `Sink` trait and
-//! `SinkError`; lapin and rdkafka types stay inside their own submodule.
+//! The seam between the relay engine and a broker. The engine sees only the `Sink` trait,
+//! `Confirm` and `SinkError`; lapin and rdkafka types stay inside their own submodule.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
 
 use crate::model::Message;
 
@@ -15,8 +17,8 @@ pub enum SinkError {
     /// large, …). Counts an attempt; retried with backoff until `max_attempts`.
     #[error("{0}")]
     Rejected(String),
-    /// The broker could not be reached, or did not answer in time. Spends no attempt: the
-    /// message was not judged, and will be sent again after reconnecting.
+    /// The broker could not be reached, or the connection broke before it answered.
+    /// Spends no attempt: the message was not judged, and will be sent again.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
 }
@@ -28,29 +30,56 @@ impl SinkError {
     }
 }
 
-/// A broker publisher with confirms.
+/// The broker's answer for one sent message: resolves to `Ok(())` once the broker has
+/// confirmed it durably (for RabbitMQ: acked and routed), or to why not.
+pub type Confirm = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'static>>;
+
+/// A confirm that is already decided (a message refused before it was sent).
+pub fn decided(result: Result<(), SinkError>) -> Confirm {
+    Box::pin(std::future::ready(result))
+}
+
+/// A broker publisher with confirms, two-phase: `send` hands one message over and
+/// returns its `Confirm`; the engine keeps many confirms outstanding at once.
 ///
-/// Contract: `publish` returns one result per message, in the same order; `Ok(())` means
-/// the broker confirmed that message durably (and, for RabbitMQ, routed it). Messages of
-/// one call belong to distinct aggregates, so the sink may send them concurrently.
+/// Contract:
+/// - `send` returns `Err` only when nothing was handed to the broker (the message was
+///   refused before sending, or there is no connection); once it returns `Ok`, the
+///   message may reach the broker whatever its `Confirm` later says;
+/// - messages sent while earlier confirms are outstanding belong to other aggregates
+///   (the engine keeps at most one unconfirmed message per aggregate), so a sink need
+///   not preserve order between outstanding messages;
+/// - `close` abandons every outstanding message: afterwards none of them can still be
+///   delivered by this sink (the connection is gone / the producer's queue purged).
 pub trait Sink: Send + 'static {
     /// Connect (or reconnect) if not connected; declare what must exist at start.
     fn connect(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send;
 
-    /// Publish all messages with many in flight, and wait for every confirm.
-    fn publish(
+    /// Hand one message to the broker.
+    fn send(
         &mut self,
-        messages: &[Message],
-    ) -> impl Future<Output = Vec<Result<(), SinkError>>> + Send;
+        message: &Message,
+    ) -> impl Future<Output = Result<Confirm, SinkError>> + Send;
 
-    /// Publish a row that ended `FAILED` to the dead-letter target, if one is configured,
-    /// carrying `error` as a header. `Ok(false)` when none is configured.
+    /// Send a row that ended `FAILED` to the dead-letter target, carrying `error` as a
+    /// header. `Ok(None)` when no dead-letter target is configured.
     fn dead_letter(
         &mut self,
         message: &Message,
         error: &str,
-    ) -> impl Future<Output = Result<bool, SinkError>> + Send;
+    ) -> impl Future<Output = Result<Option<Confirm>, SinkError>> + Send;
 
-    /// Drop the connection (graceful shutdown, or after a stall).
+    /// Whether the broker connection is up, without sending anything (cheap).
+    fn is_connected(&self) -> bool;
+
+    /// How long the engine waits for a confirm before it treats the broker as stalled,
+    /// given `relay.publish_timeout`. A sink whose client times messages out itself
+    /// answers later than that client would.
+    fn confirm_timeout(&self, publish_timeout: Duration) -> Duration {
+        publish_timeout
+    }
+
+    /// Drop the connection (graceful shutdown, after a stall, or to abandon what is
+    /// outstanding).
     fn close(&mut self) -> impl Future<Output = ()> + Send;
 }

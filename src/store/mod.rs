@@ -9,7 +9,10 @@
 //! - marks only touch rows still `PENDING`, so a late mark cannot undo an operator's action.
 
 pub mod admin;
+mod claim;
 pub mod leases;
+
+pub use claim::{ClaimedRow, Scanned};
 
 use std::time::Duration;
 
@@ -83,6 +86,8 @@ pub struct RejectOutcome {
 #[derive(Debug)]
 struct Sql {
     claim: String,
+    scan: String,
+    fetch: String,
     mark_processed: String,
     reject: String,
 }
@@ -90,7 +95,38 @@ struct Sql {
 impl Sql {
     fn new(t: &TableName) -> Self {
         let tbl = t.ident();
+        let blocker = "NOT EXISTS (
+                       SELECT 1 FROM {tbl} b
+                       WHERE b.aggregate_type = o.aggregate_type
+                         AND b.aggregate_id = o.aggregate_id
+                         AND b.id < o.id
+                         AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND $2)
+                              OR (b.status = 'PENDING' AND b.next_attempt_at > now())))"
+            .replace("{tbl}", &tbl);
         Self {
+            scan: format!(
+                "SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
+                        (pg_column_size(o.payload) + pg_column_size(o.headers)
+                         + octet_length(o.aggregate_id))::bigint AS size
+                 FROM {tbl} o
+                 WHERE o.status = 'PENDING' AND o.id > $1
+                   AND ($2::int[] IS NULL
+                        OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($2))
+                 ORDER BY o.id
+                 LIMIT $3"
+            ),
+            fetch: format!(
+                "SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
+                        o.destination, o.routing_key, o.payload::text AS payload, o.headers,
+                        o.attempts, o.created_at,
+                        hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash
+                 FROM {tbl} o
+                 WHERE o.id = ANY($1)
+                   AND o.status = 'PENDING'
+                   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+                   AND {blocker}
+                 ORDER BY o.id"
+            ),
             claim: format!(
                 "SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
                         o.destination, o.routing_key, o.payload::text AS payload, o.headers,

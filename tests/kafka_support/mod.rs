@@ -13,7 +13,7 @@ use outbox_relay::config::{KafkaConfig, RelayConfig};
 use outbox_relay::health::Health;
 use outbox_relay::model::Message;
 use outbox_relay::relay::Relay;
-use outbox_relay::sink::{Sink, SinkError};
+use outbox_relay::sink::{Confirm, Sink, SinkError};
 use outbox_relay::store::Store;
 use outbox_relay::table::TableName;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -245,22 +245,43 @@ pub struct CountingSink<S> {
 
 impl<S: Sink> Sink for CountingSink<S> {
     async fn connect(&mut self) -> Result<(), SinkError> {
-        self.inner.connect().await
+        let r = self.inner.connect().await;
+        if r.is_err() {
+            // A failed reconnect is the broker answering "unavailable" too.
+            self.counts.unavailable.fetch_add(1, Ordering::SeqCst);
+        }
+        r
     }
-    async fn publish(&mut self, messages: &[Message]) -> Vec<Result<(), SinkError>> {
-        let out = self.inner.publish(messages).await;
-        for r in &out {
+    async fn send(&mut self, m: &Message) -> Result<Confirm, SinkError> {
+        let counts = self.counts.clone();
+        let tally = move |r: &Result<(), SinkError>| {
             let c = match r {
-                Ok(()) => &self.counts.confirmed,
-                Err(SinkError::Rejected(_)) => &self.counts.rejected,
-                Err(SinkError::Unavailable(_)) => &self.counts.unavailable,
+                Ok(()) => &counts.confirmed,
+                Err(SinkError::Rejected(_)) => &counts.rejected,
+                Err(SinkError::Unavailable(_)) => &counts.unavailable,
             };
             c.fetch_add(1, Ordering::SeqCst);
+        };
+        match self.inner.send(m).await {
+            Ok(confirm) => Ok(Box::pin(async move {
+                let r = confirm.await;
+                tally(&r);
+                r
+            })),
+            Err(e) => {
+                tally(&Err(e.clone()));
+                Err(e)
+            }
         }
-        out
     }
-    async fn dead_letter(&mut self, m: &Message, e: &str) -> Result<bool, SinkError> {
+    async fn dead_letter(&mut self, m: &Message, e: &str) -> Result<Option<Confirm>, SinkError> {
         self.inner.dead_letter(m, e).await
+    }
+    fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
+    fn confirm_timeout(&self, publish_timeout: Duration) -> Duration {
+        self.inner.confirm_timeout(publish_timeout)
     }
     async fn close(&mut self) {
         self.inner.close().await

@@ -1,20 +1,18 @@
 //! Kafka sink (rdkafka): an idempotent producer with `acks=all`, the SPEC §2 mapping
 //! (topic = `destination` or the `kafka.topic` template, key = `aggregate_id`, headers,
-//! payload JSON as the value), a whole wave in flight at once.
+//! payload JSON as the value); `send` enqueues one record and returns its delivery
+//! report, so the engine keeps many outstanding.
 //!
 //! Invariants:
 //! - a message is `Ok(())` only from its own successful delivery report; the producer is
 //!   always idempotent with `acks=all` (`props` refuses properties that weaken it);
-//! - a wave is enqueued in the given order and all its reports are awaited before
-//!   `publish` returns, so the relay's waves keep per-aggregate order;
-//! - every enqueued message gets a result: its report, or `Unavailable` once the wait for
-//!   it ends — then the producer is dropped (purging its queue) so no stale copy is sent
-//!   behind a later row of the same aggregate; the relay re-publishes (a duplicate, never
-//!   a loss);
+//! - a delivery that timed out inside librdkafka, or a fatal producer error, retires the
+//!   producer before the next send (dropping it purges its queue, so no stale copy is sent
+//!   behind a later row of the same aggregate); `close` does the same for everything
+//!   outstanding — the engine re-sends (a duplicate, never a loss);
 //! - a topic named by a row is never created: a missing one fails its rows (`Rejected`),
 //!   found with a metadata probe rather than by waiting out `message.timeout.ms`;
-//! - a fatal producer error (idempotence state lost) drops the producer; the next
-//!   `publish` creates a fresh one. Errors never print secret property values.
+//! - errors never print secret property values.
 
 pub mod errors;
 pub mod props;
@@ -22,13 +20,15 @@ pub mod tap;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
-use super::{Sink, SinkError};
+use super::{Confirm, Sink, SinkError};
 use crate::config::KafkaConfig;
 use crate::model::Message;
 pub use props::{validate_properties, PropertyError};
@@ -36,25 +36,29 @@ pub use tap::{tap_for_demo, DemoTap};
 use wire::headers;
 pub use wire::{check_topic_name, topic_from_template};
 
+/// Slack past `message.timeout.ms` before the engine stops waiting for a delivery
+/// report (librdkafka scans for timed-out messages about once a second).
+const REPORT_GRACE: Duration = Duration::from_secs(5);
 /// How long a topic found by a metadata probe is trusted without asking again.
 const TOPIC_CACHE_TTL: Duration = Duration::from_secs(30);
-/// Slack past `message.timeout.ms` before we stop waiting for a delivery report
-/// (librdkafka scans for timed-out messages about once a second).
-const REPORT_GRACE: Duration = Duration::from_secs(5);
 
 /// The relay's Kafka publisher (invariants in the module doc).
 pub struct KafkaSink {
     config: ClientConfig,
     /// The user's properties, kept to scrub secret values from error texts.
-    properties: BTreeMap<String, String>,
+    properties: Arc<BTreeMap<String, String>>,
     brokers: String,
     topic_template: String,
     dead_letter_topic: Option<String>,
     /// Metadata probes and the connect check.
     timeout: Duration,
-    /// Longest wait for one wave's delivery reports.
+    /// Longest wait for one delivery report.
     report_wait: Duration,
     producer: Option<FutureProducer>,
+    /// Set by a delivery that timed out: the producer must be replaced.
+    retire: Arc<AtomicBool>,
+    /// The last `connect` reached the cluster (cleared by `close`).
+    connected: bool,
     /// Topics seen to exist, and when.
     known_topics: HashMap<String, Instant>,
 }
@@ -84,12 +88,14 @@ impl KafkaSink {
         }
         let mut sink = Self {
             config,
-            properties: cfg.properties.clone(),
+            properties: Arc::new(cfg.properties.clone()),
             brokers: crate::config::redact_url(cfg.brokers.trim()),
             topic_template: cfg.topic.clone(),
             dead_letter_topic: cfg.dead_letter_topic.clone(),
             timeout,
             report_wait: message_timeout.unwrap_or(timeout).max(timeout) + REPORT_GRACE,
+            retire: Arc::new(AtomicBool::new(false)),
+            connected: false,
             producer: None,
             known_topics: HashMap::new(),
         };
@@ -229,18 +235,6 @@ impl KafkaSink {
         }
         verdicts
     }
-
-    /// After a wave: a fatal producer error (or a report we gave up waiting for) means
-    /// this producer must not be used again.
-    async fn retire_if_broken(&mut self, producer: &FutureProducer, gave_up: bool) {
-        if let Some((code, why)) = producer.client().fatal_error() {
-            tracing::error!(error = %props::scrub(&why, &self.properties), ?code, "fatal Kafka producer error; creating a new producer");
-            self.drop_producer().await;
-        } else if gave_up {
-            tracing::warn!(wait = ?self.report_wait, "delivery reports overdue; dropping the producer so nothing stale is sent later");
-            self.drop_producer().await;
-        }
-    }
 }
 
 /// Enqueue one record, waiting out a full local queue until `deadline`.
@@ -263,22 +257,39 @@ async fn enqueue(
     }
 }
 
-/// Await one delivery report until `deadline`. `None` when the wait ran out.
-async fn report(
-    f: rdkafka::producer::DeliveryFuture,
-    deadline: Instant,
-) -> Option<Result<(), KafkaError>> {
-    match tokio::time::timeout_at(deadline.into(), f).await {
-        Ok(Ok(Ok(_))) => Some(Ok(())),
-        Ok(Ok(Err((e, _)))) => Some(Err(e)),
-        Ok(Err(_canceled)) => Some(Err(KafkaError::Canceled)),
-        Err(_) => None,
+impl KafkaSink {
+    /// The producer to send with: a fresh one after a fatal error or a delivery that
+    /// timed out inside librdkafka (the broker may have lost this producer's id).
+    async fn producer(&mut self) -> Result<FutureProducer, SinkError> {
+        let broken = self.retire.swap(false, Ordering::SeqCst);
+        let fatal = self
+            .producer
+            .as_ref()
+            .and_then(|p| p.client().fatal_error());
+        if let Some((code, why)) = &fatal {
+            tracing::error!(error = %props::scrub(why, &self.properties), ?code, "fatal Kafka producer error; creating a new producer");
+        } else if broken && self.producer.is_some() {
+            tracing::warn!(
+                "a delivery timed out; dropping the producer so nothing stale is sent later"
+            );
+        }
+        if fatal.is_some() || broken {
+            self.drop_producer().await;
+        }
+        self.ensure_producer()
+    }
+
+    fn scrubbed(&self, e: SinkError) -> SinkError {
+        match e {
+            SinkError::Unavailable(w) => self.unavailable(w),
+            SinkError::Rejected(w) => SinkError::Rejected(props::scrub(&w, &self.properties)),
+        }
     }
 }
 
 impl Sink for KafkaSink {
     async fn connect(&mut self) -> Result<(), SinkError> {
-        let producer = self.ensure_producer()?;
+        let producer = self.producer().await?;
         let timeout = self.timeout;
         let p = producer.clone();
         let md = tokio::task::spawn_blocking(move || {
@@ -297,6 +308,7 @@ impl Sink for KafkaSink {
                 )))
             }
         }
+        self.connected = true;
         if let Some(dlt) = self.dead_letter_topic.clone() {
             if let Some(v) = self
                 .probe_topics(&producer, &[dlt.as_str()])
@@ -309,92 +321,57 @@ impl Sink for KafkaSink {
         Ok(())
     }
 
-    async fn publish(&mut self, messages: &[Message]) -> Vec<Result<(), SinkError>> {
-        let producer = match self.ensure_producer() {
-            Ok(p) => p,
-            Err(e) => return vec![Err(e); messages.len()],
-        };
-        let mut results: Vec<Option<Result<(), SinkError>>> = vec![None; messages.len()];
-        let topics: Vec<String> = messages.iter().map(|m| self.topic_for(m)).collect();
-        let mut valid: Vec<&str> = Vec::with_capacity(topics.len());
-        for (i, t) in topics.iter().enumerate() {
-            match check_topic_name(t) {
-                Ok(()) => valid.push(t),
-                Err(why) => results[i] = Some(Err(SinkError::Rejected(why))),
-            }
+    async fn send(&mut self, m: &Message) -> Result<Confirm, SinkError> {
+        let producer = self.producer().await?;
+        let topic = self.topic_for(m);
+        check_topic_name(&topic).map_err(SinkError::Rejected)?;
+        if let Some(v) = self
+            .probe_topics(&producer, &[topic.as_str()])
+            .await
+            .remove(&topic)
+        {
+            return Err(self.scrubbed(v));
         }
-        let verdicts = self.probe_topics(&producer, &valid).await;
-
-        // Enqueue the wave in order; every message that is queued gets a future.
-        let deadline = Instant::now() + self.report_wait;
-        let mut pending = Vec::with_capacity(messages.len());
-        for (i, m) in messages.iter().enumerate() {
-            if results[i].is_some() {
-                continue;
+        let record = FutureRecord::to(&topic)
+            .key(m.aggregate_id.as_str())
+            .payload(m.payload.as_bytes())
+            .headers(headers(m, &[]));
+        let size = m.payload.len();
+        let deadline = Instant::now() + self.timeout;
+        let f = enqueue(&producer, record, deadline)
+            .await
+            .map_err(|e| self.scrubbed(errors::classify(&e, &topic, size)))?;
+        let (retire, properties) = (self.retire.clone(), self.properties.clone());
+        Ok(Box::pin(async move {
+            let e = match f.await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err((e, _))) => e,
+                Err(_canceled) => KafkaError::Canceled,
+            };
+            // Timed out inside librdkafka: the broker may have lost this producer's id
+            // (a restart with its state gone answers UNKNOWN_PRODUCER_ID for ever).
+            if matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::MessageTimedOut)
+            ) {
+                retire.store(true, Ordering::SeqCst);
             }
-            let topic = topics[i].as_str();
-            if let Some(v) = verdicts.get(topic) {
-                results[i] = Some(Err(v.clone()));
-                continue;
-            }
-            let record = FutureRecord::to(topic)
-                .key(m.aggregate_id.as_str())
-                .payload(m.payload.as_bytes())
-                .headers(headers(m, &[]));
-            match enqueue(&producer, record, deadline).await {
-                Ok(f) => pending.push((i, f)),
-                Err(e) => results[i] = Some(Err(errors::classify(&e, topic, m.payload.len()))),
-            }
-        }
-
-        let reports = futures::future::join_all(
-            pending
-                .into_iter()
-                .map(|(i, f)| async move { (i, report(f, deadline).await) }),
-        )
-        .await;
-        let mut gave_up = false;
-        for (i, r) in reports {
-            results[i] = Some(match r {
-                Some(Ok(())) => Ok(()),
-                Some(Err(e)) => {
-                    // Timed out inside librdkafka: the broker may have lost this
-                    // producer's id (a restart with its state gone answers
-                    // UNKNOWN_PRODUCER_ID for ever). Start over with a fresh producer.
-                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
-                        gave_up = true;
-                    }
-                    Err(errors::classify(&e, &topics[i], messages[i].payload.len()))
-                }
-                None => {
-                    gave_up = true;
-                    Err(self.unavailable(format!(
-                        "no delivery report from {} within {:?}",
-                        self.brokers, self.report_wait
-                    )))
-                }
-            });
-        }
-        self.retire_if_broken(&producer, gave_up).await;
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(SinkError::Unavailable("not published".into()))))
-            .map(|r| {
-                r.map_err(|e| match e {
-                    SinkError::Unavailable(w) => self.unavailable(w),
-                    SinkError::Rejected(w) => {
-                        SinkError::Rejected(props::scrub(&w, &self.properties))
-                    }
-                })
+            Err(match errors::classify(&e, &topic, size) {
+                SinkError::Rejected(w) => SinkError::Rejected(props::scrub(&w, &properties)),
+                SinkError::Unavailable(w) => SinkError::Unavailable(props::scrub(&w, &properties)),
             })
-            .collect()
+        }))
     }
 
-    async fn dead_letter(&mut self, message: &Message, error: &str) -> Result<bool, SinkError> {
+    async fn dead_letter(
+        &mut self,
+        message: &Message,
+        error: &str,
+    ) -> Result<Option<Confirm>, SinkError> {
         let Some(dlt) = self.dead_letter_topic.clone() else {
-            return Ok(false);
+            return Ok(None);
         };
-        let producer = self.ensure_producer()?;
+        let producer = self.producer().await?;
         if let Some(v) = self
             .probe_topics(&producer, &[dlt.as_str()])
             .await
@@ -410,25 +387,35 @@ impl Sink for KafkaSink {
                 message,
                 &[("last_error", error), ("original_topic", original.as_str())],
             ));
-        let deadline = Instant::now() + self.report_wait;
+        let deadline = Instant::now() + self.timeout;
         let size = message.payload.len();
         let f = enqueue(&producer, record, deadline)
             .await
-            .map_err(|e| errors::classify(&e, &dlt, size))?;
-        let r = report(f, deadline).await;
-        self.retire_if_broken(&producer, r.is_none()).await;
-        match r {
-            Some(Ok(())) => Ok(true),
-            Some(Err(e)) => Err(errors::classify(&e, &dlt, size)),
-            None => Err(self.unavailable(format!(
-                "no delivery report for the dead-letter topic {dlt:?} within {:?}",
-                self.report_wait
-            ))),
-        }
+            .map_err(|e| self.scrubbed(errors::classify(&e, &dlt, size)))?;
+        Ok(Some(Box::pin(async move {
+            match f.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(errors::classify(&e, &dlt, size)),
+                Err(_) => Err(SinkError::Unavailable(
+                    "the producer was closed before the dead-letter topic answered".into(),
+                )),
+            }
+        })))
+    }
+
+    fn is_connected(&self) -> bool {
+        self.connected && self.producer.is_some() && !self.retire.load(Ordering::SeqCst)
+    }
+
+    fn confirm_timeout(&self, _publish_timeout: Duration) -> Duration {
+        // librdkafka answers every message within `message.timeout.ms` (it scans for
+        // expired messages about once a second): wait for its own verdict.
+        self.report_wait
     }
 
     async fn close(&mut self) {
         self.drop_producer().await;
+        self.connected = false;
         self.known_topics.clear();
     }
 }

@@ -1,14 +1,17 @@
 //! RabbitMQ sink (lapin): publisher confirms, `mandatory`, persistent messages, the SPEC §2
-//! mapping, many publishes in flight per call.
+//! mapping; `send` queues one publish and returns its confirm, so the engine keeps many
+//! outstanding on one channel.
 //!
 //! Invariants:
 //! - only `Confirmation::Ack(None)` counts as delivered (`Ack(Some(returned))` is an
 //!   unroutable message, `NotRequested` would mean confirms are off — never accepted);
-//! - every message not confirmed when the connection or channel breaks is reported as not
-//!   delivered; lapin's own recovery is not used — we reconnect ourselves;
-//! - a channel closed by the broker because of one message (unknown exchange 404, message
-//!   too large 406) fails that message only: the unconfirmed rest is re-sent one at a time
-//!   on a fresh channel, which pins the error on the message that causes it.
+//! - a message RabbitMQ could not take whole (names over 255 bytes, a content header
+//!   larger than `frame_max`, a body over `max_message_size`, a destination exchange that
+//!   does not exist) is rejected before it is sent: sending it would close the channel or
+//!   the connection under every other message;
+//! - every message not confirmed when the connection or channel breaks comes back
+//!   `Unavailable`; lapin's own recovery is not used — the engine reconnects, and finds a
+//!   message that breaks the channel by sending it alone.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -20,7 +23,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 
 pub mod tap;
 
-use super::{Sink, SinkError};
+use super::{Confirm, Sink, SinkError};
 use crate::config::{RabbitmqConfig, Secret};
 use crate::model::Message;
 
@@ -28,6 +31,10 @@ use crate::model::Message;
 const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(30);
 /// Longest AMQP short string (exchange names, routing keys, the `type` property).
 const SHORT_STRING_MAX: usize = 255;
+/// RabbitMQ's default `frame_max` (used before a connection has negotiated one).
+const DEFAULT_FRAME_MAX: u32 = 131_072;
+/// RabbitMQ's default `max_message_size` (128 MiB).
+const MAX_MESSAGE_SIZE: usize = 134_217_728;
 
 pub struct RabbitSink {
     url: Secret,
@@ -39,14 +46,6 @@ pub struct RabbitSink {
     channel: Option<Channel>,
     /// Exchanges named by rows' `destination` and when they were last seen to exist.
     known_exchanges: HashMap<String, Instant>,
-}
-
-/// What happened to one publish of a wave.
-enum Sent {
-    Confirmed,
-    Rejected(String),
-    /// Channel or connection broke before a confirm arrived.
-    Broken(lapin::Error),
 }
 
 impl RabbitSink {
@@ -165,108 +164,72 @@ impl RabbitSink {
             .ok_or_else(|| unavailable("no channel"))
     }
 
-    /// Check that each non-default destination exchange exists, with a passive declare on
-    /// a throw-away channel (a 404 closes that channel, not the publishing one).
-    async fn probe_destinations(
-        &mut self,
-        messages: &[Message],
-    ) -> Result<HashMap<String, String>, SinkError> {
-        let mut missing = HashMap::new();
+    /// Check that a row's destination exchange exists, with a passive declare on a
+    /// throw-away channel (a 404 closes that channel, not the publishing one). `Ok(Some)`
+    /// says why it cannot be used; found exchanges are trusted for a while.
+    async fn check_destination(&mut self, name: &str) -> Result<Option<String>, SinkError> {
         let now = Instant::now();
-        let mut to_check: Vec<String> = messages
-            .iter()
-            .filter_map(|m| m.destination.clone())
-            .filter(|d| *d != self.exchange && d.len() <= SHORT_STRING_MAX)
-            .filter(|d| {
-                self.known_exchanges
-                    .get(d)
-                    .is_none_or(|t| now.duration_since(*t) > EXCHANGE_CACHE_TTL)
-            })
-            .collect();
-        to_check.sort();
-        to_check.dedup();
-        for name in to_check {
-            let conn = self
-                .conn
-                .as_ref()
-                .ok_or_else(|| unavailable("no connection"))?;
-            let probe = conn
-                .create_channel()
-                .await
-                .map_err(|e| unavailable(describe(&e)))?;
-            let res = probe
-                .exchange_declare(
-                    &name,
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            match res {
-                Ok(()) => {
-                    self.known_exchanges.insert(name, now);
-                    let _ = probe.close(200, "probe done").await;
-                }
-                Err(lapin::Error::ProtocolError(e)) if e.get_id() == 404 => {
-                    missing.insert(
-                        name.clone(),
-                        format!(
-                            "exchange {name:?} does not exist (RabbitMQ 404 NOT_FOUND); the relay never declares a row's destination"
-                        ),
-                    );
-                }
-                Err(e) => return Err(unavailable(describe(&e))),
-            }
+        if name == self.exchange
+            || self
+                .known_exchanges
+                .get(name)
+                .is_some_and(|t| now.duration_since(*t) <= EXCHANGE_CACHE_TTL)
+        {
+            return Ok(None);
         }
-        Ok(missing)
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| unavailable("no connection"))?;
+        let probe = conn
+            .create_channel()
+            .await
+            .map_err(|e| unavailable(describe(&e)))?;
+        let res = probe
+            .exchange_declare(
+                name,
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match res {
+            Ok(()) => {
+                self.known_exchanges.insert(name.to_string(), now);
+                let _ = probe.close(200, "probe done").await;
+                Ok(None)
+            }
+            Err(lapin::Error::ProtocolError(e)) if e.get_id() == 404 => Ok(Some(format!(
+                "exchange {name:?} does not exist (RabbitMQ 404 NOT_FOUND); the relay never declares a row's destination"
+            ))),
+            Err(e) => Err(unavailable(describe(&e))),
+        }
     }
 
-    /// Publish all messages on one channel, then await every confirm.
-    async fn publish_wave(&self, channel: &Channel, messages: &[&Message]) -> Vec<Sent> {
-        // Each `basic_publish` future takes its delivery tag and queues its frames on its
-        // first poll, then waits until lapin's I/O thread has written them. Awaiting them
-        // one by one costs a thread hand-off per message; `join_all` polls them in order
-        // (so tags and frames keep the wave's order) and waits for the writes together.
-        let frames: Vec<_> = messages.iter().map(|m| self.frame(m)).collect();
-        let pending = futures::future::join_all(frames.into_iter().map(
-            |(exchange, routing_key, props, body)| {
-                channel.basic_publish(
-                    exchange,
-                    routing_key,
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    body,
-                    props,
-                )
-            },
-        ))
-        .await;
-        let confirms = pending.into_iter().map(|sent| async move {
-            match sent {
-                Err(e) => Sent::Broken(e),
-                Ok(confirm) => match confirm.await {
-                    Ok(Confirmation::Ack(None)) => Sent::Confirmed,
-                    Ok(Confirmation::Ack(Some(ret))) | Ok(Confirmation::Nack(Some(ret))) => Sent::Rejected(format!(
-                        "unroutable: no queue is bound to exchange {:?} for routing key {:?} (returned {} {})",
-                        ret.delivery.exchange.as_str(),
-                        ret.delivery.routing_key.as_str(),
-                        ret.reply_code,
-                        ret.reply_text.as_str()
-                    )),
-                    Ok(Confirmation::Nack(None)) => Sent::Rejected("the broker nacked the message".into()),
-                    Ok(Confirmation::NotRequested) => {
-                        Sent::Rejected("publisher confirms are not enabled on the channel".into())
-                    }
-                    Err(e) => Sent::Broken(e),
-                },
-            }
-        });
-        futures::future::join_all(confirms).await
+    /// A message RabbitMQ could not take whole: its content header (properties and
+    /// headers) must fit in one frame of the negotiated `frame_max`, and its body within
+    /// the broker's `max_message_size`. Sending it anyway would close the connection.
+    fn too_big(&self, m: &Message) -> Option<String> {
+        let frame_max = self
+            .conn
+            .as_ref()
+            .map_or(DEFAULT_FRAME_MAX, |c| c.configuration().frame_max());
+        let header = content_header_size(m);
+        if frame_max > 0 && header > frame_max as usize {
+            return Some(format!(
+                "message properties and headers take {header} bytes encoded, more than RabbitMQ's frame size limit (frame_max = {frame_max} bytes): the AMQP content header must fit in one frame; make `headers` smaller"
+            ));
+        }
+        if m.payload.len() > MAX_MESSAGE_SIZE {
+            return Some(format!(
+                "payload is {} bytes, more than RabbitMQ's default max_message_size ({MAX_MESSAGE_SIZE} bytes)",
+                m.payload.len()
+            ));
+        }
+        None
     }
 
     /// AMQP short strings (exchange, routing key, `type`) hold at most 255 bytes; a longer
@@ -326,63 +289,39 @@ impl Sink for RabbitSink {
         if self.connected() {
             return Ok(());
         }
-        self.open().await
+        self.ensure_channel().await.map(|_| ())
     }
 
-    async fn publish(&mut self, messages: &[Message]) -> Vec<Result<(), SinkError>> {
-        let mut results: Vec<Option<Result<(), SinkError>>> = vec![None; messages.len()];
-        let channel = match self.ensure_channel().await {
-            Ok(c) => c,
-            Err(e) => return vec![Err(e); messages.len()],
-        };
-        let missing = match self.probe_destinations(messages).await {
-            Ok(m) => m,
-            Err(e) => return vec![Err(e); messages.len()],
-        };
-        let mut todo: Vec<usize> = Vec::with_capacity(messages.len());
-        for (i, m) in messages.iter().enumerate() {
-            if let Some(why) = self.too_long(m) {
-                results[i] = Some(Err(SinkError::Rejected(why)));
-                continue;
-            }
-            match m.destination.as_ref().and_then(|d| missing.get(d)) {
-                Some(why) => results[i] = Some(Err(SinkError::Rejected(why.clone()))),
-                None => todo.push(i),
+    async fn send(&mut self, m: &Message) -> Result<Confirm, SinkError> {
+        if let Some(why) = self.too_long(m) {
+            return Err(SinkError::Rejected(why));
+        }
+        let channel = self.ensure_channel().await?;
+        if let Some(why) = self.too_big(m) {
+            return Err(SinkError::Rejected(why));
+        }
+        if let Some(dest) = &m.destination {
+            if let Some(why) = self.check_destination(dest).await? {
+                return Err(SinkError::Rejected(why));
             }
         }
-        let wave: Vec<&Message> = todo.iter().map(|&i| &messages[i]).collect();
-        let outcome = tokio::time::timeout(self.timeout, self.publish_wave(&channel, &wave)).await;
-        let sent = match outcome {
-            Ok(sent) => sent,
-            Err(_) => {
-                // A stalled broker (alarm, network freeze): nothing unconfirmed is trusted.
-                self.drop_connection().await;
-                let why = unavailable(format!("no publisher confirm within {:?}", self.timeout));
-                for &i in &todo {
-                    results[i] = Some(Err(why.clone()));
-                }
-                return finish(results);
-            }
-        };
-        let mut broken = Vec::new();
-        for (&i, s) in todo.iter().zip(sent) {
-            match s {
-                Sent::Confirmed => results[i] = Some(Ok(())),
-                Sent::Rejected(why) => results[i] = Some(Err(SinkError::Rejected(why))),
-                Sent::Broken(e) => broken.push((i, e)),
-            }
-        }
-        if !broken.is_empty() {
-            self.isolate(messages, broken, &mut results).await;
-        }
-        finish(results)
+        let (exchange, routing_key, props, body) = self.frame(m);
+        let (exchange, routing_key) = (exchange.to_string(), routing_key.to_string());
+        let body = body.to_vec();
+        Ok(Box::pin(async move {
+            confirmation(publish(channel, exchange, routing_key, body, props).await)
+        }))
     }
 
-    async fn dead_letter(&mut self, message: &Message, error: &str) -> Result<bool, SinkError> {
+    async fn dead_letter(
+        &mut self,
+        message: &Message,
+        error: &str,
+    ) -> Result<Option<Confirm>, SinkError> {
         let Some(dlx) = self.dead_letter_exchange.clone() else {
-            return Ok(false);
+            return Ok(None);
         };
-        if let Some(why) = self.too_long(message) {
+        if let Some(why) = self.too_long(message).or_else(|| self.too_big(message)) {
             return Err(SinkError::Rejected(format!("not dead-lettered: {why}")));
         }
         let channel = self.ensure_channel().await?;
@@ -393,30 +332,20 @@ impl Sink for RabbitSink {
             AMQPValue::LongString(LongString::from(error.to_string())),
         );
         let props = props.with_headers(headers);
-        let confirm = channel
-            .basic_publish(
-                &dlx,
-                routing_key,
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                body,
-                props,
-            )
-            .await
-            .map_err(|e| unavailable(describe(&e)))?;
-        match tokio::time::timeout(self.timeout, confirm).await {
-            Ok(Ok(Confirmation::Ack(None))) => Ok(true),
-            Ok(Ok(other)) => Err(SinkError::Rejected(format!(
-                "dead-letter exchange {dlx:?} did not accept the message ({other:?})"
-            ))),
-            Ok(Err(e)) => Err(SinkError::Rejected(format!(
-                "dead-letter exchange {dlx:?}: {}",
-                describe(&e)
-            ))),
-            Err(_) => Err(unavailable("no confirm from the dead-letter exchange")),
-        }
+        let (routing_key, body) = (routing_key.to_string(), body.to_vec());
+        Ok(Some(Box::pin(async move {
+            match publish(channel, dlx.clone(), routing_key, body, props).await {
+                Ok(Confirmation::Ack(None)) => Ok(()),
+                Ok(other) => Err(SinkError::Rejected(format!(
+                    "dead-letter exchange {dlx:?} did not accept the message ({other:?})"
+                ))),
+                Err(e) => Err(broken(&e)),
+            }
+        })))
+    }
+
+    fn is_connected(&self) -> bool {
+        self.connected()
     }
 
     async fn close(&mut self) {
@@ -424,45 +353,76 @@ impl Sink for RabbitSink {
     }
 }
 
-impl RabbitSink {
-    /// The channel (or connection) broke while messages were unconfirmed. If the
-    /// connection is gone, they are all unavailable. If only the channel was closed by
-    /// the broker, re-send them one at a time on fresh channels so the message that
-    /// closes a channel is rejected alone.
-    async fn isolate(
-        &mut self,
-        messages: &[Message],
-        broken: Vec<(usize, lapin::Error)>,
-        results: &mut [Option<Result<(), SinkError>>],
-    ) {
-        for (i, first_err) in broken {
-            let channel = match self.ensure_channel().await {
-                Ok(c) => c,
-                Err(e) => {
-                    results[i] = Some(Err(e));
-                    continue;
-                }
-            };
-            let single = [&messages[i]];
-            let sent =
-                tokio::time::timeout(self.timeout, self.publish_wave(&channel, &single)).await;
-            results[i] = Some(match sent.ok().and_then(|mut v| v.pop()) {
-                Some(Sent::Confirmed) => Ok(()),
-                Some(Sent::Rejected(why)) => Err(SinkError::Rejected(why)),
-                Some(Sent::Broken(e)) => {
-                    let conn_ok = self.conn.as_ref().is_some_and(|c| c.status().connected());
-                    match channel_close_reason(&e).or_else(|| channel_close_reason(&first_err)) {
-                        Some(reason) if conn_ok => Err(SinkError::Rejected(reason)),
-                        _ => Err(unavailable(describe(&e))),
-                    }
-                }
-                None => Err(unavailable(format!(
-                    "no publisher confirm within {:?}",
-                    self.timeout
-                ))),
-            });
+/// Publish with `mandatory` and wait for the broker's confirm (owned arguments, so the
+/// future outlives the sink's borrow).
+async fn publish(
+    channel: Channel,
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+    props: BasicProperties,
+) -> Result<Confirmation, lapin::Error> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    let confirm = channel
+        .basic_publish(&exchange, &routing_key, options, &body, props)
+        .await?;
+    drop(body);
+    confirm.await
+}
+
+/// What a publisher confirm says about one message.
+fn confirmation(c: Result<Confirmation, lapin::Error>) -> Result<(), SinkError> {
+    match c {
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        Ok(Confirmation::Ack(Some(ret))) | Ok(Confirmation::Nack(Some(ret))) => {
+            Err(SinkError::Rejected(format!(
+                "unroutable: no queue is bound to exchange {:?} for routing key {:?} (returned {} {})",
+                ret.delivery.exchange.as_str(),
+                ret.delivery.routing_key.as_str(),
+                ret.reply_code,
+                ret.reply_text.as_str()
+            )))
         }
+        Ok(Confirmation::Nack(None)) => {
+            Err(SinkError::Rejected("the broker nacked the message".into()))
+        }
+        Ok(Confirmation::NotRequested) => Err(SinkError::Rejected(
+            "publisher confirms are not enabled on the channel".into(),
+        )),
+        Err(e) => Err(broken(&e)),
     }
+}
+
+/// The channel or connection broke before the broker answered: not a judgement on the
+/// message (the engine finds out whether this message is what broke it).
+fn broken(e: &lapin::Error) -> SinkError {
+    match channel_close_reason(e) {
+        Some(reason) => unavailable(reason),
+        None => unavailable(describe(e)),
+    }
+}
+
+/// Encoded size of a message's AMQP content header frame (properties and headers).
+fn content_header_size(m: &Message) -> usize {
+    // Per entry: key length byte + key, type byte, value length (4) + value.
+    let entry = |k: &str, v: &str| 1 + k.len() + 1 + 4 + v.len();
+    let mut table = 4;
+    for (k, v) in &m.headers {
+        table += entry(k, v);
+    }
+    for (k, v) in [
+        ("event_type", &m.event_type),
+        ("aggregate_type", &m.aggregate_type),
+        ("aggregate_id", &m.aggregate_id),
+    ] {
+        table += entry(k, v);
+    }
+    // Frame envelope 8; class, weight, body size, flags 14; content_type, delivery
+    // mode, message_id, timestamp, type.
+    8 + 14 + (1 + 16) + 1 + (1 + 36) + 8 + (1 + m.event_type.len()) + table
 }
 
 /// lapin connection properties driven by the current tokio runtime (lapin would
@@ -484,13 +444,6 @@ async fn new_confirm_channel(conn: &Connection) -> Result<Channel, SinkError> {
         .await
         .map_err(|e| unavailable(describe(&e)))?;
     Ok(channel)
-}
-
-fn finish(results: Vec<Option<Result<(), SinkError>>>) -> Vec<Result<(), SinkError>> {
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(unavailable("not published"))))
-        .collect()
 }
 
 fn unavailable(why: impl Into<String>) -> SinkError {

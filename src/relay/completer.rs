@@ -1,0 +1,199 @@
+//! The completer: records outcomes in batched statements, one mark and one rejection
+//! statement in flight at a time (group commit: whatever confirmed while one statement
+//! ran goes into the next). A statement that fails because the database is unreachable
+//! is retried with backoff; one that fails for any other reason is retried row by row,
+//! so one row cannot stall the others.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use super::backoff::Pacer;
+use crate::health::Health;
+use crate::metrics as m;
+use crate::store::{Rejection, Store, StoreError};
+
+/// Outcomes recorded by one finished statement.
+#[derive(Debug)]
+pub enum Recorded {
+    /// These confirmed ids are `PROCESSED` now (or were no longer `PENDING`).
+    Marked(Vec<i64>),
+    /// These rejected ids are recorded (or given up on after a row-level error).
+    Rejected(Vec<i64>),
+}
+
+pub struct Completer {
+    store: Store,
+    max_attempts: u32,
+    health: Arc<Health>,
+    marks: Vec<i64>,
+    marking: Option<JoinHandle<Vec<i64>>>,
+    rejects: Vec<Rejection>,
+    rejecting: Option<JoinHandle<Vec<i64>>>,
+    /// Ids handed over and not yet recorded.
+    backlog: usize,
+}
+
+impl Completer {
+    pub fn new(store: Store, max_attempts: u32, health: Arc<Health>) -> Self {
+        Self {
+            store,
+            max_attempts,
+            health,
+            marks: Vec::new(),
+            marking: None,
+            rejects: Vec::new(),
+            rejecting: None,
+            backlog: 0,
+        }
+    }
+
+    pub fn mark(&mut self, id: i64) {
+        self.marks.push(id);
+        self.backlog += 1;
+    }
+
+    pub fn reject(&mut self, r: Rejection) {
+        self.rejects.push(r);
+        self.backlog += 1;
+    }
+
+    /// Outcomes handed over and not yet recorded.
+    pub fn backlog(&self) -> usize {
+        self.backlog
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.backlog == 0
+    }
+
+    /// Start a statement for what has accumulated, if none of its kind is running.
+    pub fn kick(&mut self) {
+        if self.marking.is_none() && !self.marks.is_empty() {
+            let ids = std::mem::take(&mut self.marks);
+            let (store, health) = (self.store.clone(), self.health.clone());
+            self.marking = Some(tokio::spawn(mark(store, ids, health)));
+        }
+        if self.rejecting.is_none() && !self.rejects.is_empty() {
+            let rs = std::mem::take(&mut self.rejects);
+            let (store, health) = (self.store.clone(), self.health.clone());
+            self.rejecting = Some(tokio::spawn(reject(store, rs, self.max_attempts, health)));
+        }
+    }
+
+    /// The next finished statement (pending for ever when none runs).
+    pub async fn next(&mut self) -> Recorded {
+        let out = tokio::select! {
+            r = join(&mut self.marking) => Recorded::Marked(r),
+            r = join(&mut self.rejecting) => Recorded::Rejected(r),
+        };
+        match &out {
+            Recorded::Marked(ids) => {
+                self.marking = None;
+                self.backlog -= ids.len();
+            }
+            Recorded::Rejected(ids) => {
+                self.rejecting = None;
+                self.backlog -= ids.len();
+            }
+        }
+        self.kick();
+        out
+    }
+
+    /// Stop statements still retrying (shutdown deadline): their rows stay `PENDING`.
+    pub fn abort(&mut self) {
+        for h in [self.marking.take(), self.rejecting.take()]
+            .into_iter()
+            .flatten()
+        {
+            h.abort();
+        }
+    }
+}
+
+async fn join(h: &mut Option<JoinHandle<Vec<i64>>>) -> Vec<i64> {
+    match h {
+        Some(handle) => handle.await.unwrap_or_default(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Mark confirmed ids `PROCESSED`, retrying while the database is unreachable.
+async fn mark(store: Store, ids: Vec<i64>, health: Arc<Health>) -> Vec<i64> {
+    let mut pacer = Pacer::default();
+    loop {
+        match store.mark_processed(&ids).await {
+            Ok(n) => {
+                metrics::counter!(m::PUBLISHED_TOTAL).increment(n);
+                metrics::gauge!(m::DATABASE_UP).set(1.0);
+                return ids;
+            }
+            Err(e) => {
+                metrics::gauge!(m::DATABASE_UP).set(0.0);
+                tracing::warn!(error = %e, rows = ids.len(), "marking PROCESSED failed; retrying");
+                health.beat();
+                tokio::time::sleep(pacer.next_pause()).await;
+            }
+        }
+    }
+}
+
+/// Record rejections: one statement, or row by row when the statement itself is refused.
+async fn reject(
+    store: Store,
+    rs: Vec<Rejection>,
+    max_attempts: u32,
+    health: Arc<Health>,
+) -> Vec<i64> {
+    let ids: Vec<i64> = rs.iter().map(|r| r.id).collect();
+    match with_retry(&store, &rs, max_attempts, &health).await {
+        Ok(()) => ids,
+        Err(e) => {
+            tracing::warn!(error = %e, rows = rs.len(), "recording rejections failed; recording them one by one");
+            for r in &rs {
+                if let Err(e) =
+                    with_retry(&store, std::slice::from_ref(r), max_attempts, &health).await
+                {
+                    tracing::error!(id = r.id, error = %e, "cannot record this row's rejection; it stays PENDING and will be tried again");
+                }
+            }
+            ids
+        }
+    }
+}
+
+/// One rejection statement, retried while the database is unreachable; a refusal for
+/// any other reason is returned.
+async fn with_retry(
+    store: &Store,
+    rs: &[Rejection],
+    max_attempts: u32,
+    health: &Health,
+) -> Result<(), StoreError> {
+    let mut pacer = Pacer::default();
+    loop {
+        match store.reject(rs, max_attempts).await {
+            Ok(outcomes) => {
+                metrics::gauge!(m::DATABASE_UP).set(1.0);
+                for o in &outcomes {
+                    if o.failed {
+                        metrics::counter!(m::FAILED_TOTAL).increment(1);
+                        tracing::error!(id = o.id, attempts = o.attempts, "row FAILED");
+                    } else {
+                        metrics::counter!(m::RETRIES_TOTAL).increment(1);
+                    }
+                }
+                return Ok(());
+            }
+            Err(e) if e.is_unavailable() => {
+                metrics::gauge!(m::DATABASE_UP).set(0.0);
+                tracing::warn!(error = %e, "recording rejections failed; retrying");
+                health.beat();
+                tokio::time::sleep(pacer.next_pause().min(Duration::from_secs(5))).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

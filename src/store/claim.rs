@@ -1,0 +1,106 @@
+//! The engine's two-step claim: `scan` lists pending ids after a cursor with their
+//! aggregate hash and stored size (no payloads), the engine picks a fair share of them,
+//! and `fetch` reads the picked rows that are due and behind no blocker, stopping at a
+//! byte budget.
+
+use futures::TryStreamExt;
+
+use super::{Store, StoreError};
+use crate::config::OnFailed;
+use crate::model::OutboxRow;
+
+/// One pending row as the scan sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Scanned {
+    pub id: i64,
+    /// `hashtext(aggregate_type || '/' || aggregate_id)`; `& 255` is the lease partition.
+    pub hash: i32,
+    /// Stored size of payload + headers + key (compressed where TOASTed): an estimate.
+    pub size: i64,
+}
+
+/// A fetched row with its aggregate hash.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedRow {
+    #[sqlx(flatten)]
+    pub row: OutboxRow,
+    pub hash: i32,
+}
+
+impl ClaimedRow {
+    /// Bytes this row takes in memory (what the window's byte bound counts).
+    pub fn bytes(&self) -> usize {
+        let r = &self.row;
+        let headers = match &r.headers {
+            serde_json::Value::Object(m) => m.iter().map(|(k, v)| k.len() + json_len(v)).sum(),
+            other => json_len(other),
+        };
+        r.payload.len()
+            + headers
+            + r.aggregate_type.len()
+            + r.aggregate_id.len()
+            + r.event_type.len()
+            + r.destination.as_ref().map_or(0, String::len)
+            + r.routing_key.as_ref().map_or(0, String::len)
+            + 256
+    }
+}
+
+fn json_len(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::String(s) => s.len(),
+        other => other.to_string().len(),
+    }
+}
+
+impl Store {
+    /// Up to `limit` pending rows with `id > after`, in `id` order, from the given
+    /// partitions (`None` = all). Ids only: nothing is read that the claim may skip.
+    pub async fn scan(
+        &self,
+        after: i64,
+        partitions: Option<&[i32]>,
+        limit: u32,
+    ) -> Result<Vec<Scanned>, StoreError> {
+        // Unnamed statement: planned with the real parameters each time (see `claim`).
+        let rows = sqlx::query_as::<_, Scanned>(&self.sql.scan)
+            .persistent(false)
+            .bind(after)
+            .bind(partitions)
+            .bind(i64::from(limit))
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows)
+    }
+
+    /// The rows among `ids` that are still `PENDING`, due, and behind no blocker of
+    /// their aggregate, in `id` order; stops once `budget` bytes were read (at least one
+    /// row is always returned when any qualifies). The flag says whether it stopped
+    /// early: rows after the last one returned were not looked at.
+    pub async fn fetch(
+        &self,
+        ids: &[i64],
+        on_failed: OnFailed,
+        budget: usize,
+    ) -> Result<(Vec<ClaimedRow>, bool), StoreError> {
+        if ids.is_empty() {
+            return Ok((Vec::new(), false));
+        }
+        let mut stream = sqlx::query_as::<_, ClaimedRow>(&self.sql.fetch)
+            .persistent(false)
+            .bind(ids)
+            .bind(on_failed == OnFailed::Block)
+            .fetch(self.pool());
+        let mut out = Vec::new();
+        let mut used = 0usize;
+        while let Some(row) = stream.try_next().await? {
+            let size = row.bytes();
+            if !out.is_empty() && used + size > budget {
+                return Ok((out, true));
+            }
+            used += size;
+            out.push(row);
+        }
+        Ok((out, false))
+    }
+}
