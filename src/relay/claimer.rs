@@ -7,27 +7,39 @@
 //! claims; once it passes over a row of an aggregate without taking it (the aggregate is
 //! capped, held back, or was dropped from memory), that aggregate is *capped* for the rest
 //! of the sweep, so a later row can never be taken while an earlier one is left behind.
-//! When the sweep reaches the end it starts again from the first pending id. While some
-//! aggregate is capped, every other claim is a *front* claim from the first pending id,
-//! so a capped (hot) aggregate is refilled without waiting for the sweep to wrap.
+//! The database leaves those aggregates out of the sweep's scan, so a hot aggregate's
+//! backlog is passed over in one statement. When the sweep reaches the end it starts
+//! again from the first pending id. While a capped aggregate runs low in the window,
+//! every other claim is a *refill*: the first pending rows of just those aggregates, so a
+//! hot aggregate keeps flowing without waiting for the sweep to wrap.
 
 use std::collections::{HashMap, HashSet};
 
 use crate::config::OnFailed;
-use crate::store::{ClaimedRow, Scanned, Store, StoreError};
+use crate::store::{ClaimedRow, ScanPage, ScanQuery, Store, StoreError};
 
 /// The sweep's position between claims.
 #[derive(Debug, Default)]
 pub struct Sweep {
     cursor: i64,
     capped: HashSet<i32>,
-    last_was_front: bool,
+    last_was_refill: bool,
+    /// The last sweep claim did not reach the end of the table.
+    pub more: bool,
 }
 
 impl Sweep {
-    /// Whether the next claim should be a front claim.
-    pub fn front_next(&self) -> bool {
-        !self.capped.is_empty() && !self.last_was_front
+    /// The capped aggregates to refill now (those holding less than half their share),
+    /// unless the last claim was a refill already.
+    pub fn refill(&self, counts: &HashMap<i32, u32>, share: u32) -> Vec<i32> {
+        if self.last_was_refill {
+            return Vec::new();
+        }
+        self.capped
+            .iter()
+            .copied()
+            .filter(|h| counts.get(h).copied().unwrap_or(0) * 2 < share)
+            .collect()
     }
 
     /// Rows of this aggregate hash may not be taken again in this sweep.
@@ -35,10 +47,11 @@ impl Sweep {
         self.capped.insert(hash);
     }
 
-    /// Start the next claim: its scan start and the hashes it must skip.
-    pub fn plan(&mut self, front: bool) -> (i64, HashSet<i32>) {
-        self.last_was_front = front;
-        if front {
+    /// Start the next claim: a refill of `only` from the first pending id, or the sweep
+    /// from its cursor, skipping its capped hashes. Returns the scan start and the skip set.
+    pub fn plan(&mut self, refill: bool) -> (i64, HashSet<i32>) {
+        self.last_was_refill = refill;
+        if refill {
             (0, HashSet::new())
         } else {
             (self.cursor, self.capped.clone())
@@ -47,6 +60,7 @@ impl Sweep {
 
     /// Take a sweep claim's result into account.
     pub fn advance(&mut self, cursor: i64, end: bool, capped: &[i32]) {
+        self.more = !end;
         if end {
             self.cursor = 0;
             self.capped.clear();
@@ -60,10 +74,11 @@ impl Sweep {
 /// Everything one claim needs, snapshotted from the engine when it starts.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    pub front: bool,
     pub after: i64,
     /// Aggregate hashes not to take rows of (capped in the sweep, held back, …).
     pub capped: HashSet<i32>,
+    /// A refill: only these hashes.
+    pub only: Option<Vec<i32>>,
     /// Ids held in memory or being recorded.
     pub exclude: HashSet<i64>,
     /// Rows held per aggregate hash.
@@ -71,7 +86,9 @@ pub struct Plan {
     pub max_per_aggregate: u32,
     pub room_rows: usize,
     pub room_bytes: usize,
+    /// Most ids one scan returns, and most it examines.
     pub scan_limit: u32,
+    pub examine: u32,
     pub partitions: Option<Vec<i32>>,
     pub on_failed: OnFailed,
 }
@@ -88,8 +105,8 @@ pub struct Selection {
     pub capped: Vec<i32>,
 }
 
-/// Pick rows from a scan (pure; see the module doc).
-pub fn select(plan: &Plan, scanned: &[Scanned]) -> Selection {
+/// Pick rows from a scan page (pure; see the module doc).
+pub fn select(plan: &Plan, page: &ScanPage) -> Selection {
     let mut sel = Selection {
         cursor: plan.after,
         ..Selection::default()
@@ -97,8 +114,7 @@ pub fn select(plan: &Plan, scanned: &[Scanned]) -> Selection {
     let mut counts: HashMap<i32, u32> = HashMap::new();
     let mut capped: HashSet<i32> = HashSet::new();
     let mut bytes = 0usize;
-    let mut full = false;
-    for s in scanned {
+    for s in &page.rows {
         if plan.exclude.contains(&s.id) {
             sel.cursor = s.id;
             continue;
@@ -119,22 +135,26 @@ pub fn select(plan: &Plan, scanned: &[Scanned]) -> Selection {
         if sel.take.len() >= plan.room_rows
             || (!sel.take.is_empty() && bytes + size > plan.room_bytes)
         {
-            full = true;
-            break;
+            // Full: the sweep continues at this row next time.
+            return sel;
         }
         *taken += 1;
         bytes += size;
         sel.take.push(s.id);
         sel.cursor = s.id;
     }
-    sel.end = !full && scanned.len() < plan.scan_limit as usize;
+    if page.rows.len() < plan.scan_limit as usize {
+        // Every row examined was looked at (the database left out only skipped hashes).
+        sel.cursor = sel.cursor.max(page.last_examined);
+        sel.end = page.examined < plan.examine;
+    }
     sel
 }
 
 /// A finished claim.
 #[derive(Debug)]
 pub struct Claimed {
-    pub front: bool,
+    pub refill: bool,
     pub rows: Vec<ClaimedRow>,
     pub cursor: i64,
     pub end: bool,
@@ -143,10 +163,18 @@ pub struct Claimed {
 
 /// Run one claim against the store.
 pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
-    let scanned = store
-        .scan(plan.after, plan.partitions.as_deref(), plan.scan_limit)
+    let skip: Vec<i32> = plan.capped.iter().copied().collect();
+    let page = store
+        .scan(&ScanQuery {
+            after: plan.after,
+            partitions: plan.partitions.as_deref(),
+            limit: plan.scan_limit,
+            examine: plan.examine,
+            skip: (!skip.is_empty()).then_some(skip.as_slice()),
+            only: plan.only.as_deref(),
+        })
         .await?;
-    let mut sel = select(&plan, &scanned);
+    let mut sel = select(&plan, &page);
     let (rows, truncated) = store
         .fetch(&sel.take, plan.on_failed, plan.room_bytes)
         .await?;
@@ -159,7 +187,7 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
         sel.end = false;
     }
     Ok(Claimed {
-        front: plan.front,
+        refill: plan.only.is_some(),
         rows,
         cursor: sel.cursor,
         end: sel.end,
@@ -170,34 +198,41 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Scanned;
 
     fn plan(max_per_aggregate: u32, room_rows: usize) -> Plan {
         Plan {
-            front: false,
             after: 0,
             capped: HashSet::new(),
+            only: None,
             exclude: HashSet::new(),
             counts: HashMap::new(),
             max_per_aggregate,
             room_rows,
             room_bytes: 1 << 20,
             scan_limit: 100,
+            examine: 1000,
             partitions: None,
             on_failed: OnFailed::Block,
         }
     }
 
-    fn scan(rows: &[(i64, i32)]) -> Vec<Scanned> {
-        rows.iter()
-            .map(|&(id, hash)| Scanned { id, hash, size: 10 })
-            .collect()
+    fn page(rows: &[(i64, i32)]) -> ScanPage {
+        ScanPage {
+            rows: rows
+                .iter()
+                .map(|&(id, hash)| Scanned { id, hash, size: 10 })
+                .collect(),
+            last_examined: rows.last().map_or(0, |r| r.0),
+            examined: rows.len() as u32,
+        }
     }
 
     #[test]
     fn a_hot_aggregate_gets_its_share_and_the_others_come_through() {
         let mut rows: Vec<(i64, i32)> = (1..=50).map(|id| (id, 1)).collect();
         rows.extend((51..=55).map(|id| (id, id as i32)));
-        let sel = select(&plan(3, 100), &scan(&rows));
+        let sel = select(&plan(3, 100), &page(&rows));
         assert_eq!(sel.take, vec![1, 2, 3, 51, 52, 53, 54, 55]);
         assert_eq!(sel.capped, vec![1]);
         assert!(sel.end);
@@ -209,28 +244,50 @@ mod tests {
         p.exclude = [1, 2].into();
         p.counts = [(1, 2)].into();
         p.capped = [9].into();
-        let sel = select(&p, &scan(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 9), (6, 2)]));
+        let sel = select(&p, &page(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 9), (6, 2)]));
         assert_eq!(sel.take, vec![3, 6]);
         assert_eq!(sel.cursor, 6);
     }
 
     #[test]
     fn a_full_window_stops_before_the_row_it_cannot_take() {
-        let sel = select(&plan(10, 2), &scan(&[(1, 1), (2, 2), (3, 3), (4, 4)]));
+        let sel = select(&plan(10, 2), &page(&[(1, 1), (2, 2), (3, 3), (4, 4)]));
         assert_eq!(sel.take, vec![1, 2]);
         assert_eq!(sel.cursor, 2, "row 3 is looked at again");
         assert!(!sel.end);
     }
 
     #[test]
-    fn the_sweep_caps_until_it_wraps() {
+    fn rows_left_out_by_the_database_move_the_cursor_past_them() {
+        let mut p = page(&[(5, 2)]);
+        p.last_examined = 900;
+        p.examined = 1000;
+        let sel = select(&plan(10, 10), &p);
+        assert_eq!(
+            (sel.take.clone(), sel.cursor, sel.end),
+            (vec![5], 900, false)
+        );
+        p.examined = 999;
+        assert!(select(&plan(10, 10), &p).end);
+    }
+
+    #[test]
+    fn the_sweep_caps_until_it_wraps_and_refills_what_runs_low() {
         let mut s = Sweep::default();
-        assert!(!s.front_next());
+        assert!(s.refill(&HashMap::new(), 4).is_empty());
         assert_eq!(s.plan(false), (0, HashSet::new()));
         s.advance(40, false, &[7]);
-        assert!(s.front_next(), "a capped aggregate gets a front claim");
+        assert!(s.more);
+        assert!(
+            s.refill(&[(7, 2)].into(), 4).is_empty(),
+            "half its share held"
+        );
+        assert_eq!(s.refill(&[(7, 1)].into(), 4), vec![7]);
         assert_eq!(s.plan(true).0, 0);
-        assert!(!s.front_next());
+        assert!(
+            s.refill(&HashMap::new(), 4).is_empty(),
+            "one refill at a time"
+        );
         assert_eq!(s.plan(false), (40, [7].into()));
         s.advance(90, true, &[]);
         assert_eq!(s.plan(false), (0, HashSet::new()));

@@ -243,22 +243,37 @@ impl<S: Sink> Engine<S> {
         if room_rows == 0 || (room_bytes == 0 && !self.window.is_empty()) {
             return;
         }
-        let front = self.sweep.front_next();
-        let (after, mut capped) = self.sweep.plan(front);
-        capped.extend(self.window.frozen_hashes());
-        capped.extend(self.rejected.values().map(|(_, h)| *h));
+        let share = self.cfg.max_rows_per_aggregate;
+        let mut refill = self.sweep.refill(self.window.per_hash(), share);
+        let frozen: HashSet<i32> = self
+            .window
+            .frozen_hashes()
+            .chain(self.rejected.values().map(|(_, h)| *h))
+            .collect();
+        refill.retain(|h| !frozen.contains(h));
+        let (after, mut capped) = self.sweep.plan(!refill.is_empty());
+        let skipping = !capped.is_empty();
+        capped.extend(frozen);
         let mut exclude: HashSet<i64> = self.window.ids().copied().collect();
         exclude.extend(self.recording.keys().copied());
+        let scan_limit = self.cfg.batch_size.saturating_mul(8).max(1000);
         let plan = Plan {
-            front,
             after,
             capped,
+            only: (!refill.is_empty()).then_some(refill),
             exclude,
             counts: self.window.per_hash().clone(),
-            max_per_aggregate: self.cfg.max_rows_per_aggregate,
+            max_per_aggregate: share,
             room_rows: room_rows.min(self.cfg.batch_size as usize),
             room_bytes: room_bytes.max(1),
-            scan_limit: self.cfg.batch_size.saturating_mul(8).max(1000),
+            scan_limit,
+            // Passing over skipped aggregates' backlog is what the database does best:
+            // let one statement examine far more rows than it returns.
+            examine: if skipping {
+                scan_limit.saturating_mul(25)
+            } else {
+                scan_limit
+            },
             partitions: self.leases.claim_filter(),
             on_failed: self.cfg.on_failed,
         };
@@ -275,11 +290,11 @@ impl<S: Sink> Engine<S> {
         };
         metrics::gauge!(m::DATABASE_UP).set(1.0);
         self.db_pacer.reset();
-        if !claimed.front {
+        if !claimed.refill {
             self.sweep
                 .advance(claimed.cursor, claimed.end, &claimed.capped);
         }
-        let more = !claimed.rows.is_empty() || !claimed.end;
+        let more = !claimed.rows.is_empty() || self.sweep.more;
         let held: HashSet<i32> = self.leases.held().iter().copied().collect();
         for c in claimed.rows {
             let bytes = c.bytes();

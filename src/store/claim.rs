@@ -1,5 +1,6 @@
 //! The engine's two-step claim: `scan` lists pending ids after a cursor with their
-//! aggregate hash and stored size (no payloads), the engine picks a fair share of them,
+//! aggregate hash and stored size (no payloads, skipped aggregates left out in the
+//! database), the engine picks a fair share of them,
 //! and `fetch` reads the picked rows that are due and behind no blocker, stopping at a
 //! byte budget.
 
@@ -17,6 +18,28 @@ pub struct Scanned {
     pub hash: i32,
     /// Stored size of payload + headers + key (compressed where TOASTed): an estimate.
     pub size: i64,
+}
+
+/// What one scan asks for (see `Store::scan`).
+#[derive(Debug, Clone, Copy)]
+pub struct ScanQuery<'a> {
+    pub after: i64,
+    pub partitions: Option<&'a [i32]>,
+    pub limit: u32,
+    pub examine: u32,
+    pub skip: Option<&'a [i32]>,
+    pub only: Option<&'a [i32]>,
+}
+
+/// One page of a scan.
+#[derive(Debug, Clone, Default)]
+pub struct ScanPage {
+    pub rows: Vec<Scanned>,
+    /// The highest id examined (`after` when none was).
+    pub last_examined: i64,
+    /// How many pending rows were examined (a page with fewer than `examine` reached
+    /// the end of the table).
+    pub examined: u32,
 }
 
 /// A fetched row with its aggregate hash.
@@ -54,23 +77,31 @@ fn json_len(v: &serde_json::Value) -> usize {
 }
 
 impl Store {
-    /// Up to `limit` pending rows with `id > after`, in `id` order, from the given
-    /// partitions (`None` = all). Ids only: nothing is read that the claim may skip.
-    pub async fn scan(
-        &self,
-        after: i64,
-        partitions: Option<&[i32]>,
-        limit: u32,
-    ) -> Result<Vec<Scanned>, StoreError> {
+    /// Pending rows with `id > after`, in `id` order, from the given partitions
+    /// (`None` = all): ids, hashes and stored sizes only. At most `examine` rows are
+    /// looked at; of those, rows whose hash is in `skip` are left out, and with `only`
+    /// just those hashes are kept; at most `limit` are returned.
+    pub async fn scan(&self, q: &ScanQuery<'_>) -> Result<ScanPage, StoreError> {
         // Unnamed statement: planned with the real parameters each time (see `claim`).
-        let rows = sqlx::query_as::<_, Scanned>(&self.sql.scan)
+        let mut rows = sqlx::query_as::<_, Scanned>(&self.sql.scan)
             .persistent(false)
-            .bind(after)
-            .bind(partitions)
-            .bind(i64::from(limit))
+            .bind(q.after)
+            .bind(q.partitions)
+            .bind(i64::from(q.limit))
+            .bind(i64::from(q.examine))
+            .bind(q.skip)
+            .bind(q.only)
             .fetch_all(self.pool())
             .await?;
-        Ok(rows)
+        let summary = rows
+            .pop()
+            .filter(|r| r.size == -1)
+            .ok_or_else(|| StoreError::Query("scan returned no summary row".into()))?;
+        Ok(ScanPage {
+            rows,
+            last_examined: summary.id,
+            examined: u32::try_from(summary.hash).unwrap_or(0),
+        })
     }
 
     /// The rows among `ids` that are still `PENDING`, due, and behind no blocker of

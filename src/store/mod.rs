@@ -12,7 +12,7 @@ pub mod admin;
 mod claim;
 pub mod leases;
 
-pub use claim::{ClaimedRow, Scanned};
+pub use claim::{ClaimedRow, ScanPage, ScanQuery, Scanned};
 
 use std::time::Duration;
 
@@ -104,16 +104,28 @@ impl Sql {
                               OR (b.status = 'PENDING' AND b.next_attempt_at > now())))"
             .replace("{tbl}", &tbl);
         Self {
+            // The inner scan examines at most $4 pending ids after $1 (no payloads);
+            // the outer query leaves out the hashes in $5 (skipped for the rest of a
+            // sweep) or keeps only those in $6 (a refill), and appends one summary row
+            // (size -1: id = the last id examined, hash = how many were examined).
             scan: format!(
-                "SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
-                        (pg_column_size(o.payload) + pg_column_size(o.headers)
-                         + octet_length(o.aggregate_id))::bigint AS size
-                 FROM {tbl} o
-                 WHERE o.status = 'PENDING' AND o.id > $1
-                   AND ($2::int[] IS NULL
-                        OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($2))
-                 ORDER BY o.id
-                 LIMIT $3"
+                "WITH s AS (
+                     SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
+                            (pg_column_size(o.payload) + pg_column_size(o.headers)
+                             + octet_length(o.aggregate_id))::bigint AS size
+                     FROM {tbl} o
+                     WHERE o.status = 'PENDING' AND o.id > $1
+                       AND ($2::int[] IS NULL
+                            OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($2))
+                     ORDER BY o.id
+                     LIMIT $4)
+                 (SELECT id, hash, size FROM s
+                  WHERE ($5::int[] IS NULL OR hash <> ALL($5))
+                    AND ($6::int[] IS NULL OR hash = ANY($6))
+                  ORDER BY id
+                  LIMIT $3)
+                 UNION ALL
+                 SELECT coalesce(max(id), $1), count(*)::int, -1::bigint FROM s"
             ),
             fetch: format!(
                 "SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
