@@ -111,11 +111,11 @@ pub fn build_sink(settings: &Settings) -> Result<AnySink, AppError> {
     Ok(match settings.sink.kind {
         SinkKind::Rabbitmq => AnySink::Rabbit(RabbitSink::new(
             &settings.rabbitmq,
-            settings.relay.publish_timeout,
+            settings.relay.effective_publish_timeout(),
         )?),
         SinkKind::Kafka => AnySink::Kafka(KafkaSink::new(
             &settings.kafka,
-            settings.relay.publish_timeout,
+            settings.relay.effective_publish_timeout(),
         )?),
     })
 }
@@ -163,7 +163,7 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
     let cancel = shutdown_token();
     let metrics = m::install().map_err(AppError::Runtime)?;
     let stall_after = (settings.relay.poll_interval * 10)
-        .max(settings.relay.publish_timeout * 3)
+        .max(settings.relay.effective_publish_timeout() * 3)
         .max(Duration::from_secs(60));
     let health = Arc::new(Health::new(stall_after));
     health.beat();

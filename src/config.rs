@@ -153,8 +153,9 @@ pub struct RelayConfig {
     #[serde(default = "default_retention", with = "humantime_serde")]
     pub retention: Duration,
     /// How long one publish may wait for its broker confirm before the connection is
-    /// considered stalled (no attempt is spent; the relay reconnects).
-    #[serde(default = "default_publish_timeout", with = "humantime_serde")]
+    /// considered stalled (no attempt is spent; the relay reconnects). Zero (the default)
+    /// means `lease_timeout / 2`, at most 15 s: see `effective_publish_timeout`.
+    #[serde(default, with = "humantime_serde")]
     pub publish_timeout: Duration,
     /// Listen for NOTIFY from the outbox trigger (polling stays on as the safety net).
     #[serde(default = "default_true")]
@@ -169,6 +170,18 @@ pub struct RelayConfig {
     /// aggregate gets this share while others are due, never the whole window.
     #[serde(default = "default_max_rows_per_aggregate")]
     pub max_rows_per_aggregate: u32,
+}
+
+impl RelayConfig {
+    /// `publish_timeout` as set, or by default `lease_timeout / 2` capped at 15 s (so a
+    /// send always fits inside the lease that fences it).
+    pub fn effective_publish_timeout(&self) -> Duration {
+        if self.publish_timeout.is_zero() {
+            (self.lease_timeout / 2).min(Duration::from_secs(15))
+        } else {
+            self.publish_timeout
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -275,9 +288,6 @@ const fn default_shutdown_timeout() -> Duration {
 }
 const fn default_retention() -> Duration {
     Duration::from_secs(24 * 3600)
-}
-const fn default_publish_timeout() -> Duration {
-    Duration::from_secs(15)
 }
 const fn default_max_in_flight() -> u32 {
     1000
@@ -386,9 +396,6 @@ impl Settings {
         }
         if r.lease_timeout < Duration::from_secs(1) {
             return Err(invalid("relay.lease_timeout", "must be at least 1s"));
-        }
-        if r.publish_timeout.is_zero() {
-            return Err(invalid("relay.publish_timeout", "must be greater than 0"));
         }
         if r.publish_timeout >= r.lease_timeout {
             return Err(invalid(

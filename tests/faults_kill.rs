@@ -24,6 +24,8 @@ async fn twenty_sigkills_at_random_points_lose_nothing() {
         &broker.exchange,
         &[
             ("OUTBOX_RELAY__RELAY__LEASE_TIMEOUT", "1s"),
+            // A send must fit inside the lease that fences it (config validation).
+            ("OUTBOX_RELAY__RELAY__PUBLISH_TIMEOUT", "800ms"),
             ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "200"),
         ],
     );

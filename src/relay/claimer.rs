@@ -26,6 +26,8 @@ pub struct Sweep {
     last_was_refill: bool,
     /// The last sweep claim did not reach the end of the table.
     pub more: bool,
+    /// Bumped by `restart`: a claim planned before it must not move the cursor.
+    generation: u64,
 }
 
 impl Sweep {
@@ -58,8 +60,25 @@ impl Sweep {
         }
     }
 
-    /// Take a sweep claim's result into account.
-    pub fn advance(&mut self, cursor: i64, end: bool, capped: &[i32]) {
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Start over from the first pending id: rows of many aggregates left memory at once
+    /// (partitions let go or lost), so none of them may be skipped ahead.
+    pub fn restart(&mut self) {
+        self.cursor = 0;
+        self.capped.clear();
+        self.more = true;
+        self.generation += 1;
+    }
+
+    /// Take a sweep claim's result into account (ignored if the sweep restarted since
+    /// that claim was planned).
+    pub fn advance(&mut self, generation: u64, cursor: i64, end: bool, capped: &[i32]) {
+        if generation != self.generation {
+            return;
+        }
         self.more = !end;
         if end {
             self.cursor = 0;
@@ -74,6 +93,8 @@ impl Sweep {
 /// Everything one claim needs, snapshotted from the engine when it starts.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// The sweep's generation when planned.
+    pub generation: u64,
     pub after: i64,
     /// Aggregate hashes not to take rows of (capped in the sweep, held back, …).
     pub capped: HashSet<i32>,
@@ -155,6 +176,7 @@ pub fn select(plan: &Plan, page: &ScanPage) -> Selection {
 #[derive(Debug)]
 pub struct Claimed {
     pub refill: bool,
+    pub generation: u64,
     pub rows: Vec<ClaimedRow>,
     pub cursor: i64,
     pub end: bool,
@@ -188,6 +210,7 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
     }
     Ok(Claimed {
         refill: plan.only.is_some(),
+        generation: plan.generation,
         rows,
         cursor: sel.cursor,
         end: sel.end,
@@ -202,6 +225,7 @@ mod tests {
 
     fn plan(max_per_aggregate: u32, room_rows: usize) -> Plan {
         Plan {
+            generation: 0,
             after: 0,
             capped: HashSet::new(),
             only: None,
@@ -276,7 +300,8 @@ mod tests {
         let mut s = Sweep::default();
         assert!(s.refill(&HashMap::new(), 4).is_empty());
         assert_eq!(s.plan(false), (0, HashSet::new()));
-        s.advance(40, false, &[7]);
+        let g = s.generation();
+        s.advance(g, 40, false, &[7]);
         assert!(s.more);
         assert!(
             s.refill(&[(7, 2)].into(), 4).is_empty(),
@@ -289,7 +314,15 @@ mod tests {
             "one refill at a time"
         );
         assert_eq!(s.plan(false), (40, [7].into()));
-        s.advance(90, true, &[]);
+        s.advance(g, 90, false, &[8]);
+        s.restart();
+        s.advance(g, 120, false, &[]);
+        assert_eq!(
+            s.plan(false),
+            (0, HashSet::new()),
+            "a stale claim moves nothing"
+        );
+        s.advance(s.generation(), 90, true, &[]);
         assert_eq!(s.plan(false), (0, HashSet::new()));
     }
 }

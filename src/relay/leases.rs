@@ -69,6 +69,8 @@ pub struct Changes {
     pub lost: HashSet<i32>,
     /// Partitions above the fair share, to hand back once nothing of theirs is out.
     pub surplus: HashSet<i32>,
+    /// Partitions newly ours (their backlog starts before wherever the sweep is).
+    pub gained: bool,
 }
 
 impl Leases {
@@ -131,6 +133,7 @@ impl Leases {
         now_held.sort_unstable();
         now_held.dedup();
         let mut changes = Changes {
+            gained: now_held.iter().any(|p| !self.held.contains(p)),
             lost: self
                 .held
                 .iter()

@@ -127,7 +127,7 @@ impl<S: Sink> Engine<S> {
         let leases = Leases::new(r.instance, r.cfg.lease_timeout);
         let completer = Completer::new(r.store.clone(), r.cfg.max_attempts, r.health.clone());
         let max_rows = (r.cfg.max_in_flight as usize * 2).max(r.cfg.batch_size as usize);
-        let confirm_timeout = r.sink.confirm_timeout(r.cfg.publish_timeout);
+        let confirm_timeout = r.sink.confirm_timeout(r.cfg.effective_publish_timeout());
         Self {
             store: r.store,
             sink: r.sink,
@@ -258,6 +258,7 @@ impl<S: Sink> Engine<S> {
         exclude.extend(self.recording.keys().copied());
         let scan_limit = self.cfg.batch_size.saturating_mul(8).max(1000);
         let plan = Plan {
+            generation: self.sweep.generation(),
             after,
             capped,
             only: (!refill.is_empty()).then_some(refill),
@@ -291,8 +292,12 @@ impl<S: Sink> Engine<S> {
         metrics::gauge!(m::DATABASE_UP).set(1.0);
         self.db_pacer.reset();
         if !claimed.refill {
-            self.sweep
-                .advance(claimed.cursor, claimed.end, &claimed.capped);
+            self.sweep.advance(
+                claimed.generation,
+                claimed.cursor,
+                claimed.end,
+                &claimed.capped,
+            );
         }
         let more = !claimed.rows.is_empty() || self.sweep.more;
         let held: HashSet<i32> = self.leases.held().iter().copied().collect();
@@ -359,13 +364,20 @@ impl<S: Sink> Engine<S> {
             self.drop_partitions(&changes.surplus);
             self.releasing.extend(changes.surplus);
         }
+        if changes.gained {
+            // The sweep may be past rows of the new partitions: start it over.
+            self.sweep.restart();
+        }
         self.claim_due = true;
     }
 
+    /// Forget the rows of partitions let go or lost. The sweep starts over (it must not
+    /// skip ahead of rows that left memory), and rows of those aggregates brought by a
+    /// claim already running are discarded when it lands.
     fn drop_partitions(&mut self, parts: &HashSet<i32>) {
-        self.window.drop_partitions(parts);
-        // A claim running now may bring rows of these partitions: `on_claimed` checks
-        // the partitions held when it lands.
+        let keys = self.window.drop_partitions(parts);
+        self.dropped.extend(keys);
+        self.sweep.restart();
     }
 
     /// Hand surplus partitions back once nothing of theirs is out or being recorded.

@@ -261,8 +261,9 @@ impl Window {
         n
     }
 
-    /// Drop every aggregate whose rows live in one of `partitions` (released or lost).
-    pub fn drop_partitions(&mut self, partitions: &HashSet<i32>) -> usize {
+    /// Drop every aggregate whose rows live in one of `partitions` (released or lost);
+    /// returns their keys (those with a head out are doomed, dropped when it returns).
+    pub fn drop_partitions(&mut self, partitions: &HashSet<i32>) -> Vec<AggKey> {
         let keys: Vec<AggKey> = self
             .aggs
             .iter()
@@ -273,7 +274,10 @@ impl Window {
             })
             .map(|(k, _)| k.clone())
             .collect();
-        keys.iter().map(|k| self.drop_aggregate(k)).sum()
+        for k in &keys {
+            self.drop_aggregate(k);
+        }
+        keys
     }
 
     /// Heads out in one of `partitions`.
