@@ -256,7 +256,10 @@ impl<S: Sink> Engine<S> {
         capped.extend(frozen);
         let mut exclude: HashSet<i64> = self.window.ids().copied().collect();
         exclude.extend(self.recording.keys().copied());
-        let scan_limit = self.cfg.batch_size.saturating_mul(8).max(1000);
+        // Ids the scan returns: enough to fill the room (with slack for rows skipped in
+        // memory), so a busy sweep does not read the same rows claim after claim.
+        let take = room_rows.min(self.cfg.batch_size as usize);
+        let scan_limit = u32::try_from(take.saturating_mul(2).max(256)).unwrap_or(u32::MAX);
         let plan = Plan {
             generation: self.sweep.generation(),
             after,
@@ -265,13 +268,13 @@ impl<S: Sink> Engine<S> {
             exclude,
             counts: self.window.per_hash().clone(),
             max_per_aggregate: share,
-            room_rows: room_rows.min(self.cfg.batch_size as usize),
+            room_rows: take,
             room_bytes: room_bytes.max(1),
             scan_limit,
             // Passing over skipped aggregates' backlog is what the database does best:
             // let one statement examine far more rows than it returns.
             examine: if skipping {
-                scan_limit.saturating_mul(25)
+                scan_limit.saturating_mul(100).max(100_000)
             } else {
                 scan_limit
             },
@@ -299,7 +302,10 @@ impl<S: Sink> Engine<S> {
                 &claimed.capped,
             );
         }
-        let more = !claimed.rows.is_empty() || self.sweep.more;
+        // Claim again at once only while the sweep has not reached the end of the table,
+        // or while it holds hot aggregates back (they are refilled as they drain);
+        // otherwise NOTIFY or the poll tick bring the next claim.
+        let more = self.sweep.more || !claimed.capped.is_empty();
         let held: HashSet<i32> = self.leases.held().iter().copied().collect();
         for c in claimed.rows {
             let bytes = c.bytes();

@@ -82,9 +82,7 @@ impl Store {
     /// looked at; of those, rows whose hash is in `skip` are left out, and with `only`
     /// just those hashes are kept; at most `limit` are returned.
     pub async fn scan(&self, q: &ScanQuery<'_>) -> Result<ScanPage, StoreError> {
-        // Unnamed statement: planned with the real parameters each time (see `claim`).
         let mut rows = sqlx::query_as::<_, Scanned>(&self.sql.scan)
-            .persistent(false)
             .bind(q.after)
             .bind(q.partitions)
             .bind(i64::from(q.limit))
@@ -118,7 +116,6 @@ impl Store {
             return Ok((Vec::new(), false));
         }
         let mut stream = sqlx::query_as::<_, ClaimedRow>(&self.sql.fetch)
-            .persistent(false)
             .bind(ids)
             .bind(on_failed == OnFailed::Block)
             .fetch(self.pool());
