@@ -39,8 +39,10 @@ pub use wire::{check_topic_name, topic_from_template};
 /// Slack past `message.timeout.ms` before the engine stops waiting for a delivery
 /// report (librdkafka scans for timed-out messages about once a second).
 const REPORT_GRACE: Duration = Duration::from_secs(5);
-/// How long a topic found by a metadata probe is trusted without asking again.
-const TOPIC_CACHE_TTL: Duration = Duration::from_secs(30);
+/// How long a topic found by a metadata probe is trusted without asking again. A probe
+/// blocks sending for a round trip, so it is rare; a topic deleted meanwhile fails its
+/// rows through librdkafka's own delivery errors.
+const TOPIC_CACHE_TTL: Duration = Duration::from_secs(600);
 
 /// The relay's Kafka publisher (invariants in the module doc).
 pub struct KafkaSink {
