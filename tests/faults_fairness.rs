@@ -2,6 +2,8 @@
 //! the others, an oversized row fails alone without pausing the relay, megabyte payloads
 //! stay under a memory bound, and a stopped or killed replica neither breaks per-aggregate
 //! order nor leaves its aggregates unserved for longer than `relay.lease_timeout`.
+//! In the serial phase of `scripts/test.sh` (a `faults_` binary): it loads the machine
+//! heavily and its deadlines are timing guarantees, so nothing else runs beside it.
 
 mod common;
 
