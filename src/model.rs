@@ -53,6 +53,29 @@ const MAX_HEADER_NAME: usize = 255;
 impl OutboxRow {
     /// Validate the row and turn it into a message, or say what is wrong with it.
     pub fn to_message(&self) -> Result<Message, String> {
+        self.clone().into_message()
+    }
+
+    /// Like `to_message`, moving the row's strings (the payload is not copied).
+    pub fn into_message(self) -> Result<Message, String> {
+        let headers = self.validated_headers()?;
+        Ok(Message {
+            id: self.id,
+            event_id: self.event_id,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            event_type: self.event_type,
+            destination: self.destination,
+            routing_key: self.routing_key,
+            payload: self.payload,
+            headers,
+            created_at: self.created_at,
+            attempts: self.attempts,
+        })
+    }
+
+    /// Check every field a message needs; the `headers` entries in key order.
+    fn validated_headers(&self) -> Result<Vec<(String, String)>, String> {
         if self.aggregate_id.is_empty() {
             return Err(
                 "aggregate_id is empty: it is the ordering key and the Kafka message key".into(),
@@ -99,19 +122,7 @@ impl OutboxRow {
                 ))
             }
         };
-        Ok(Message {
-            id: self.id,
-            event_id: self.event_id,
-            aggregate_type: self.aggregate_type.clone(),
-            aggregate_id: self.aggregate_id.clone(),
-            event_type: self.event_type.clone(),
-            destination: self.destination.clone(),
-            routing_key: self.routing_key.clone(),
-            payload: self.payload.clone(),
-            headers,
-            created_at: self.created_at,
-            attempts: self.attempts,
-        })
+        Ok(headers)
     }
 }
 

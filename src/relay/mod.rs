@@ -254,8 +254,14 @@ impl<S: Sink> Engine<S> {
         let (after, mut capped) = self.sweep.plan(!refill.is_empty());
         let skipping = !capped.is_empty();
         capped.extend(frozen);
-        let mut exclude: HashSet<i64> = self.window.ids().copied().collect();
-        exclude.extend(self.recording.keys().copied());
+        // Only ids the scan can return (after its start) need leaving out.
+        let exclude: HashSet<i64> = self
+            .window
+            .ids()
+            .chain(self.recording.keys())
+            .copied()
+            .filter(|id| *id > after)
+            .collect();
         // Ids the scan returns: enough to fill the room (with slack for rows skipped in
         // memory), so a busy sweep does not read the same rows claim after claim.
         let take = room_rows.min(self.cfg.batch_size as usize);
@@ -318,12 +324,13 @@ impl<S: Sink> Engine<S> {
                 self.sweep.cap(c.hash);
                 continue;
             }
-            let body = match row.to_message() {
+            let id = row.id;
+            let body = match row.into_message() {
                 Ok(msg) => Body::Message(Arc::new(msg)),
                 Err(why) => Body::Invalid(why),
             };
             let entry = Entry {
-                id: row.id,
+                id,
                 body,
                 bytes,
                 hash: c.hash,
@@ -333,7 +340,7 @@ impl<S: Sink> Engine<S> {
             if self.window.insert(key, entry) == Inserted::Late {
                 metrics::counter!(LATE_ROWS_TOTAL).increment(1);
                 tracing::warn!(
-                    id = row.id,
+                    id,
                     "row committed after a later row of its aggregate was sent; sent out of id order"
                 );
             }
