@@ -27,6 +27,9 @@ use crate::model::Message;
 use crate::sink::{Confirm, Sink, SinkError};
 use crate::store::Rejection;
 
+/// Longest pause between reconnect attempts to a broker that is down (each attempt is
+/// itself bounded by the connect timeout): an outage ends for the relay within seconds.
+const BROKER_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Times a suspect may break the connection while out alone before it is rejected.
 pub const MAX_STRIKES: u8 = 3;
 
@@ -296,7 +299,8 @@ impl<S: Sink> Engine<S> {
         }
         tracing::warn!(error = %why, "broker unavailable; rows stay PENDING, no attempts spent");
         self.broker.down = true;
-        self.broker.retry_at = Instant::now() + self.broker.pacer.next_pause();
+        self.broker.retry_at =
+            Instant::now() + self.broker.pacer.next_pause().min(BROKER_RETRY_MAX);
     }
 
     /// Connect (at start, or when the pause after an outage is over).
@@ -314,7 +318,8 @@ impl<S: Sink> Engine<S> {
             Err(e) => {
                 if self.broker.down {
                     tracing::debug!(error = %e, "broker still not reachable");
-                    self.broker.retry_at = Instant::now() + self.broker.pacer.next_pause();
+                    self.broker.retry_at =
+                        Instant::now() + self.broker.pacer.next_pause().min(BROKER_RETRY_MAX);
                 } else {
                     self.broker_down(&e.to_string());
                 }
