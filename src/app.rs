@@ -180,6 +180,16 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
         return Ok(());
     };
     health.set_ready();
+    if settings.relay.on_failed == crate::config::OnFailed::Skip {
+        // Rows parked behind FAILED rows by a run in block mode go on now.
+        let n = store.unpark_all().await?;
+        if n > 0 {
+            tracing::info!(
+                rows = n,
+                "on_failed = skip: un-parked rows held behind FAILED rows"
+            );
+        }
+    }
     let instance = instance_id();
     tracing::info!(%instance, table = %store.table(), sink = %settings.sink.kind, "relay starting");
 

@@ -28,10 +28,15 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "relay",
         sql: include_str!("../migrations/0002_relay.sql"),
     },
+    Migration {
+        version: 3,
+        description: "order",
+        sql: include_str!("../migrations/0003_order.sql"),
+    },
 ];
 
 /// The table comment the latest migration leaves; `run` refuses to start without it.
-pub const SCHEMA_MARKER: &str = "relay schema 2";
+pub const SCHEMA_MARKER: &str = "relay schema 3";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

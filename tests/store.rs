@@ -1,5 +1,6 @@
 //! Store tests on a fresh database per test (`#[sqlx::test]`): claiming by status in id
-//! order, blockers scoped to their aggregate, marks, leases, replay/discard, retention.
+//! order, blockers scoped to their aggregate, parking, marks, leases, replay/discard,
+//! retention.
 
 use std::time::Duration;
 
@@ -241,8 +242,8 @@ async fn claim_probes_blockers_through_the_partial_index(pool: PgPool) {
         .unwrap();
     sqlx::query("ANALYZE outbox").execute(&pool).await.unwrap();
     let plan: Vec<String> = sqlx::query_scalar(
-        "EXPLAIN SELECT o.id FROM outbox o WHERE o.status = 'PENDING' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
-           AND NOT EXISTS (SELECT 1 FROM outbox b WHERE b.aggregate_type = o.aggregate_type AND b.aggregate_id = o.aggregate_id AND b.id < o.id
+        "EXPLAIN SELECT o.id FROM outbox o WHERE o.status = 'PENDING' AND (o.next_attempt_at IS NULL OR o.next_attempt_at < 'infinity'::timestamptz) AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+           AND NOT EXISTS (SELECT 1 FROM outbox b WHERE hashtext(b.aggregate_type || '/' || b.aggregate_id) = hashtext(o.aggregate_type || '/' || o.aggregate_id) AND b.aggregate_type = o.aggregate_type AND b.aggregate_id = o.aggregate_id AND b.id < o.id
              AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND true) OR (b.status = 'PENDING' AND b.next_attempt_at > now())))
            ORDER BY o.id LIMIT 500",
     )
@@ -258,4 +259,72 @@ async fn claim_probes_blockers_through_the_partial_index(pool: PgPool) {
         plan.contains("outbox_pending_idx"),
         "claim walks the pending index:\n{plan}"
     );
+}
+
+async fn hash(pool: &PgPool, agg: &str) -> i32 {
+    sqlx::query_scalar("SELECT hashtext('order/' || $1)")
+        .bind(agg)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn scanned(s: &Store) -> Vec<i64> {
+    let page = s
+        .scan(&outbox_relay::store::ScanQuery {
+            after: 0,
+            partitions: None,
+            limit: 100,
+            examine: 100,
+            skip: None,
+            only: None,
+        })
+        .await
+        .unwrap();
+    page.rows.iter().map(|r| r.id).collect()
+}
+
+#[sqlx::test(migrations = false)]
+async fn parked_rows_leave_the_scan_and_come_back_in_order(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let a1 = insert(&pool, "a").await;
+    let a2 = insert(&pool, "a").await;
+    let b1 = insert(&pool, "b").await;
+    let a3 = insert(&pool, "a").await;
+    let (ha, hb) = (hash(&pool, "a").await, hash(&pool, "b").await);
+    assert_eq!(
+        s.park(&[a2, b1], &[ha, hb]).await.unwrap(),
+        0,
+        "nothing FAILED: nothing parks"
+    );
+    s.reject(&[reject(a1, Duration::ZERO)], 1).await.unwrap();
+    assert_eq!(
+        s.park(&[a2, a3, b1], &[ha, ha, hb]).await.unwrap(),
+        2,
+        "only the rows behind the FAILED row park"
+    );
+    assert_eq!(scanned(&s).await, vec![b1], "parked rows are not scanned");
+    let (pending, _) = s.pending_gauge().await.unwrap();
+    assert_eq!(pending, 3, "parked rows still count as PENDING");
+    assert_eq!(s.backlog().await.unwrap().pending, 3);
+
+    // Replay of the blocker un-parks its aggregate: everything comes back, in id order.
+    assert_eq!(s.replay(Some(&[a1])).await.unwrap(), vec![a1]);
+    assert_eq!(scanned(&s).await, vec![a1, a2, b1, a3]);
+    assert_eq!(
+        ids(&s.claim(None, 10, OnFailed::Block).await.unwrap()),
+        vec![a1, a2, b1, a3]
+    );
+
+    // Discard likewise; skip mode's start un-parks everything.
+    s.reject(&[reject(a1, Duration::ZERO)], 1).await.unwrap();
+    assert_eq!(s.park(&[a2, a3], &[ha, ha]).await.unwrap(), 2);
+    assert_eq!(s.discard(&[a1]).await.unwrap(), vec![a1]);
+    assert_eq!(scanned(&s).await, vec![a2, b1, a3]);
+    let a4 = insert(&pool, "a").await;
+    s.reject(&[reject(a2, Duration::ZERO)], 1).await.unwrap();
+    assert_eq!(s.park(&[a3, a4], &[ha, ha]).await.unwrap(), 2);
+    assert_eq!(scanned(&s).await, vec![b1]);
+    assert_eq!(s.unpark_all().await.unwrap(), 2);
+    assert_eq!(scanned(&s).await, vec![b1, a3, a4]);
 }

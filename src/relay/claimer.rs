@@ -172,6 +172,43 @@ pub fn select(plan: &Plan, page: &ScanPage) -> Selection {
     sel
 }
 
+/// Park the picked rows the fetch left out because a FAILED row blocks them (rows
+/// behind a retry are left out too; the store parks only what a FAILED row holds back).
+async fn park_blocked(
+    store: &Store,
+    page: &ScanPage,
+    take: &[i64],
+    rows: &[ClaimedRow],
+    truncated: bool,
+) -> Result<(), StoreError> {
+    // Rows after the last one read were not looked at when the fetch stopped early.
+    let limit = if truncated {
+        rows.last().map_or(i64::MIN, |r| r.row.id)
+    } else {
+        i64::MAX
+    };
+    let got: HashSet<i64> = rows.iter().map(|r| r.row.id).collect();
+    let left_out: HashSet<i64> = take
+        .iter()
+        .copied()
+        .filter(|id| *id < limit && !got.contains(id))
+        .collect();
+    if left_out.is_empty() {
+        return Ok(());
+    }
+    let (ids, hashes): (Vec<i64>, Vec<i32>) = page
+        .rows
+        .iter()
+        .filter(|s| left_out.contains(&s.id))
+        .map(|s| (s.id, s.hash))
+        .unzip();
+    let parked = store.park(&ids, &hashes).await?;
+    if parked > 0 {
+        tracing::debug!(parked, "parked rows behind FAILED rows");
+    }
+    Ok(())
+}
+
 /// A finished claim.
 #[derive(Debug)]
 pub struct Claimed {
@@ -207,6 +244,9 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
             sel.cursor = last.row.id;
         }
         sel.end = false;
+    }
+    if plan.on_failed == OnFailed::Block {
+        park_blocked(&store, &page, &sel.take, &rows, truncated).await?;
     }
     Ok(Claimed {
         refill: plan.only.is_some(),

@@ -120,22 +120,37 @@ async fn join(h: &mut Option<JoinHandle<Vec<i64>>>) -> Vec<i64> {
     }
 }
 
-/// Mark confirmed ids `PROCESSED`, retrying while the database is unreachable.
+/// Mark confirmed ids `PROCESSED`, retrying while the database is unreachable; a
+/// statement refused for another reason is retried row by row, so one row cannot hold
+/// the others' marks back.
 async fn mark(store: Store, ids: Vec<i64>, health: Arc<Health>) -> Vec<i64> {
+    if let Err(e) = mark_with_retry(&store, &ids, &health).await {
+        tracing::warn!(error = %e, rows = ids.len(), "marking PROCESSED failed; marking the rows one by one");
+        for id in &ids {
+            if let Err(e) = mark_with_retry(&store, std::slice::from_ref(id), &health).await {
+                tracing::error!(id, error = %e, "cannot mark this row PROCESSED; it stays PENDING and will be published again");
+            }
+        }
+    }
+    ids
+}
+
+async fn mark_with_retry(store: &Store, ids: &[i64], health: &Health) -> Result<(), StoreError> {
     let mut pacer = Pacer::default();
     loop {
-        match store.mark_processed(&ids).await {
+        match store.mark_processed(ids).await {
             Ok(n) => {
                 metrics::counter!(m::PUBLISHED_TOTAL).increment(n);
                 metrics::gauge!(m::DATABASE_UP).set(1.0);
-                return ids;
+                return Ok(());
             }
-            Err(e) => {
+            Err(e) if e.is_unavailable() => {
                 metrics::gauge!(m::DATABASE_UP).set(0.0);
                 tracing::warn!(error = %e, rows = ids.len(), "marking PROCESSED failed; retrying");
                 health.beat();
                 tokio::time::sleep(pacer.next_pause()).await;
             }
+            Err(e) => return Err(e),
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod backoff;
 mod claimer;
 mod completer;
 mod dispatch;
+mod doorbell;
 mod leases;
 pub mod wake;
 mod window;
@@ -43,6 +44,7 @@ use backoff::Pacer;
 use claimer::{Claimed, Plan, Sweep};
 use completer::{Completer, Recorded};
 use dispatch::{Broker, Flight, Pending};
+use doorbell::Doorbell;
 use leases::{Leases, Renewal};
 use window::{AggKey, Body, Entry, Inserted, Window};
 
@@ -119,7 +121,9 @@ struct Engine<S: Sink> {
     db_pacer: Pacer,
     /// Aggregates dropped from memory since the running claim started.
     dropped: HashSet<AggKey>,
-    next_poll: Instant,
+    /// When the last poll tick claimed (the tick is shorter while not listening).
+    last_poll: Instant,
+    doorbell: Doorbell,
 }
 
 impl<S: Sink> Engine<S> {
@@ -154,7 +158,8 @@ impl<S: Sink> Engine<S> {
             next_claim_at: Instant::now(),
             db_pacer: Pacer::default(),
             dropped: HashSet::new(),
-            next_poll: Instant::now() + r.cfg.poll_interval,
+            last_poll: Instant::now(),
+            doorbell: Doorbell::new(r.cfg.listen),
             cfg: r.cfg,
         }
     }
@@ -179,6 +184,7 @@ impl<S: Sink> Engine<S> {
                 r = join(&mut self.claiming) => { self.claiming = None; self.on_claimed(r); }
                 r = self.completer.next() => self.on_recorded(r),
                 _ = self.wake.notified() => self.claim_due = true,
+                claim = self.doorbell.written_next() => self.claim_due |= claim,
                 _ = tokio::time::sleep_until(timer.into()) => {}
             }
         }
@@ -188,10 +194,11 @@ impl<S: Sink> Engine<S> {
     /// Everything that is due now, in order: leases, the fence, reconnect, claim, send.
     async fn step(&mut self) {
         let now = Instant::now();
-        if now >= self.next_poll {
+        if now >= self.next_poll() {
             self.claim_due = true;
-            self.next_poll = now + self.cfg.poll_interval;
+            self.last_poll = now;
         }
+        self.doorbell.tick(now, &self.store, &self.leases.instance);
         if self.renewing.is_none() && now >= self.leases.next_renew() {
             let (store, instance) = (self.store.clone(), self.leases.instance.clone());
             let (ttl, have) = (self.leases.ttl(), self.leases.held().len());
@@ -211,7 +218,7 @@ impl<S: Sink> Engine<S> {
     }
 
     fn next_timer(&self) -> Instant {
-        let mut t = self.next_poll.min(self.leases.next_renew());
+        let mut t = self.next_poll().min(self.leases.next_renew());
         if self.broker.down {
             t = t.min(self.broker.retry_at);
         }
@@ -225,6 +232,10 @@ impl<S: Sink> Engine<S> {
             }
         }
         t.max(Instant::now() + Duration::from_millis(1))
+    }
+
+    fn next_poll(&self) -> Instant {
+        self.last_poll + self.doorbell.poll_interval(self.cfg.poll_interval)
     }
 
     fn maybe_claim(&mut self) {
@@ -312,6 +323,8 @@ impl<S: Sink> Engine<S> {
         // or while it holds hot aggregates back (they are refilled as they drain);
         // otherwise NOTIFY or the poll tick bring the next claim.
         let more = self.sweep.more || !claimed.capped.is_empty();
+        self.doorbell
+            .record(Instant::now(), claimed.rows.len(), more);
         let held: HashSet<i32> = self.leases.held().iter().copied().collect();
         for c in claimed.rows {
             let bytes = c.bytes();

@@ -71,9 +71,15 @@ impl Store {
     /// for a periodic gauge refresh).
     pub async fn pending_gauge(&self) -> Result<(i64, f64), StoreError> {
         let tbl = self.table().ident();
+        // Two index scans: the claim's index (not parked) and the blockers' (parked).
         let row: (i64, Option<f64>) = sqlx::query_as(&format!(
-            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
-             FROM {tbl} WHERE status = 'PENDING'"
+            "SELECT sum(n)::bigint, extract(epoch FROM now() - min(oldest))::float8 FROM (
+                 SELECT count(*) AS n, min(created_at) AS oldest FROM {tbl} o
+                 WHERE o.status = 'PENDING' AND {unparked}
+                 UNION ALL
+                 SELECT count(*), min(created_at) FROM {tbl}
+                 WHERE status = 'PENDING' AND next_attempt_at = 'infinity') x",
+            unparked = super::UNPARKED
         ))
         .fetch_one(self.pool())
         .await?;
@@ -116,31 +122,40 @@ impl Store {
         .await?)
     }
 
-    /// FAILED (not discarded) rows back to `PENDING` with `attempts = 0`. Returns the ids.
+    /// FAILED (not discarded) rows back to `PENDING` with `attempts = 0`, and the rows
+    /// parked behind them un-parked. Returns the ids replayed.
     pub async fn replay(&self, ids: Option<&[i64]>) -> Result<Vec<i64>, StoreError> {
         let tbl = self.table().ident();
-        Ok(sqlx::query_scalar(&format!(
+        let mut tx = self.pool().begin().await?;
+        let done: Vec<i64> = sqlx::query_scalar(&format!(
             "UPDATE {tbl} SET status = 'PENDING', attempts = 0, next_attempt_at = NULL
              WHERE status = 'FAILED' AND discarded_at IS NULL AND ($1::bigint[] IS NULL OR id = ANY($1))
              RETURNING id"
         ))
         .bind(ids)
-        .fetch_all(self.pool())
-        .await?)
+        .fetch_all(&mut *tx)
+        .await?;
+        super::park::unpark_behind(&mut tx, &tbl, &done).await?;
+        tx.commit().await?;
+        Ok(done)
     }
 
     /// Give FAILED rows up for good: they stay `FAILED` for audit but no longer hold back
     /// their aggregate. Returns the ids changed.
     pub async fn discard(&self, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
         let tbl = self.table().ident();
-        Ok(sqlx::query_scalar(&format!(
+        let mut tx = self.pool().begin().await?;
+        let done: Vec<i64> = sqlx::query_scalar(&format!(
             "UPDATE {tbl} SET discarded_at = now()
              WHERE status = 'FAILED' AND discarded_at IS NULL AND id = ANY($1)
              RETURNING id"
         ))
         .bind(ids)
-        .fetch_all(self.pool())
-        .await?)
+        .fetch_all(&mut *tx)
+        .await?;
+        super::park::unpark_behind(&mut tx, &tbl, &done).await?;
+        tx.commit().await?;
+        Ok(done)
     }
 
     /// Delete up to `limit` `PROCESSED` rows processed more than `older_than` ago. One

@@ -11,6 +11,7 @@
 pub mod admin;
 mod claim;
 pub mod leases;
+mod park;
 
 pub use claim::{ClaimedRow, ScanPage, ScanQuery, Scanned};
 
@@ -82,6 +83,29 @@ pub struct RejectOutcome {
     pub attempts: i32,
 }
 
+/// The predicate of `outbox_pending_idx` (with `status = 'PENDING'`): not parked. A query
+/// must say it to walk that index.
+pub(crate) const UNPARKED: &str =
+    "(o.next_attempt_at IS NULL OR o.next_attempt_at < 'infinity'::timestamptz)";
+
+/// `NOT EXISTS` a blocker of row `o`'s aggregate before it: a FAILED row (when `$2`, block
+/// mode, and not discarded) or a row waiting for its retry. The probe goes through
+/// `outbox_blockers_idx`, keyed by the aggregate's hash (any key length fits), and then
+/// compares the keys in full.
+pub(crate) fn blocker_clause(tbl: &str) -> String {
+    format!(
+        "NOT EXISTS (
+             SELECT 1 FROM {tbl} b
+             WHERE hashtext(b.aggregate_type || '/' || b.aggregate_id)
+                   = hashtext(o.aggregate_type || '/' || o.aggregate_id)
+               AND b.aggregate_type = o.aggregate_type
+               AND b.aggregate_id = o.aggregate_id
+               AND b.id < o.id
+               AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND $2)
+                    OR (b.status = 'PENDING' AND b.next_attempt_at > now())))"
+    )
+}
+
 /// Prebuilt statements for the configured table (identifiers quoted, data bound).
 #[derive(Debug)]
 struct Sql {
@@ -95,14 +119,8 @@ struct Sql {
 impl Sql {
     fn new(t: &TableName) -> Self {
         let tbl = t.ident();
-        let blocker = "NOT EXISTS (
-                       SELECT 1 FROM {tbl} b
-                       WHERE b.aggregate_type = o.aggregate_type
-                         AND b.aggregate_id = o.aggregate_id
-                         AND b.id < o.id
-                         AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND $2)
-                              OR (b.status = 'PENDING' AND b.next_attempt_at > now())))"
-            .replace("{tbl}", &tbl);
+        let blocker = blocker_clause(&tbl);
+        let unparked = UNPARKED;
         Self {
             // The inner scan examines at most $4 pending ids after $1 (no payloads);
             // the outer query leaves out the hashes in $5 (skipped for the rest of a
@@ -114,7 +132,7 @@ impl Sql {
                             (pg_column_size(o.payload) + pg_column_size(o.headers)
                              + octet_length(o.aggregate_id))::bigint AS size
                      FROM {tbl} o
-                     WHERE o.status = 'PENDING' AND o.id > $1
+                     WHERE o.status = 'PENDING' AND {unparked} AND o.id > $1
                        AND ($2::int[] IS NULL
                             OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($2))
                      ORDER BY o.id
@@ -144,18 +162,12 @@ impl Sql {
                         o.destination, o.routing_key, o.payload::text AS payload, o.headers,
                         o.attempts, o.created_at
                  FROM {tbl} o
-                 WHERE o.status = 'PENDING'
+                 WHERE o.status = 'PENDING' AND {unparked}
                    AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
                    AND o.id <> ALL($4::bigint[])
                    AND ($1::int[] IS NULL
                         OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($1))
-                   AND NOT EXISTS (
-                       SELECT 1 FROM {tbl} b
-                       WHERE b.aggregate_type = o.aggregate_type
-                         AND b.aggregate_id = o.aggregate_id
-                         AND b.id < o.id
-                         AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND $2)
-                              OR (b.status = 'PENDING' AND b.next_attempt_at > now())))
+                   AND {blocker}
                  ORDER BY o.id
                  LIMIT $3"
             ),

@@ -110,7 +110,8 @@ impl TestTable {
         let n = &self.name;
         sqlx::raw_sql(&format!(
             "DROP TABLE IF EXISTS \"{n}\", \"{n}_relay_leases\", \"{n}_relay_members\", \"{n}_relay_migrations\" CASCADE;
-             DROP FUNCTION IF EXISTS \"{n}_notify\"() CASCADE;"
+             DROP FUNCTION IF EXISTS \"{n}_notify\"() CASCADE;
+             DROP FUNCTION IF EXISTS \"{n}_order\"() CASCADE;"
         ))
         .execute(&self.pool)
         .await

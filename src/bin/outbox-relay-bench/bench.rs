@@ -59,8 +59,8 @@ impl Bench {
                 Kind::Kafka => f.kafka = Some(figs),
             }
         }
-        if has(&self.args, Phase::Notify) {
-            f.notify = Some(self.notify_cost().await?);
+        if has(&self.args, Phase::Producers) {
+            f.producers = Some(self.producer_cost().await?);
         }
         Ok(())
     }

@@ -23,8 +23,9 @@ pub enum Phase {
     Latency,
     /// The textbook relay on a smaller preload.
     Naive,
-    /// Producer commits/s with and without the NOTIFY trigger.
-    Notify,
+    /// Producer commits/s: bare SPEC table vs the relay's schema (relay absent, relay
+    /// draining).
+    Producers,
 }
 
 #[derive(Parser, Debug)]
@@ -64,10 +65,10 @@ pub struct Args {
     /// Rows preloaded for the textbook relay.
     #[arg(long, default_value_t = 10_000)]
     pub naive_rows: u64,
-    /// Seconds per NOTIFY on/off round (producers flat out).
+    /// Seconds per producers-phase measurement (producers flat out).
     #[arg(long, default_value_t = 5.0)]
     pub notify_secs: f64,
-    /// On/off rounds of the NOTIFY run (alternating, to even out drift).
+    /// Rounds of the producers phase (bare / schema / draining alternating).
     #[arg(long, default_value_t = 2)]
     pub notify_rounds: u32,
     /// Phases to run (comma separated); all by default.
@@ -75,7 +76,7 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ceiling,pg,drain,latency,naive,notify"
+        default_value = "ceiling,pg,drain,latency,naive,producers"
     )]
     pub phases: Vec<Phase>,
     /// Extra relay configuration, `KEY=VALUE` (e.g. OUTBOX_RELAY__RELAY__BATCH_SIZE=1000).

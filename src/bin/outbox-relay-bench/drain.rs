@@ -21,6 +21,7 @@ impl Bench {
         }
         let env = self.relay_env(kind, &t.name, &phase).await?;
         let a = census();
+        let (lsn0, upd0) = (pg::wal_lsn(&self.pool).await?, t.updates().await?);
         let t0 = pg::db_now(&self.pool).await?;
         let mut relay = self.spawn_relay(&env, &phase)?;
         let started = Instant::now();
@@ -49,8 +50,10 @@ impl Bench {
         let ours = self.backends(Some(&t)).await;
         let split = CpuSplit::between(&a, &census(), Some(relay.pid), &ours, kind.component());
         let usage = relay.stop().await;
+        let wal = pg::wal_since(&self.pool, &lsn0).await?;
         let end = t.max_processed_at().await?.context("no processed_at")?;
         let processed = t.count_status("PROCESSED").await? as u64;
+        let hot_share = t.hot_share_since(upd0, processed).await?;
         let failed = t.count_status("FAILED").await?;
         if failed > 0 || processed != self.args.rows {
             bail!(
@@ -73,6 +76,8 @@ impl Bench {
             secs,
             usage,
             split,
+            wal_per_row: wal / processed.max(1) as f64,
+            hot_share,
         })
     }
 

@@ -9,11 +9,31 @@ pub struct Drain {
     pub secs: f64,
     pub usage: RelayUsage,
     pub split: CpuSplit,
+    /// WAL written from the relay's start to the end of the drain, per row.
+    pub wal_per_row: f64,
+    /// Share of the drain's updates of the outbox table that were HOT.
+    pub hot_share: Option<f64>,
 }
 
 impl Drain {
     pub fn rate(&self) -> f64 {
         self.rows as f64 / self.secs
+    }
+}
+
+/// Producer commits/s per round: bare SPEC table, relay schema (no relay), relay schema
+/// with the relay draining.
+#[derive(Debug, Clone, Default)]
+pub struct Producers {
+    pub bare: Vec<f64>,
+    pub schema: Vec<f64>,
+    pub draining: Vec<f64>,
+}
+
+impl Producers {
+    pub fn means(&self) -> (f64, f64, f64) {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        (mean(&self.bare), mean(&self.schema), mean(&self.draining))
     }
 }
 
@@ -48,7 +68,7 @@ pub struct Figures {
     pub payload_avg: f64,
     pub pg_ceiling: Option<f64>,
     pub pg_split: Option<CpuSplit>,
-    pub notify: Option<(f64, f64)>,
+    pub producers: Option<Producers>,
     pub pg_version: String,
     pub load_start: String,
     pub rabbit: Option<SinkFigures>,

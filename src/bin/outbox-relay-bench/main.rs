@@ -17,9 +17,9 @@ mod drain;
 mod figures;
 mod kafka;
 mod latency;
-mod notify;
 mod pg;
 mod procs;
+mod producers;
 mod rabbit;
 mod report;
 

@@ -76,6 +76,7 @@ impl BenchTable {
             format!("DROP TABLE IF EXISTS \"{n}_relay_members\""),
             format!("DROP TABLE IF EXISTS \"{n}_relay_migrations\""),
             format!("DROP FUNCTION IF EXISTS \"{n}_notify\"() CASCADE"),
+            format!("DROP FUNCTION IF EXISTS \"{n}_order\"() CASCADE"),
         ] {
             let _ = sqlx::query(&sql).execute(&self.pool).await;
         }
@@ -112,6 +113,36 @@ impl BenchTable {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// (updates, HOT updates) of the table so far (cumulative statistics).
+    pub async fn updates(&self) -> Result<(i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT coalesce(n_tup_upd, 0), coalesce(n_tup_hot_upd, 0)
+             FROM pg_stat_user_tables WHERE relid = to_regclass($1)",
+        )
+        .bind(self.ident())
+        .fetch_optional(&self.pool)
+        .await?
+        .unwrap_or((0, 0)))
+    }
+
+    /// Share of the updates since `before` that were HOT, once the statistics show at
+    /// least `expected` of them (backends flush their counts within about a second);
+    /// `None` if they never do within 10 s.
+    pub async fn hot_share_since(&self, before: (i64, i64), expected: u64) -> Result<Option<f64>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (upd, hot) = self.updates().await?;
+            let (upd, hot) = (upd - before.0, hot - before.1);
+            if upd > 0 && upd as u64 >= expected {
+                return Ok(Some(hot as f64 / upd as f64));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     pub async fn pending(&self) -> Result<i64> {
@@ -204,6 +235,23 @@ pub async fn rendered_payload(pool: &PgPool, target: usize) -> Result<String> {
     ))
     .fetch_one(pool)
     .await?)
+}
+
+/// The current WAL insert position.
+pub async fn wal_lsn(pool: &PgPool) -> Result<String> {
+    Ok(sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// WAL bytes written since `lsn` (by everyone: the bench runs alone).
+pub async fn wal_since(pool: &PgPool, lsn: &str) -> Result<f64> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8")
+            .bind(lsn)
+            .fetch_one(pool)
+            .await?,
+    )
 }
 
 pub async fn db_now(pool: &PgPool) -> Result<DateTime<Utc>> {

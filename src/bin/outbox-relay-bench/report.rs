@@ -78,6 +78,18 @@ pub fn print_table(args: &Args, f: &Figures) {
             1e6 * d.usage.cpu_secs / d.rows as f64
         ))
     });
+    row(
+        "drain: relay WAL bytes per row / HOT share of its updates".into(),
+        &|s| {
+            let d = s.drain.as_ref()?;
+            Some(format!(
+                "{:.0} B / {}",
+                d.wal_per_row,
+                d.hot_share
+                    .map_or("—".into(), |h| format!("{:.0} %", 100.0 * h))
+            ))
+        },
+    );
     row("drain: CPU (% of one core) of relay / its Postgres backends (all Postgres) / broker / whole machine".into(), &|s| {
         let d = &s.drain.as_ref()?.split;
         Some(split_cell(d))
@@ -138,16 +150,18 @@ pub fn print_table(args: &Args, f: &Figures) {
     });
     row(
         format!(
-            "producer commits/s, {} producers flat out: NOTIFY trigger on / off",
+            "producer commits/s, {} producers flat out, one row per transaction: bare SPEC §1 table / relay schema, no relay (÷ bare) / relay schema, relay draining (÷ bare)",
             args.producers
         ),
         &|_| {
-            let (on, off) = f.notify?;
+            let (b, s, d) = f.producers.as_ref()?.means();
             Some(format!(
-                "{} / {} ({:+.1} %)",
-                int(on),
-                int(off),
-                100.0 * (on - off) / off
+                "{} / {} ({:.2}×) / {} ({:.2}×)",
+                int(b),
+                int(s),
+                s / b,
+                int(d),
+                d / b
             ))
         },
     );

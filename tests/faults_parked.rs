@@ -1,0 +1,145 @@
+//! Parked rows cost nothing per claim (issue #11, schema 3): 200 000 PENDING rows behind
+//! 2 000 FAILED rows are parked by the relay and leave the claim's index; rows of other
+//! aggregates written at 100 rows/s meanwhile keep a low commit → PROCESSED latency, and
+//! `replay` of one blocker releases its parked rows in id order.
+//! In the serial phase of `scripts/test.sh` (a `faults_` binary): its latency bound is a
+//! timing guarantee, so nothing else runs beside it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BLOCKERS: i64 = 2_000;
+const BEHIND: i64 = 100;
+const OTHERS: usize = 1_000;
+
+/// Rows behind blockers that are not parked yet.
+async fn unparked_behind(table: &TestTable) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{}\"
+         WHERE aggregate_id LIKE 'blocked-%' AND status = 'PENDING'
+           AND next_attempt_at IS DISTINCT FROM 'infinity'",
+        table.name
+    ))
+    .fetch_one(&table.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parked_rows_cost_other_aggregates_nothing_and_replay_releases_them_in_order() {
+    let table = TestTable::new("parked").await;
+    let broker = TestBroker::new("parked").await;
+    let t = table.name.clone();
+    // 2 000 FAILED rows, each with 100 PENDING rows of its aggregate behind it; 500
+    // aggregates per statement (the order trigger holds one lock per aggregate to commit).
+    for chunk in 0..(BLOCKERS / 500) {
+        let (lo, hi) = (chunk * 500, chunk * 500 + 499);
+        sqlx::raw_sql(&format!(
+            "INSERT INTO \"{t}\" (aggregate_type, aggregate_id, event_type, payload, status, attempts, last_error)
+             SELECT 'order', 'blocked-' || a, 'order.created', jsonb_build_object('seq', 0),
+                    'FAILED', 3, 'set up as failed'
+             FROM generate_series({lo}, {hi}) a ORDER BY a;
+             INSERT INTO \"{t}\" (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', 'blocked-' || a, 'order.created', jsonb_build_object('seq', s)
+             FROM generate_series({lo}, {hi}) a, generate_series(1, {BEHIND}) s ORDER BY s, a;"
+        ))
+        .execute(&table.pool)
+        .await
+        .unwrap();
+    }
+    sqlx::raw_sql(&format!("VACUUM ANALYZE \"{t}\""))
+        .execute(&table.pool)
+        .await
+        .unwrap();
+
+    let relay = RelayProc::start(&relay_env(&t, &broker.exchange));
+    let started = Instant::now();
+    wait_for(
+        Duration::from_secs(180),
+        "all rows behind FAILED rows parked",
+        || async { (unparked_behind(&table).await == 0).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "parked {} rows in {:.1} s",
+        BLOCKERS * BEHIND,
+        started.elapsed().as_secs_f64()
+    );
+
+    // Other aggregates at 100 rows/s for 10 s.
+    let t0 = Instant::now();
+    for i in 0..OTHERS {
+        let due = t0 + Duration::from_millis(10 * i as u64);
+        tokio::time::sleep_until(due.into()).await;
+        table
+            .insert(
+                &format!("free-{}", i % 50),
+                "order.paid",
+                None,
+                serde_json::json!({}),
+            )
+            .await;
+    }
+    table
+        .wait_status("PROCESSED", OTHERS as i64, Duration::from_secs(60))
+        .await;
+    let (p50, p99): (f64, f64) = sqlx::query_as(&format!(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+         FROM (SELECT extract(epoch FROM processed_at - created_at) * 1000 AS ms
+               FROM \"{t}\" WHERE aggregate_id LIKE 'free-%') x"
+    ))
+    .fetch_one(&table.pool)
+    .await
+    .unwrap();
+    eprintln!("other rows behind 200 000 parked ones: commit -> PROCESSED p50 {p50:.1} ms, p99 {p99:.1} ms");
+    assert!(p99 < 50.0, "p99 {p99:.1} ms with parked rows present");
+    assert_eq!(
+        unparked_behind(&table).await,
+        0,
+        "parked rows stayed parked"
+    );
+    broker.take(OTHERS, Duration::from_secs(30)).await;
+
+    // Replay one blocker: it and its 100 parked rows go out, in id order.
+    let blocker: i64 = sqlx::query_scalar(&format!(
+        "SELECT id FROM \"{t}\" WHERE aggregate_id = 'blocked-7' AND status = 'FAILED'"
+    ))
+    .fetch_one(&table.pool)
+    .await
+    .unwrap();
+    let (code, out, err) = run_cmd(
+        &relay_env(&t, &broker.exchange),
+        &["replay", "--id", &blocker.to_string()],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let got = broker
+        .take(BEHIND as usize + 1, Duration::from_secs(60))
+        .await;
+    let index = table.index().await;
+    let ids: Vec<i64> = got
+        .iter()
+        .map(|g| index.get(&g.message_id).expect("a row of the table").0)
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order: {ids:?}");
+    assert_eq!(ids.first(), Some(&blocker));
+    assert!(got
+        .iter()
+        .all(|g| g.headers.get("aggregate_id").map(String::as_str) == Some("blocked-7")));
+    let (status, _, _) = table.row(blocker).await;
+    assert_eq!(status, "PROCESSED");
+    let left: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{t}\" WHERE aggregate_id = 'blocked-7' AND status = 'PENDING'"
+    ))
+    .fetch_one(&table.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}
