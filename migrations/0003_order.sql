@@ -9,16 +9,29 @@
 -- first has ended, then draws a higher id. So per aggregate, id order is commit order,
 -- whatever the producers do. Rows of different aggregates never wait for each other.
 -- (The identity default drawn before the trigger ran is discarded: two sequence values
--- per row.) The sequence is passed by name, resolved once here, so the trigger works
--- whatever the producer's search_path.
+-- per row; an `id` a producer supplies is replaced likewise.) The sequence is passed by
+-- name, resolved once here, so the trigger works whatever the producer's search_path.
+-- The same trigger guards the relay-owned columns: a new row always starts PENDING, with
+-- no attempts, no error, no schedule (a producer cannot insert a row as PROCESSED, or
+-- with a next_attempt_at that would hold its aggregate back for good).
 CREATE OR REPLACE FUNCTION outbox_order() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock(
         hashtextextended(NEW.aggregate_type || '/' || NEW.aggregate_id, TG_RELID::bigint));
     NEW.id := nextval(TG_ARGV[0]::regclass);
+    NEW.status := 'PENDING';
+    NEW.attempts := 0;
+    NEW.last_error := NULL;
+    NEW.processed_at := NULL;
+    NEW.next_attempt_at := NULL;
+    NEW.discarded_at := NULL;
     RETURN NEW;
 END
 $$;
+-- Both trigger functions run as their owner (who ran this migration), so a producer
+-- needs no privilege beyond INSERT (not on the sequence, not on the member table); a
+-- fixed search_path keeps a caller's own objects out of them.
+ALTER FUNCTION outbox_order() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 DROP TRIGGER IF EXISTS outbox_order_trg ON outbox;
 DO $$
 BEGIN
@@ -49,6 +62,7 @@ BEGIN
     $f$, current_schema());
 END
 $do$;
+ALTER FUNCTION outbox_notify() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 -- Blockers are found by the aggregate's hash (the partitioning hash), then compared in
 -- full: an aggregate key of any length fits (a btree entry holds at most 2 704 bytes).

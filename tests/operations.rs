@@ -87,31 +87,28 @@ async fn retention_deletes_only_old_processed_rows() {
     let broker = TestBroker::new("retain").await;
     let t = &table.name;
     // 30 old PROCESSED, 20 recent PROCESSED, 10 old FAILED, 5 old discarded FAILED.
-    sqlx::query(&format!(
-        "INSERT INTO \"{t}\" (aggregate_type, aggregate_id, event_type, payload, status, processed_at, created_at)
+    table
+        .setup_sql(&format!(
+            "INSERT INTO \"{t}\" (aggregate_type, aggregate_id, event_type, payload, status, processed_at, created_at)
          SELECT 'order', g::text, 'order.created', '{{}}', 'PROCESSED', now() - interval '3 hours', now() - interval '3 hours'
          FROM generate_series(1, 30) g"
-    ))
-    .execute(&table.pool)
-    .await
-    .unwrap();
-    sqlx::query(&format!(
-        "INSERT INTO \"{t}\" (aggregate_type, aggregate_id, event_type, payload, status, processed_at)
+        ))
+        .await;
+    table
+        .setup_sql(&format!(
+            "INSERT INTO \"{t}\" (aggregate_type, aggregate_id, event_type, payload, status, processed_at)
          SELECT 'order', g::text, 'order.created', '{{}}', 'PROCESSED', now() - interval '10 minutes'
          FROM generate_series(1, 20) g"
-    ))
-    .execute(&table.pool)
-    .await
-    .unwrap();
-    sqlx::query(&format!(
-        "INSERT INTO \"{t}\" (aggregate_type, aggregate_id, event_type, payload, status, created_at, discarded_at)
+        ))
+        .await;
+    table
+        .setup_sql(&format!(
+            "INSERT INTO \"{t}\" (aggregate_type, aggregate_id, event_type, payload, status, created_at, discarded_at)
          SELECT 'order', 'f' || g, 'order.created', '{{}}', 'FAILED', now() - interval '3 hours',
                 CASE WHEN g > 10 THEN now() - interval '3 hours' END
          FROM generate_series(1, 15) g"
-    ))
-    .execute(&table.pool)
-    .await
-    .unwrap();
+        ))
+        .await;
     let mut env = relay_env(&table.name, &broker.exchange);
     env.push(("OUTBOX_RELAY__RELAY__RETENTION".into(), "1h".into()));
     let relay = RelayProc::start(&env);

@@ -328,3 +328,51 @@ async fn parked_rows_leave_the_scan_and_come_back_in_order(pool: PgPool) {
     assert_eq!(s.unpark_all().await.unwrap(), 2);
     assert_eq!(scanned(&s).await, vec![b1, a3, a4]);
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_producer_with_insert_only_cannot_set_relay_owned_columns(pool: PgPool) {
+    let _s = store(pool.clone()).await;
+    let role = format!("producer_{}", std::process::id());
+    sqlx::raw_sql(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} NOLOGIN;
+         GRANT USAGE ON SCHEMA public TO {role};
+         GRANT INSERT ON outbox TO {role};
+         GRANT SELECT (id, event_id) ON outbox TO {role};"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::raw_sql(&format!("SET LOCAL ROLE {role}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    // As the producer: every relay-owned column set, and an id of its own.
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload,
+                             status, attempts, last_error, processed_at, next_attempt_at, discarded_at)
+         VALUES (900000, 'order', 'p', 'e', '{}', 'PROCESSED', 9, 'x', now(), 'infinity', now())
+         RETURNING id",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let row: (String, i32, Option<String>, bool, bool, bool) = sqlx::query_as(
+        "SELECT status, attempts, last_error, processed_at IS NULL, next_attempt_at IS NULL,
+                discarded_at IS NULL
+         FROM outbox WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(&format!(
+        "REVOKE ALL ON outbox FROM {role}; REVOKE ALL ON SCHEMA public FROM {role}; DROP ROLE {role};"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_ne!(id, 900000, "the database draws the id");
+    assert_eq!(row, ("PENDING".into(), 0, None, true, true, true));
+}

@@ -132,8 +132,10 @@ SELECT format('GRANT SELECT ON TABLE %I.%I TO %I', :'schema', :'history_table', 
 GRANT USAGE ON SCHEMA :"schema" TO :"producer_role";
 REVOKE ALL ON TABLE :"schema".:"outbox_table" FROM :"producer_role";
 
--- INSERT the outbox row in the same transaction as the business rows. The id is an
--- identity column, so no sequence privilege is needed.
+-- INSERT the outbox row in the same transaction as the business rows. Nothing else is
+-- needed: the insert triggers of schema 3 run as their owner (they draw the id under the
+-- aggregate's lock and reset the relay-owned columns — status, attempts, last_error,
+-- processed_at, next_attempt_at, discarded_at — and any producer-supplied id).
 GRANT INSERT ON TABLE :"schema".:"outbox_table" TO :"producer_role";
 
 -- Lets `INSERT ... RETURNING id, event_id` work (e.g. to log the event id); the

@@ -118,6 +118,17 @@ impl TestTable {
         .expect("insert")
     }
 
+    /// Run set-up SQL with the table's triggers off, for rows in relay-owned states
+    /// (PROCESSED, FAILED, …) that the insert guard of schema 3 would reset to PENDING.
+    pub async fn setup_sql(&self, sql: &str) {
+        sqlx::raw_sql(&format!(
+            "BEGIN; SET LOCAL session_replication_role = replica; {sql}; COMMIT;"
+        ))
+        .execute(&self.pool)
+        .await
+        .expect("set-up SQL");
+    }
+
     /// `n` rows over `aggregates` aggregates, written by `producers` concurrent producers,
     /// one row per transaction; each aggregate is written by one producer, so its rows
     /// commit in id order (as with a locked business row).
