@@ -12,7 +12,7 @@
 #      in K8S_VERSIONS
 #   3. policy checks on every relay container (probes, resources, securityContext,
 #      config/secret mounts, *_URL_FILE env, grace period > relay.shutdown_timeout,
-#      config.toml keys known to src/config.rs, selectors)
+#      config.toml keys known to src/config/mod.rs, selectors)
 #   4. if kubectl is on PATH: `kubectl kustomize` renders each overlay (offline), and
 #      the rendered objects go through 2. and 3. again
 #   5. hadolint on deploy/Dockerfile (+ its fixed invariants)
@@ -182,9 +182,12 @@ def duration_seconds(s):
     return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
+CONFIG_RS = os.path.join(ROOT, "src", "config", "mod.rs")
+
+
 def known_config_keys():
-    """Section -> field names, read from the serde structs in src/config.rs."""
-    path = os.path.join(ROOT, "src", "config.rs")
+    """Section -> field names, read from the serde structs in src/config/mod.rs."""
+    path = CONFIG_RS
     if not os.path.exists(path):
         return None
     src = open(path).read()
@@ -243,14 +246,14 @@ def check_config_map(where, cm, keys):
     if keys is not None:
         for section, values in conf.items():
             if section not in keys:
-                err(where, f"config.toml: unknown section [{section}] (src/config.rs)")
+                err(where, f"config.toml: unknown section [{section}] (src/config/mod.rs)")
                 continue
             if not isinstance(values, dict):
                 err(where, f"config.toml: {section} must be a table")
                 continue
             for k in values:
                 if k not in keys[section]:
-                    err(where, f"config.toml: unknown key {section}.{k} (src/config.rs rejects it)")
+                    err(where, f"config.toml: unknown key {section}.{k} (src/config/mod.rs rejects it)")
     props = (conf.get("kafka") or {}).get("properties") or {}
     for k, v in props.items():
         if not isinstance(v, str):
@@ -350,8 +353,8 @@ def cmd_policy(*files):
         for d in load_docs(f):
             objs.append((display(f), d))
     keys = known_config_keys()
-    if keys is None and os.path.exists(os.path.join(ROOT, "src", "config.rs")):
-        print("  note: could not read config keys from src/config.rs; key check skipped")
+    if keys is None and os.path.exists(CONFIG_RS):
+        print("  note: could not read config keys from src/config/mod.rs; key check skipped")
     shutdown = None
     for where, o in objs:
         if o.get("kind") == "ConfigMap" and o["metadata"].get("name") == "outbox-relay-config":

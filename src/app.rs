@@ -69,18 +69,22 @@ impl From<SinkError> for AppError {
     }
 }
 
-/// A name unique to this process among the relay's instances.
+/// A name unique to this process among the relay's instances, in every container:
+/// `<POD_NAME or HOSTNAME>-<pid>-<random UUID>`. The UUID makes it unique (the pid is 1 in
+/// every container); the pid only helps find the process on a shared host.
 pub fn instance_id() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "relay".into());
+    let named = |v: Option<String>| v.map(|h| h.trim().to_string()).filter(|h| !h.is_empty());
+    let host = named(std::env::var("POD_NAME").ok())
+        .or_else(|| named(std::env::var("HOSTNAME").ok()))
+        .or_else(|| named(std::fs::read_to_string("/etc/hostname").ok()));
+    instance_id_for(host.as_deref(), std::process::id())
+}
+
+fn instance_id_for(host: Option<&str>, pid: u32) -> String {
     format!(
-        "{host}-{}-{:04x}",
-        std::process::id(),
-        rand::random::<u16>()
+        "{}-{pid}-{}",
+        host.unwrap_or("relay"),
+        uuid::Uuid::new_v4().simple()
     )
 }
 
@@ -181,13 +185,30 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
     };
     health.set_ready();
     if settings.relay.on_failed == crate::config::OnFailed::Skip {
-        // Rows parked behind FAILED rows by a run in block mode go on now.
-        let n = store.unpark_all().await?;
-        if n > 0 {
-            tracing::info!(
-                rows = n,
-                "on_failed = skip: un-parked rows held behind FAILED rows"
-            );
+        // Rows parked behind FAILED rows by a run in block mode go on now (the database
+        // may blink meanwhile: wait for it as at start).
+        let mut pacer = Pacer::default();
+        loop {
+            match store.unpark_all().await {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(
+                            rows = n,
+                            "on_failed = skip: un-parked rows held behind FAILED rows"
+                        );
+                    }
+                    break;
+                }
+                Err(e) if e.is_unavailable() => {
+                    let pause = pacer.next_pause();
+                    tracing::warn!(error = %e, ?pause, "database unreachable; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     let instance = instance_id();
@@ -299,5 +320,24 @@ async fn retention(store: Store, retention: Duration, cancel: CancellationToken)
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_ids_differ_on_the_same_host_and_pid() {
+        // Two containers of one pod template: same name prefix, pid 1 in both.
+        let a = instance_id_for(Some("order-svc-7d9f"), 1);
+        let b = instance_id_for(Some("order-svc-7d9f"), 1);
+        assert_ne!(a, b);
+        assert!(a.starts_with("order-svc-7d9f-1-"), "{a}");
+        let suffix = &a["order-svc-7d9f-1-".len()..];
+        assert!(uuid::Uuid::parse_str(suffix).is_ok(), "{a}");
+        assert!(instance_id_for(None, 7).starts_with("relay-7-"));
+        let own = format!("-{}-", std::process::id());
+        assert!(instance_id().contains(&own));
     }
 }

@@ -1,14 +1,25 @@
 //! The `outbox-relay` binary: command line, logging, exit codes (2 = fix your config,
 //! schema or dependencies; 1 = unexpected failure).
+//!
+//! Logging: `run` (the daemon) logs JSON lines when stdout is not a terminal; one-shot
+//! commands log plain lines for a person and print their final error once. Whatever
+//! `RUST_LOG` says, lapin, amq-protocol and pinky-swear log at most at `debug` (lapin
+//! traces the AMQP login frame, credentials included), and every line written goes
+//! through `config::secret::scrub` (URL passwords, `password=` parameters and every
+//! configured secret value masked).
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use outbox_relay::app::{self, AppError};
 use outbox_relay::commands;
-use outbox_relay::config::Settings;
+use outbox_relay::config::{secret, Settings};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -57,19 +68,71 @@ enum Command {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "info,sqlx::postgres::notice=warn,lapin=error,pinky_swear=error",
-        )
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::io::stdout().is_terminal() {
-        builder.init();
+/// Without `RUST_LOG`: our own events from `info`, lapin only its errors.
+const DEFAULT_FILTER: &str = "info,sqlx::postgres::notice=warn,lapin=error,pinky_swear=error";
+
+/// Log targets capped whatever `RUST_LOG` asks (a prefix matches every module below
+/// it): lapin traces every frame it writes, the login frame with the password among
+/// them; amq-protocol and pinky-swear trace connection internals.
+const CAPPED_TARGETS: [(&str, LevelFilter); 3] = [
+    ("lapin", LevelFilter::DEBUG),
+    ("amq_protocol", LevelFilter::DEBUG),
+    ("pinky_swear", LevelFilter::DEBUG),
+];
+
+fn init_logging(daemon: bool) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let caps = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_targets(CAPPED_TARGETS);
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = tracing_subscriber::fmt::layer().with_writer(ScrubbedStderr);
+    if !daemon {
+        let human = layer
+            .without_time()
+            .with_ansi(std::io::stderr().is_terminal());
+        registry.with(human.with_filter(caps)).init();
+    } else if std::io::stdout().is_terminal() {
+        registry.with(layer.with_filter(caps)).init();
     } else {
-        builder.json().flatten_event(true).init();
+        let json = layer.json().flatten_event(true);
+        registry.with(json.with_filter(caps)).init();
+    }
+}
+
+/// The log writer: each event is collected whole, scrubbed of secrets, then written to
+/// stderr in one piece.
+struct ScrubbedStderr;
+
+impl<'a> MakeWriter<'a> for ScrubbedStderr {
+    type Writer = ScrubbedEvent;
+
+    fn make_writer(&'a self) -> ScrubbedEvent {
+        ScrubbedEvent(Vec::with_capacity(256))
+    }
+}
+
+struct ScrubbedEvent(Vec<u8>);
+
+impl Write for ScrubbedEvent {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ScrubbedEvent {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let text = secret::scrub(&String::from_utf8_lossy(&self.0));
+        let _ = std::io::stderr().lock().write_all(text.as_bytes());
     }
 }
 
@@ -85,10 +148,11 @@ fn die_on_closed_pipe() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Run) {
+    let daemon = matches!(cli.command, Command::Run);
+    if !daemon {
         die_on_closed_pipe();
     }
-    init_logging();
+    init_logging(daemon);
     let result = (|| -> anyhow::Result<Result<(), AppError>> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -98,12 +162,17 @@ fn main() -> ExitCode {
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("outbox-relay: error: {e}");
-            tracing::error!(error = %e, "exiting");
+            // Once: a JSON log line for the daemon, a plain line for a person.
+            let why = secret::scrub(&e.to_string());
+            if daemon {
+                tracing::error!(error = %why, "exiting");
+            } else {
+                eprintln!("outbox-relay: error: {why}");
+            }
             ExitCode::from(e.exit_code() as u8)
         }
         Err(e) => {
-            eprintln!("outbox-relay: error: {e:#}");
+            eprintln!("outbox-relay: error: {}", secret::scrub(&format!("{e:#}")));
             ExitCode::from(1)
         }
     }

@@ -2,7 +2,9 @@
 //! its backends (pool and LISTEN connection) killed with `pg_terminate_backend` again and
 //! again mid-batch, and the whole server restarted mid-run. For each: committed =
 //! delivered + failed, 0 lost, per-aggregate order of first deliveries, duplicates
-//! counted, no attempt spent. Disruptive (serial phase); Postgres is always started again.
+//! counted, no attempt spent. And Postgres stopped under an idle relay: `database_up`
+//! follows within seconds, both ways. Disruptive (serial phase); Postgres is always
+//! started again.
 
 mod common;
 #[path = "fault_support/mod.rs"]
@@ -133,6 +135,129 @@ async fn postgres_restarted_mid_run_loses_nothing() {
     println!(
         "Postgres down for {outage:?}; producers committed {commits} (+4000 up front), {retries} producer retries"
     );
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+/// Postgres stopped while the relay has nothing to do: `database_up` drops to 0 within a
+/// few seconds and is 1 again soon after the restart; `/readyz` stays 200 (readiness is
+/// decided at start); a row written after the restart is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_stopped_while_idle_shows_in_database_up() {
+    const DATABASE_UP: &str = "outbox_relay_database_up";
+    let table = TestTable::new("fpgidle").await;
+    let broker = TestBroker::new("fpgidle").await;
+    let relay = RelayProc::start(&fault_env(
+        &table.name,
+        &broker.exchange,
+        &[("OUTBOX_RELAY__DATABASE__CONNECT_TIMEOUT", "2s")],
+    ));
+    wait_metric(&relay, DATABASE_UP, Duration::from_secs(20), |v| v == 1.0).await;
+    // Past start-up (a database error there ends the process): the loop holds leases.
+    wait_metric(
+        &relay,
+        "outbox_relay_partitions_held",
+        Duration::from_secs(20),
+        |v| v > 0.0,
+    )
+    .await;
+    assert_eq!(relay.get("/readyz").await.map(|r| r.0), Some(200));
+
+    let guard = PgStartOnDrop;
+    let stopped = Instant::now();
+    assert!(pg_ctlcluster("stop"), "pg_ctlcluster stop");
+    wait_for(
+        Duration::from_secs(10),
+        "database_up = 0 on an idle relay while Postgres is stopped",
+        || async {
+            assert_eq!(relay.get("/readyz").await.map(|r| r.0), Some(200));
+            (relay.metric(DATABASE_UP).await == Some(0.0)).then_some(())
+        },
+    )
+    .await;
+    let seen_down = stopped.elapsed();
+    assert_eq!(relay.get("/livez").await.map(|r| r.0), Some(200));
+    let started = Instant::now();
+    assert!(pg_ctlcluster("start"), "pg_ctlcluster start");
+    assert!(wait_pg_ready(Duration::from_secs(60)), "Postgres back");
+    drop(guard);
+    wait_metric(&relay, DATABASE_UP, Duration::from_secs(20), |v| v == 1.0).await;
+    let seen_up = started.elapsed();
+
+    let table = TestTable {
+        name: table.name.clone(),
+        pool: fresh_pool().await,
+    };
+    table
+        .insert("agg-after", "order.created", None, serde_json::json!({}))
+        .await;
+    table
+        .wait_status("PROCESSED", 1, Duration::from_secs(30))
+        .await;
+    let got = broker.take(1, Duration::from_secs(30)).await;
+    assert_eq!(
+        got[0].headers.get("aggregate_id").map(String::as_str),
+        Some("agg-after")
+    );
+    assert_eq!(relay.get("/readyz").await.map(|r| r.0), Some(200));
+    println!("idle relay: database_up 0 after {seen_down:?} (stop), 1 after {seen_up:?} (start)");
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+/// The path to Postgres frozen (a TCP proxy stops forwarding, sockets stay open) under an
+/// idle relay: queries hang rather than fail, and `database_up` still drops to 0 within
+/// seconds (its ping is bounded), then comes back to 1 after the thaw; a row written
+/// afterwards is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_frozen_while_idle_shows_in_database_up() {
+    const DATABASE_UP: &str = "outbox_relay_database_up";
+    let table = TestTable::new("fpgfreeze").await;
+    let broker = TestBroker::new("fpgfreeze").await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let url = pg_url().replace(":5432", &format!(":{}", proxy.port));
+    assert_ne!(url, pg_url(), "the relay goes through the proxy");
+    let relay = RelayProc::start(&fault_env(
+        &table.name,
+        &broker.exchange,
+        // database.connect_timeout stays at its default (5 s): the ping is bounded on
+        // its own.
+        &[("OUTBOX_RELAY__DATABASE__URL", url.as_str())],
+    ));
+    wait_metric(&relay, DATABASE_UP, Duration::from_secs(20), |v| v == 1.0).await;
+    // Past start-up (a database error there ends the process): the loop holds leases.
+    wait_metric(
+        &relay,
+        "outbox_relay_partitions_held",
+        Duration::from_secs(20),
+        |v| v > 0.0,
+    )
+    .await;
+
+    let frozen = Instant::now();
+    proxy.freeze();
+    wait_metric(&relay, DATABASE_UP, Duration::from_secs(10), |v| v == 0.0).await;
+    let seen_down = frozen.elapsed();
+    assert_eq!(relay.get("/readyz").await.map(|r| r.0), Some(200));
+    let thawed = Instant::now();
+    proxy.thaw();
+    wait_metric(&relay, DATABASE_UP, Duration::from_secs(30), |v| v == 1.0).await;
+    let seen_up = thawed.elapsed();
+
+    table
+        .insert("agg-after", "order.created", None, serde_json::json!({}))
+        .await;
+    table
+        .wait_status("PROCESSED", 1, Duration::from_secs(30))
+        .await;
+    let got = broker.take(1, Duration::from_secs(30)).await;
+    assert_eq!(
+        got[0].headers.get("aggregate_id").map(String::as_str),
+        Some("agg-after")
+    );
+    println!("idle relay, path to Postgres frozen: database_up 0 after {seen_down:?}, 1 after {seen_up:?} (thaw)");
     drop(relay);
     broker.cleanup().await;
     table.cleanup().await;

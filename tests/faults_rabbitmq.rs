@@ -1,11 +1,12 @@
 //! RabbitMQ stopped in the middle of a run (`rabbitmqctl stop_app`, then `start_app`):
 //! nothing is lost, no row spends an attempt, `/readyz` and `/livez` stay 200 while
-//! `outbox_relay_broker_up` drops to 0 and comes back to 1. Disruptive: runs in the
+//! `outbox_relay_broker_up` drops to 0 and comes back to 1 — also on an idle relay, which
+//! learns of the outage from its probe, not from a publish. Disruptive: runs in the
 //! serial phase of `scripts/test.sh`, and always restarts the app it stopped.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -100,6 +101,98 @@ async fn broker_stopped_mid_run_loses_nothing_and_spends_no_attempts() {
         relay.metric("outbox_relay_published_total").await,
         Some(6_000.0),
         "published_total = rows relayed"
+    );
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+/// `/readyz` answers 200 (it never follows the broker, SPEC §6).
+async fn assert_ready(relay: &RelayProc, when: &str) {
+    assert_eq!(
+        relay.get("/readyz").await.map(|r| r.0),
+        Some(200),
+        "/readyz {when}"
+    );
+}
+
+/// RabbitMQ stopped while the relay has nothing to send: `broker_up` drops to 0 within a
+/// few seconds (no publish tells it) and is 1 again soon after `start_app`; `/readyz`
+/// stays 200 throughout; a row written after the restart is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_stopped_while_idle_shows_in_broker_up() {
+    const BROKER_UP: &str = "outbox_relay_broker_up";
+    let table = TestTable::new("ridle").await;
+    let mut broker = TestBroker::new("ridle").await;
+    let relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
+    wait_for(
+        Duration::from_secs(20),
+        "broker_up = 1 at start",
+        || async { (relay.metric(BROKER_UP).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    assert_ready(&relay, "at start").await;
+    assert_eq!(table.total().await, 0, "the relay is idle: nothing to send");
+
+    let guard = StartAppOnDrop;
+    let stopped = Instant::now();
+    rabbitmqctl(&["stop_app"]);
+    wait_for(
+        Duration::from_secs(10),
+        "broker_up = 0 on an idle relay while RabbitMQ is stopped",
+        || async {
+            assert_ready(&relay, "while RabbitMQ is stopped").await;
+            (relay.metric(BROKER_UP).await == Some(0.0)).then_some(())
+        },
+    )
+    .await;
+    let seen_down = stopped.elapsed();
+    assert_eq!(
+        relay.get("/livez").await.map(|r| r.0),
+        Some(200),
+        "alive while waiting for the broker"
+    );
+    // Down it stays while RabbitMQ is stopped (the reconnects fail).
+    let hold = Instant::now() + Duration::from_secs(3);
+    wait_for(Duration::from_secs(10), "3 s of outage", || async {
+        assert_eq!(relay.metric(BROKER_UP).await, Some(0.0), "still stopped");
+        assert_ready(&relay, "while RabbitMQ is stopped").await;
+        (Instant::now() >= hold).then_some(())
+    })
+    .await;
+
+    let started = Instant::now();
+    rabbitmqctl(&["start_app"]);
+    drop(guard);
+    rabbitmqctl(&["await_startup"]);
+    wait_for(
+        Duration::from_secs(20),
+        "broker_up = 1 after start_app",
+        || async {
+            assert_ready(&relay, "after start_app").await;
+            (relay.metric(BROKER_UP).await == Some(1.0)).then_some(())
+        },
+    )
+    .await;
+    let seen_up = started.elapsed();
+
+    broker.reconnect().await;
+    table
+        .insert("agg-after", "order.created", None, serde_json::json!({}))
+        .await;
+    table
+        .wait_status("PROCESSED", 1, Duration::from_secs(30))
+        .await;
+    let got = broker.take(1, Duration::from_secs(30)).await;
+    assert_eq!(got[0].kind, "order.created");
+    assert_eq!(
+        got[0].headers.get("aggregate_id").map(String::as_str),
+        Some("agg-after")
+    );
+    assert_eq!(table.max_attempts_seen().await, 0);
+    assert_ready(&relay, "at the end").await;
+    println!(
+        "idle relay: broker_up 0 after {seen_down:?} (stop_app), 1 after {seen_up:?} (start_app)"
     );
     drop(relay);
     broker.cleanup().await;

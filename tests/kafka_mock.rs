@@ -1,11 +1,12 @@
 //! The Kafka sink against librdkafka's mock cluster (no external broker): per-message
-//! permanent errors, a broker outage that spends no attempts, and the dead-letter topic.
+//! permanent errors, a broker outage that spends no attempts, `broker_up` following an
+//! outage while the relay is idle, and the dead-letter topic.
 
 #[path = "kafka_support/mod.rs"]
 mod support;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outbox_relay::sink::kafka::KafkaSink;
 use rdkafka::mocking::MockCluster;
@@ -180,6 +181,71 @@ async fn broker_outage_spends_no_attempts() {
     }
     assert_order(&db, &got);
 
+    relay.stop().await;
+    table.drop_all().await;
+}
+
+/// The value of an unlabelled metric in a Prometheus text rendering.
+fn gauge(rendered: &str, name: &str) -> Option<f64> {
+    rendered
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// With nothing to send, `outbox_relay_broker_up` still follows the cluster: 0 within
+/// seconds of the broker going down (the relay probes it; no publish tells it), 1 once it
+/// is back, and the next row goes out. Reads the process's Prometheus recorder, so it
+/// needs a process of its own (nextest runs each test in one, as `scripts/test.sh` does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_up_follows_an_outage_while_idle() {
+    const BROKER_UP: &str = "outbox_relay_broker_up";
+    let metrics = outbox_relay::metrics::install().expect("the only recorder in this process");
+    let cluster = MockCluster::new(1).unwrap();
+    let topic = format!("kt-{}", hex_id());
+    cluster.create_topic(&topic, 2, 1).unwrap();
+    let table = TestTable::create().await;
+    let cfg = kafka_config(&cluster.bootstrap_servers(), &[]);
+    let sink = KafkaSink::new(&cfg, Duration::from_secs(2)).expect("valid Kafka config");
+    let relay = RunningRelay::start(&table.store, sink, relay_config("2s"));
+
+    table.insert(&[Row::new("warm", 0).to(&topic)]).await;
+    wait_until(Duration::from_secs(20), "warm-up row PROCESSED", || async {
+        table.count_where("status = 'PROCESSED'").await == 1
+    })
+    .await;
+    wait_until(Duration::from_secs(10), "broker_up = 1", || async {
+        gauge(&metrics.render(), BROKER_UP) == Some(1.0)
+    })
+    .await;
+
+    let t0 = Instant::now();
+    cluster.broker_down(1).unwrap();
+    wait_until(
+        Duration::from_secs(15),
+        "broker_up = 0 on an idle relay while the broker is down",
+        || async { gauge(&metrics.render(), BROKER_UP) == Some(0.0) },
+    )
+    .await;
+    let seen_down = t0.elapsed();
+    let t1 = Instant::now();
+    cluster.broker_up(1).unwrap();
+    wait_until(Duration::from_secs(30), "broker_up = 1 again", || async {
+        gauge(&metrics.render(), BROKER_UP) == Some(1.0)
+    })
+    .await;
+    let seen_up = t1.elapsed();
+
+    table.insert(&[Row::new("after", 0).to(&topic)]).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the row after the outage PROCESSED",
+        || async { table.count_where("status = 'PROCESSED'").await == 2 },
+    )
+    .await;
+    assert_eq!(table.count_where("attempts <> 0").await, 0);
+    println!("idle relay, Kafka: broker_up 0 after {seen_down:?}, 1 after {seen_up:?}");
     relay.stop().await;
     table.drop_all().await;
 }

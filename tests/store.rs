@@ -376,3 +376,33 @@ async fn a_producer_with_insert_only_cannot_set_relay_owned_columns(pool: PgPool
     assert_ne!(id, 900000, "the database draws the id");
     assert_eq!(row, ("PENDING".into(), 0, None, true, true, true));
 }
+
+#[sqlx::test(migrations = false)]
+async fn the_order_lock_is_held_to_commit_unless_switched_off(pool: PgPool) {
+    let _s = store(pool.clone()).await;
+    let held =
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()";
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'a', 'e', '{}'), ('order', 'b', 'e', '{}'), ('order', 'a', 'e', '{}')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar(held).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(n, 2, "one lock per aggregate written, until commit");
+    tx.commit().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL outboxrelay.order_lock = off")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'a', 'e', '{}')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar(held).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(
+        n, 0,
+        "switched off for producers that lock the aggregate themselves"
+    );
+    tx.commit().await.unwrap();
+}

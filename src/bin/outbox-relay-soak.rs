@@ -409,7 +409,7 @@ async fn main() -> anyhow::Result<()> {
         format!("DROP TABLE IF EXISTS \"{tag}_relay_members\""),
         format!("DROP TABLE IF EXISTS \"{tag}_relay_migrations\""),
         format!("DROP FUNCTION IF EXISTS \"{tag}_notify\"() CASCADE"),
-        format!("DROP FUNCTION IF EXISTS \"{tag}_order\"() CASCADE"),
+        format!("DROP FUNCTION IF EXISTS \"{tag}_insert\"() CASCADE"),
     ] {
         let _ = sqlx::query(&sql).execute(&pool).await;
     }

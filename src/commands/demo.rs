@@ -86,6 +86,7 @@ pub async fn run(settings: &Settings, events: u32) -> Result<(), AppError> {
                 }
             }
         }
+        tap
     });
     let started = Instant::now();
     let committed = produce(&store, &business, events).await?;
@@ -121,7 +122,10 @@ pub async fn run(settings: &Settings, events: u32) -> Result<(), AppError> {
     }
     let total_elapsed = last_arrival.saturating_duration_since(started);
     drop(arrivals);
-    let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+    // Close the reader's and the relay's broker connections while the runtime runs.
+    if let Ok(Ok(tap)) = tokio::time::timeout(Duration::from_secs(2), reader).await {
+        tap.close().await;
+    }
     cancel.cancel();
     let _ = tokio::time::timeout(settings.relay.shutdown_timeout, relay).await;
 
@@ -164,6 +168,7 @@ pub async fn run(settings: &Settings, events: u32) -> Result<(), AppError> {
         pct(1.0)
     );
     let backlog = store.backlog().await?;
+    store.pool().close().await;
     println!(
         "outbox now: PENDING {} PROCESSED {} FAILED {}",
         backlog.pending, backlog.processed, backlog.failed
@@ -259,6 +264,14 @@ enum DemoTap {
 }
 
 impl DemoTap {
+    /// Close the reader's broker connection (inside the runtime).
+    async fn close(self) {
+        match self {
+            DemoTap::Rabbit(t) => t.close().await,
+            DemoTap::Kafka(t) => t.close().await,
+        }
+    }
+
     async fn next(&mut self, timeout: Duration) -> Option<Arrival> {
         match self {
             DemoTap::Rabbit(t) => {

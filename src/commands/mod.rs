@@ -1,5 +1,7 @@
 //! The operator's commands besides `run`: `migrate`, `check`, `status`, `replay`,
-//! `discard` (and `demo` in its own module).
+//! `discard` (and `demo` in its own module). Each closes its database and broker
+//! connections before it returns, so nothing is left for the runtime's shutdown to tear
+//! down (lapin logs such a teardown as an ERROR).
 
 pub mod demo;
 
@@ -22,6 +24,7 @@ pub async fn migrate(settings: &Settings) -> Result<(), AppError> {
         .map_err(|e| AppError::Database(crate::store::StoreError::from(e).to_string()))?;
     let table = settings.table();
     let applied = crate::migrate::migrate(&mut conn, &table).await?;
+    let _ = conn.close().await;
     if applied.is_empty() {
         println!("{table}: schema up to date (nothing to apply)");
     } else {
@@ -40,21 +43,26 @@ pub async fn check(settings: &Settings) -> Result<(), AppError> {
         .await
         .map_err(crate::store::StoreError::from)?;
     crate::migrate::check_schema(&mut conn, store.table()).await?;
+    drop(conn);
+    store.pool().close().await;
     println!(
         "database: ok ({}, table {})",
         settings.database.url,
         store.table()
     );
-    match build_sink(settings)? {
+    let reached = match build_sink(settings)? {
         AnySink::Rabbit(mut s) => {
-            s.connect().await?;
+            let reached = s.connect().await;
             s.close().await;
+            reached
         }
         AnySink::Kafka(mut s) => {
-            s.connect().await?;
+            let reached = s.connect().await;
             s.close().await;
+            reached
         }
-    }
+    };
+    reached?;
     println!("broker: ok ({})", settings.sink.kind);
     Ok(())
 }
@@ -65,6 +73,7 @@ pub async fn status(settings: &Settings, json: bool) -> Result<(), AppError> {
     let backlog = store.backlog().await?;
     let failures = store.recent_failures(10).await?;
     let blocked = store.blocked_aggregates(20).await?;
+    store.pool().close().await;
     if json {
         let doc = serde_json::json!({
             "table": store.table().to_string(),
@@ -139,6 +148,7 @@ pub async fn replay(settings: &Settings, ids: &[i64], all_failed: bool) -> Resul
     let done = store
         .replay(if all_failed { None } else { Some(ids) })
         .await?;
+    store.pool().close().await;
     println!("replayed {} row(s): {done:?}", done.len());
     report_missing(ids, &done, "not FAILED (or discarded)");
     Ok(())
@@ -151,6 +161,7 @@ pub async fn discard(settings: &Settings, ids: &[i64]) -> Result<(), AppError> {
     }
     let store = connect_once(settings).await?;
     let done = store.discard(ids).await?;
+    store.pool().close().await;
     println!("discarded {} row(s): {done:?}", done.len());
     report_missing(ids, &done, "not FAILED (or already discarded)");
     Ok(())

@@ -292,7 +292,7 @@ impl<S: Sink> Engine<S> {
 
     /// The broker is not there: no sends until a reconnect works. Only the first report
     /// of an outage (or a failed reconnect) moves the reconnect backoff on.
-    fn broker_down(&mut self, why: &str) {
+    pub(super) fn broker_down(&mut self, why: &str) {
         metrics::gauge!(m::BROKER_UP).set(0.0);
         if self.broker.down {
             return;

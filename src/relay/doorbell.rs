@@ -17,12 +17,15 @@ use crate::store::{Store, StoreError};
 
 /// How far back the claim rate is measured.
 pub const WINDOW: Duration = Duration::from_millis(250);
-/// Claimed rows per second above which notifications stop (they would arrive faster
-/// than the relay claims anyway).
-pub const BUSY_RATE: usize = 2_000;
+/// Claimed rows per second above which notifications stop: from there on a claim every
+/// `BUSY_POLL` finds a row or more, so polling wastes nothing. It must stay well below
+/// what producers reach while notifying (NOTIFY serializes their commits: ~700–1 100
+/// commits/s on the bench machine); a threshold above that would hold them there, the
+/// relay never seeing the rate that turns the notifications off.
+pub const BUSY_RATE: usize = 200;
 /// Rows per second below which they start again (hysteresis: no flapping in between).
-pub const QUIET_RATE: usize = 1_000;
-/// The claim tick while not listening: at `BUSY_RATE` every tick finds ~10 rows.
+pub const QUIET_RATE: usize = 50;
+/// The claim tick while not listening.
 pub const BUSY_POLL: Duration = Duration::from_millis(5);
 
 #[derive(Debug)]
@@ -175,23 +178,23 @@ mod tests {
             d.poll_interval(Duration::from_millis(500)),
             Duration::from_millis(500)
         );
-        // 1 000 rows/s: still listening (latency matters more than the lock).
-        for i in 0..250u64 {
-            d.record(t0 + Duration::from_millis(i), 1, false);
+        // 100 rows/s: still listening (a notification per row costs producers little).
+        for i in 0..25u64 {
+            d.record(t0 + Duration::from_millis(10 * i), 1, false);
         }
         assert!(d.wanted(t0 + Duration::from_millis(250)));
-        // 4 000 rows/s: stop.
+        // 1 000 rows/s: stop.
         for i in 250..500u64 {
-            d.record(t0 + Duration::from_millis(i), 4, false);
+            d.record(t0 + Duration::from_millis(i), 1, false);
         }
         assert!(!d.wanted(t0 + Duration::from_millis(500)));
         d.written(false);
         assert_eq!(d.poll_interval(Duration::from_millis(500)), BUSY_POLL);
-        // 1 500 rows/s: in between, stays off (hysteresis).
+        // 100 rows/s: in between, stays off (hysteresis).
         let mut t = t0 + Duration::from_millis(500);
-        for _ in 0..250 {
-            t += Duration::from_millis(2);
-            d.record(t, 3, false);
+        for _ in 0..50 {
+            t += Duration::from_millis(10);
+            d.record(t, 1, false);
         }
         assert!(!d.wanted(t));
         // Quiet again: back on.

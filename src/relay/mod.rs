@@ -5,7 +5,8 @@
 //!
 //! Stages (one file each): `window` (per-aggregate FIFOs, bounded in rows and bytes),
 //! `claimer` (fair claims), `dispatch` (sending, outcomes, broker outages), `completer`
-//! (batched marks), `leases` (renew, rebalance, the fence), `backoff`, `wake`.
+//! (batched marks), `leases` (renew, rebalance, the fence), `probe` (broker and database
+//! reachability while idle), `backoff`, `wake`.
 //!
 //! Crash points (any of them may be a SIGKILL):
 //! - after claim, before send: nothing was marked; the rows are claimed again (by us
@@ -22,6 +23,7 @@ mod completer;
 mod dispatch;
 mod doorbell;
 mod leases;
+mod probe;
 pub mod wake;
 mod window;
 
@@ -124,6 +126,7 @@ struct Engine<S: Sink> {
     /// When the last poll tick claimed (the tick is shorter while not listening).
     last_poll: Instant,
     doorbell: Doorbell,
+    probes: probe::Probes,
 }
 
 impl<S: Sink> Engine<S> {
@@ -160,6 +163,7 @@ impl<S: Sink> Engine<S> {
             dropped: HashSet::new(),
             last_poll: Instant::now(),
             doorbell: Doorbell::new(r.cfg.listen),
+            probes: probe::Probes::new(Instant::now()),
             cfg: r.cfg,
         }
     }
@@ -183,6 +187,7 @@ impl<S: Sink> Engine<S> {
                 r = join(&mut self.release_task) => { self.release_task = None; self.on_released(r); }
                 r = join(&mut self.claiming) => { self.claiming = None; self.on_claimed(r); }
                 r = self.completer.next() => self.on_recorded(r),
+                p = self.probes.next() => self.on_probed(p).await,
                 _ = self.wake.notified() => self.claim_due = true,
                 claim = self.doorbell.written_next() => self.claim_due |= claim,
                 _ = tokio::time::sleep_until(timer.into()) => {}
@@ -191,7 +196,7 @@ impl<S: Sink> Engine<S> {
         self.shutdown().await;
     }
 
-    /// Everything that is due now, in order: leases, the fence, reconnect, claim, send.
+    /// Everything that is due now, in order: leases, the fence, reconnect, claim, send, probes.
     async fn step(&mut self) {
         let now = Instant::now();
         if now >= self.next_poll() {
@@ -215,6 +220,7 @@ impl<S: Sink> Engine<S> {
         self.maybe_claim();
         self.dispatch().await;
         self.completer.kick();
+        self.start_probes(Instant::now());
     }
 
     fn next_timer(&self) -> Instant {
@@ -222,6 +228,7 @@ impl<S: Sink> Engine<S> {
         if self.broker.down {
             t = t.min(self.broker.retry_at);
         }
+        t = t.min(self.next_probe());
         if self.claim_due && self.claiming.is_none() && self.next_claim_at > Instant::now() {
             // Waiting out a database error before claiming again.
             t = t.min(self.next_claim_at);
@@ -490,6 +497,7 @@ impl<S: Sink> Engine<S> {
             );
             self.completer.abort();
         }
+        self.probes.settle().await;
         self.sink.close().await;
         self.leases.clear();
         if let Err(e) = self.store.leave(&self.leases.instance).await {

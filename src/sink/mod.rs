@@ -72,6 +72,19 @@ pub trait Sink: Send + 'static {
     /// Whether the broker connection is up, without sending anything (cheap).
     fn is_connected(&self) -> bool;
 
+    /// Ask the broker, without sending a message, whether it still answers: at most one
+    /// cheap round trip, answered within `within`. The engine calls it about once a
+    /// second while nothing is out, so an outage shows on an idle relay. The returned
+    /// future does not borrow the sink. By default: the connection state only.
+    fn probe(&self, within: Duration) -> Confirm {
+        let _ = within;
+        decided(if self.is_connected() {
+            Ok(())
+        } else {
+            Err(SinkError::Unavailable("not connected".into()))
+        })
+    }
+
     /// How long the engine waits for a confirm before it treats the broker as stalled,
     /// given `relay.publish_timeout`. A sink whose client times messages out itself
     /// answers later than that client would.

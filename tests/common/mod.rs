@@ -89,7 +89,7 @@ impl TestTable {
             format!("DROP TABLE IF EXISTS \"{}_relay_migrations\"", self.name),
             format!("DROP TABLE IF EXISTS \"{}_demo_orders\"", self.name),
             format!("DROP FUNCTION IF EXISTS \"{}_notify\"() CASCADE", self.name),
-            format!("DROP FUNCTION IF EXISTS \"{}_order\"() CASCADE", self.name),
+            format!("DROP FUNCTION IF EXISTS \"{}_insert\"() CASCADE", self.name),
         ] {
             let _ = sqlx::query(&sql).execute(&self.pool).await;
         }

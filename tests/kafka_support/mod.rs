@@ -111,7 +111,7 @@ impl TestTable {
         sqlx::raw_sql(&format!(
             "DROP TABLE IF EXISTS \"{n}\", \"{n}_relay_leases\", \"{n}_relay_members\", \"{n}_relay_migrations\" CASCADE;
              DROP FUNCTION IF EXISTS \"{n}_notify\"() CASCADE;
-             DROP FUNCTION IF EXISTS \"{n}_order\"() CASCADE;"
+             DROP FUNCTION IF EXISTS \"{n}_insert\"() CASCADE;"
         ))
         .execute(&self.pool)
         .await

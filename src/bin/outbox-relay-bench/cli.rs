@@ -58,10 +58,10 @@ pub struct Args {
     /// Concurrent producer connections (latency and NOTIFY runs).
     #[arg(long, default_value_t = 8)]
     pub producers: usize,
-    /// Latency run without the NOTIFY trigger (pair with e.g.
+    /// Latency run without NOTIFY wake-ups (`relay.listen = false`; pair with e.g.
     /// `--relay-env OUTBOX_RELAY__RELAY__POLL_INTERVAL=10ms`).
     #[arg(long)]
-    pub disable_trigger: bool,
+    pub no_listen: bool,
     /// Rows preloaded for the textbook relay.
     #[arg(long, default_value_t = 10_000)]
     pub naive_rows: u64,

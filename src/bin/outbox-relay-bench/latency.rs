@@ -14,10 +14,10 @@ impl Bench {
     pub async fn latency(&self, kind: Kind) -> Result<Latency> {
         let phase = format!("lat_{}", &kind.label()[..1]);
         let t = self.table(&phase).await?;
-        if self.args.disable_trigger {
-            t.set_trigger(false).await?;
+        let mut env = self.relay_env(kind, &t.name, &phase).await?;
+        if self.args.no_listen {
+            env.push(("OUTBOX_RELAY__RELAY__LISTEN".into(), "false".into()));
         }
-        let env = self.relay_env(kind, &t.name, &phase).await?;
         let (seen, consumer) = match kind {
             Kind::Rabbit => {
                 let r = self.rabbit()?;

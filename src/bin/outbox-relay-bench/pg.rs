@@ -76,7 +76,7 @@ impl BenchTable {
             format!("DROP TABLE IF EXISTS \"{n}_relay_members\""),
             format!("DROP TABLE IF EXISTS \"{n}_relay_migrations\""),
             format!("DROP FUNCTION IF EXISTS \"{n}_notify\"() CASCADE"),
-            format!("DROP FUNCTION IF EXISTS \"{n}_order\"() CASCADE"),
+            format!("DROP FUNCTION IF EXISTS \"{n}_insert\"() CASCADE"),
         ] {
             let _ = sqlx::query(&sql).execute(&self.pool).await;
         }
@@ -196,18 +196,6 @@ impl BenchTable {
         ))
         .fetch_one(&self.pool)
         .await?)
-    }
-
-    pub async fn set_trigger(&self, enabled: bool) -> Result<()> {
-        sqlx::raw_sql(&format!(
-            "ALTER TABLE {} {} TRIGGER \"{}_notify_trg\"",
-            self.ident(),
-            if enabled { "ENABLE" } else { "DISABLE" },
-            self.name
-        ))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
     }
 
     pub async fn notify_channel(&self) -> Result<String> {

@@ -191,8 +191,8 @@ pub fn print_table(args: &Args, f: &Figures) {
     if !args.relay_env.is_empty() {
         println!("Relay env: {}", args.relay_env.join(" "));
     }
-    if args.disable_trigger {
-        println!("Latency run with the NOTIFY trigger disabled.");
+    if args.no_listen {
+        println!("Latency run without NOTIFY wake-ups (relay.listen = false).");
     }
     println!();
     let header: Vec<&str> = sinks.iter().map(|(n, _)| *n).collect();

@@ -409,6 +409,33 @@ impl Sink for KafkaSink {
         self.connected && self.producer.is_some() && !self.retire.load(Ordering::SeqCst)
     }
 
+    /// A metadata request for one topic already seen to exist (for every topic only
+    /// before any was seen): librdkafka sends it to a broker it is connected to, and
+    /// fails it when none is reachable within `within`.
+    fn probe(&self, within: Duration) -> Confirm {
+        let producer = match &self.producer {
+            Some(p) if self.is_connected() => p.clone(),
+            _ => return super::decided(Err(self.unavailable("not connected"))),
+        };
+        let topic = self.known_topics.keys().next().cloned();
+        let (brokers, properties) = (self.brokers.clone(), self.properties.clone());
+        Box::pin(async move {
+            let asked = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(topic.as_deref(), within)
+                    .map(|_| ())
+            })
+            .await;
+            let why = match asked {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => format!("cannot reach Kafka at {brokers} within {within:?}: {e}"),
+                Err(e) => format!("metadata probe failed: {e}"),
+            };
+            Err(SinkError::Unavailable(props::scrub(&why, &properties)))
+        })
+    }
+
     fn confirm_timeout(&self, _publish_timeout: Duration) -> Duration {
         // librdkafka answers every message within `message.timeout.ms` (it scans for
         // expired messages about once a second): wait for its own verdict.

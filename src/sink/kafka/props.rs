@@ -2,9 +2,10 @@
 //! `kafka.properties` as-is, then the guarantees (idempotence, `acks=all`) that no
 //! property may weaken.
 //!
-//! Invariant: the producer is always idempotent with `acks=all`. A property that would
-//! turn either off is refused before any client is created, with an error naming the
-//! key as `kafka.properties.<name>`.
+//! Invariant: the producer is always idempotent with `acks=all` and places a key with
+//! the Java client's partitioner (`murmur2_random`). A property that would turn either
+//! off, or move keys to other partitions, is refused before any client is created, with
+//! an error naming the key as `kafka.properties.<name>`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
+pub use crate::config::secret::is_secret_property;
 use crate::config::KafkaConfig;
 
 /// A `kafka.properties` entry the relay cannot accept.
@@ -37,8 +39,13 @@ fn refuse(name: &str, message: impl Into<String>) -> PropertyError {
     }
 }
 
+/// The partitioner the relay sets: the Java client's default, so the relay and the
+/// service's other producers put a key on the same partition.
+const PARTITIONER: &str = "murmur2_random";
+
 /// Check `kafka.properties` against the relay's guarantees (SPEC §3.1): an idempotent
-/// producer with `acks=all`, and no transactions (the relay does not drive them).
+/// producer with `acks=all`, the same key → partition mapping as ever (per-aggregate
+/// order lives in one partition), and no transactions (the relay does not drive them).
 pub fn validate_properties(props: &BTreeMap<String, String>) -> Result<(), PropertyError> {
     for (name, value) in props {
         let v = value.trim().to_ascii_lowercase();
@@ -53,6 +60,13 @@ pub fn validate_properties(props: &BTreeMap<String, String>) -> Result<(), Prope
                 return Err(refuse(
                     name,
                     format!("the relay marks a row PROCESSED only after acks=all (or -1); got {value:?}"),
+                ));
+            }
+            // `murmur2` places every non-empty key exactly as `murmur2_random` does.
+            "partitioner" if !matches!(v.as_str(), PARTITIONER | "murmur2") => {
+                return Err(refuse(
+                    name,
+                    format!("the relay keeps each aggregate's events in order on one partition with the {PARTITIONER} partitioner (the Java client's default); another partitioner ({value:?}) would move keys to other partitions and break that order; remove this property"),
                 ));
             }
             "transactional.id" => {
@@ -97,7 +111,7 @@ pub fn producer_config(
         // most 5 produce requests in flight per broker, so gather a few ms per request.
         .set("linger.ms", "5")
         // Same key → same partition as the Java client's default partitioner.
-        .set("partitioner", "murmur2_random")
+        .set("partitioner", PARTITIONER)
         // A typo'd `destination` must fail its row, never create a topic (SPEC §2).
         .set("allow.auto.create.topics", "false")
         .set("message.timeout.ms", timeout.as_millis().max(1).to_string());
@@ -151,17 +165,6 @@ fn is_common_property(k: &str) -> bool {
     .any(|p| k.starts_with(p))
 }
 
-/// Is this property's value a secret (never to be echoed in an error)?
-pub fn is_secret_property(k: &str) -> bool {
-    let k = k.to_ascii_lowercase();
-    k.contains("password")
-        || k.contains("secret")
-        || k.ends_with(".pem")
-        || (k.starts_with("ssl.") && k.contains("key"))
-        || k.contains("oauthbearer.config")
-        || k == "sasl.jaas.config"
-}
-
 /// Replace the values of secret properties in `text` with `***`.
 pub fn scrub(text: &str, props: &BTreeMap<String, String>) -> String {
     let mut out = crate::config::redact_url(text);
@@ -208,6 +211,11 @@ mod tests {
         );
         assert!(validate_properties(&props(&[("acks", "-1")])).is_ok());
         assert!(validate_properties(&props(&[("transactional.id", "x")])).is_err());
+        for p in ["random", "consistent_random", "fnv1a", "Murmur2_Random2"] {
+            let e = validate_properties(&props(&[("partitioner", p)])).unwrap_err();
+            assert_eq!(e.key, "kafka.properties.partitioner");
+        }
+        assert!(validate_properties(&props(&[("partitioner", "murmur2_random")])).is_ok());
     }
 
     #[test]

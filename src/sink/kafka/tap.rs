@@ -147,6 +147,13 @@ pub async fn tap_for_demo(cfg: &KafkaConfig) -> Result<DemoTap, SinkError> {
 }
 
 impl DemoTap {
+    /// Close the consumer off the async runtime (its `Drop` leaves the group and joins
+    /// librdkafka's threads, blocking).
+    pub async fn close(self) {
+        let consumer = self.consumer;
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    }
+
     /// The topic this tap reads.
     pub fn topic(&self) -> &str {
         &self.topic

@@ -16,7 +16,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::options::{
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+};
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -130,16 +132,11 @@ impl RabbitSink {
         Ok(())
     }
 
+    /// Close the channel, then the connection, waiting for the broker (bounded). Dropped
+    /// unclosed, lapin closes the channel behind the closing connection and logs an ERROR.
     async fn drop_connection(&mut self) {
-        self.channel = None;
-        if let Some(conn) = self.conn.take() {
-            // Bounded: a stalled broker must not stall shutdown or reconnect.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                conn.close(320, "outbox-relay reconnect"),
-            )
-            .await;
-        }
+        let (channel, conn) = (self.channel.take(), self.conn.take());
+        close_quietly(channel, conn, "outbox-relay closing").await;
     }
 
     /// Make sure the publishing channel is open (the connection may still be fine after
@@ -348,6 +345,29 @@ impl Sink for RabbitSink {
         self.connected()
     }
 
+    /// A `basic.qos` round trip on the publishing channel (a no-op for a channel that
+    /// never consumes). A connection lapin saw close fails at once.
+    fn probe(&self, within: Duration) -> Confirm {
+        if !self.conn.as_ref().is_some_and(|c| c.status().connected()) {
+            return super::decided(Err(unavailable("not connected")));
+        }
+        let Some(channel) = self.channel.clone().filter(|c| c.status().connected()) else {
+            // The connection is up; the next send opens a new channel.
+            return super::decided(Ok(()));
+        };
+        Box::pin(async move {
+            match tokio::time::timeout(within, channel.basic_qos(0, BasicQosOptions::default()))
+                .await
+            {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(broken(&e)),
+                Err(_) => Err(unavailable(format!(
+                    "no answer to a probe within {within:?}"
+                ))),
+            }
+        })
+    }
+
     async fn close(&mut self) {
         self.drop_connection().await;
     }
@@ -444,6 +464,20 @@ async fn new_confirm_channel(conn: &Connection) -> Result<Channel, SinkError> {
         .await
         .map_err(|e| unavailable(describe(&e)))?;
     Ok(channel)
+}
+
+/// Close `channel` then `conn` if they are still open, within a second in all (a
+/// stalled broker must not stall shutdown or reconnect); errors are moot.
+pub(crate) async fn close_quietly(channel: Option<Channel>, conn: Option<Connection>, why: &str) {
+    let close = async {
+        if let Some(ch) = channel.filter(|c| c.status().connected()) {
+            let _ = ch.close(200, why).await;
+        }
+        if let Some(conn) = conn.filter(|c| c.status().connected()) {
+            let _ = conn.close(200, why).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
 }
 
 fn unavailable(why: impl Into<String>) -> SinkError {

@@ -1,12 +1,13 @@
 //! A throw-away consumer for `demo` and the tests: an exclusive, auto-deleted queue bound
-//! to an exchange, read with auto-ack.
+//! to an exchange, read with auto-ack. `close` it before the runtime ends (a dropped
+//! connection is closed by lapin in the background, which fails once the runtime is gone).
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, Consumer};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 
 use crate::config::Secret;
 use crate::sink::SinkError;
@@ -23,7 +24,8 @@ pub struct Received {
 }
 
 pub struct Tap {
-    _conn: Connection,
+    conn: Connection,
+    channel: Channel,
     consumer: Consumer,
     pub queue: String,
 }
@@ -72,10 +74,16 @@ impl Tap {
             .await
             .map_err(err)?;
         Ok(Self {
-            _conn: conn,
+            conn,
+            channel: ch,
             consumer,
             queue,
         })
+    }
+
+    /// Close the channel and the connection, waiting for the broker (bounded).
+    pub async fn close(self) {
+        super::close_quietly(Some(self.channel), Some(self.conn), "tap done").await;
     }
 
     /// The next message, or `None` after `timeout` without one.

@@ -1,5 +1,12 @@
 //! Typed configuration: defaults → `--config` TOML → `OUTBOX_RELAY__SECTION__KEY` env vars,
 //! validated once at start. Every error names the offending key; secrets never print.
+//!
+//! Secrets can come from files (the Kubernetes Secret-volume convention): `database.url_file`
+//! and `rabbitmq.url_file` replace their URL, and any `kafka.properties."<name>_file"`
+//! entry (e.g. `"sasl.password_file"`) sets property `<name>` to the file's content.
+
+mod defaults;
+pub mod secret;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -7,9 +14,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::table::TableName;
+use defaults::*;
+pub use secret::{redact_text, redact_url, Secret};
 
 /// Why the configuration cannot be used. Always names the key (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -27,66 +36,6 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         message: message.into(),
-    }
-}
-
-/// A string that holds credentials (a URL with a password). `Debug`/`Display` redact it.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-    /// The real value: only for handing to a client library, never for printing.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    /// The value with any password replaced by `***`, fit for logs.
-    pub fn redacted(&self) -> String {
-        redact_url(&self.0)
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret({})", self.redacted())
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(Secret)
-    }
-}
-
-/// Replace the password of a URL (and anything that looks like one) with `***`.
-pub fn redact_url(s: &str) -> String {
-    match url::Url::parse(s) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        // Not a URL: still strip a `user:pass@` segment if one is there.
-        Err(_) => match (s.find("://"), s.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                let creds = &s[scheme + 3..at];
-                match creds.find(':') {
-                    Some(colon) => {
-                        format!("{}{}:***{}", &s[..scheme + 3], &creds[..colon], &s[at..])
-                    }
-                    None => s.to_string(),
-                }
-            }
-            _ => s.to_string(),
-        },
     }
 }
 
@@ -207,7 +156,7 @@ pub struct RabbitmqConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     #[serde(default = "default_brokers")]
@@ -216,9 +165,36 @@ pub struct KafkaConfig {
     pub topic: String,
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
-    /// Passed to librdkafka as-is.
+    /// Passed to librdkafka as-is (after `<name>_file` entries are read into `<name>`).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+/// Suffix of a `kafka.properties` key whose value is a file holding the property's value.
+pub const PROPERTY_FILE_SUFFIX: &str = "_file";
+
+impl fmt::Debug for KafkaConfig {
+    /// Secret properties (`sasl.password`, `ssl.key.password`, …) print as `***`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if secret::is_secret_property(k) {
+                    "***"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &redact_url(&self.brokers))
+            .field("topic", &self.topic)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("properties", &properties)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -250,76 +226,6 @@ fn empty_table<T: serde::de::DeserializeOwned>() -> T {
     serde_json::from_value(serde_json::json!({})).expect("every config field has a default")
 }
 
-fn default_database_url() -> Secret {
-    Secret::new("postgres://postgres@127.0.0.1:5432/test")
-}
-fn default_table() -> String {
-    "outbox".into()
-}
-const fn default_max_connections() -> u32 {
-    4
-}
-const fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-const fn default_batch_size() -> u32 {
-    500
-}
-const fn default_poll_interval() -> Duration {
-    Duration::from_millis(500)
-}
-const fn default_max_attempts() -> u32 {
-    10
-}
-const fn default_backoff_initial() -> Duration {
-    Duration::from_secs(1)
-}
-const fn default_backoff_max() -> Duration {
-    Duration::from_secs(300)
-}
-const fn default_on_failed() -> OnFailed {
-    OnFailed::Block
-}
-const fn default_lease_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-const fn default_shutdown_timeout() -> Duration {
-    Duration::from_secs(20)
-}
-const fn default_retention() -> Duration {
-    Duration::from_secs(24 * 3600)
-}
-const fn default_max_in_flight() -> u32 {
-    1000
-}
-const fn default_max_in_flight_bytes() -> u64 {
-    32 * 1024 * 1024
-}
-const fn default_max_rows_per_aggregate() -> u32 {
-    64
-}
-const fn default_true() -> bool {
-    true
-}
-const fn default_sink_kind() -> SinkKind {
-    SinkKind::Rabbitmq
-}
-fn default_rabbitmq_url() -> Secret {
-    Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f")
-}
-fn default_exchange() -> String {
-    "outbox".into()
-}
-fn default_brokers() -> String {
-    "localhost:9092".into()
-}
-fn default_topic() -> String {
-    "outbox.{aggregate_type}".into()
-}
-fn default_listen() -> String {
-    "0.0.0.0:9187".into()
-}
-
 impl Settings {
     /// Load defaults, then the optional TOML file, then `OUTBOX_RELAY__*` env vars; validate.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -346,11 +252,13 @@ impl Settings {
             .try_deserialize()
             .map_err(|e| ConfigError::Load(scrub(e)))?;
         settings.resolve_files()?;
+        secret::register_secrets(settings.secret_values());
         settings.validate()?;
         Ok(settings)
     }
 
-    /// Read `*_file` secrets (the Kubernetes Secret-volume convention).
+    /// Read `*_file` secrets (the Kubernetes Secret-volume convention): a file wins over
+    /// the value set inline.
     fn resolve_files(&mut self) -> Result<(), ConfigError> {
         if let Some(path) = &self.database.url_file {
             self.database.url = read_secret_file("database.url_file", path)?;
@@ -358,7 +266,45 @@ impl Settings {
         if let Some(path) = &self.rabbitmq.url_file {
             self.rabbitmq.url = read_secret_file("rabbitmq.url_file", path)?;
         }
+        let from_files: Vec<(String, String)> = self
+            .kafka
+            .properties
+            .iter()
+            .filter_map(|(k, path)| {
+                k.strip_suffix(PROPERTY_FILE_SUFFIX)
+                    .map(|name| (name.to_string(), path.clone()))
+            })
+            .collect();
+        for (name, path) in from_files {
+            let key = format!("kafka.properties.{name}{PROPERTY_FILE_SUFFIX}");
+            if name.is_empty() {
+                return Err(ConfigError::Property(format!(
+                    "config key `{key}`: names no property"
+                )));
+            }
+            let value = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::Property(format!("config key `{key}`: cannot read {path}: {e}"))
+            })?;
+            let props = &mut self.kafka.properties;
+            props.remove(&format!("{name}{PROPERTY_FILE_SUFFIX}"));
+            props.insert(name, value.trim().to_string());
+        }
         Ok(())
+    }
+
+    /// Every configured secret value (URL passwords, secret Kafka properties), for the
+    /// log scrubber (`secret::scrub`).
+    pub fn secret_values(&self) -> Vec<String> {
+        let mut out = secret::url_secrets(self.database.url.expose());
+        out.extend(secret::url_secrets(self.rabbitmq.url.expose()));
+        out.extend(
+            self.kafka
+                .properties
+                .iter()
+                .filter(|(k, v)| secret::is_secret_property(k) && !v.is_empty())
+                .map(|(_, v)| v.clone()),
+        );
+        out
     }
 
     /// Check every value once, naming the key of the first bad one.
@@ -484,90 +430,8 @@ fn read_secret_file(key: &'static str, path: &Path) -> Result<Secret, ConfigErro
 
 /// `config` errors may echo a value; make sure a URL with a password never does.
 fn scrub(e: config::ConfigError) -> String {
-    let text = e.to_string();
-    let re = regex::Regex::new(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s`'\x22]+").expect("static regex");
-    re.replace_all(&text, |c: &regex::Captures| redact_url(&c[0]))
-        .into_owned()
+    redact_text(&e.to_string())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults_are_valid() {
-        let s: Settings = empty_table();
-        s.validate().unwrap();
-        assert_eq!(s.relay.batch_size, 500);
-        assert_eq!(s.relay.poll_interval, Duration::from_millis(500));
-        assert_eq!(s.relay.on_failed, OnFailed::Block);
-        assert_eq!(s.kafka.topic, "outbox.{aggregate_type}");
-    }
-
-    #[test]
-    fn secret_never_prints_password() {
-        let s = Secret::new("postgres://app:hunter2@db:5432/x");
-        assert!(!format!("{s} {s:?}").contains("hunter2"));
-        assert!(s.redacted().contains("app:***@db"));
-        assert_eq!(s.expose(), "postgres://app:hunter2@db:5432/x");
-    }
-
-    #[test]
-    fn toml_parses_spec_example() {
-        let toml = r#"
-[database]
-url = "postgres://localhost/outbox"
-table = "app.outbox"
-[relay]
-batch_size = 100
-poll_interval = "250ms"
-backoff_max = "5m"
-on_failed = "skip"
-[sink]
-kind = "kafka"
-[kafka]
-brokers = "k:9092"
-[kafka.properties]
-"compression.type" = "lz4"
-"#;
-        let s: Settings = toml_from(toml);
-        s.validate().unwrap();
-        assert_eq!(s.relay.on_failed, OnFailed::Skip);
-        assert_eq!(s.relay.backoff_max, Duration::from_secs(300));
-        assert_eq!(s.kafka.properties["compression.type"], "lz4");
-    }
-
-    #[test]
-    fn bad_values_name_their_key() {
-        let mut s: Settings = empty_table();
-        s.relay.batch_size = 0;
-        assert!(s
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("relay.batch_size"));
-        let mut s: Settings = empty_table();
-        s.database.table = "bad name;".into();
-        assert!(s
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("database.table"));
-        let mut s: Settings = empty_table();
-        s.relay.backoff_max = Duration::from_millis(1);
-        assert!(s
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("relay.backoff_max"));
-    }
-
-    fn toml_from(text: &str) -> Settings {
-        config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()
-            .unwrap()
-            .try_deserialize()
-            .unwrap()
-    }
-}
+mod tests;

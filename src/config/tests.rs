@@ -1,0 +1,158 @@
+//! Unit tests of configuration loading, validation, secret files and redaction.
+
+use super::*;
+
+#[test]
+fn defaults_are_valid() {
+    let s: Settings = empty_table();
+    s.validate().unwrap();
+    assert_eq!(s.relay.batch_size, 500);
+    assert_eq!(s.relay.poll_interval, Duration::from_millis(500));
+    assert_eq!(s.relay.on_failed, OnFailed::Block);
+    assert_eq!(s.kafka.topic, "outbox.{aggregate_type}");
+}
+
+#[test]
+fn toml_parses_spec_example() {
+    let toml = r#"
+[database]
+url = "postgres://localhost/outbox"
+table = "app.outbox"
+[relay]
+batch_size = 100
+poll_interval = "250ms"
+backoff_max = "5m"
+on_failed = "skip"
+[sink]
+kind = "kafka"
+[kafka]
+brokers = "k:9092"
+[kafka.properties]
+"compression.type" = "lz4"
+"#;
+    let s: Settings = toml_from(toml);
+    s.validate().unwrap();
+    assert_eq!(s.relay.on_failed, OnFailed::Skip);
+    assert_eq!(s.relay.backoff_max, Duration::from_secs(300));
+    assert_eq!(s.kafka.properties["compression.type"], "lz4");
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    let mut s: Settings = empty_table();
+    s.relay.batch_size = 0;
+    assert!(s
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("relay.batch_size"));
+    let mut s: Settings = empty_table();
+    s.database.table = "bad name;".into();
+    assert!(s
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("database.table"));
+    let mut s: Settings = empty_table();
+    s.relay.backoff_max = Duration::from_millis(1);
+    assert!(s
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("relay.backoff_max"));
+}
+
+#[test]
+fn kafka_secrets_come_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("sasl-password");
+    std::fs::write(&pw, "file-Secret-7d1\n").unwrap();
+    let toml = format!(
+        r#"
+[sink]
+kind = "kafka"
+[kafka.properties]
+"sasl.username" = "app"
+"sasl.password" = "inline-loses"
+"sasl.password_file" = "{}"
+"#,
+        pw.display()
+    );
+    let mut s: Settings = toml_from(&toml);
+    s.resolve_files().unwrap();
+    s.validate().unwrap();
+    assert_eq!(s.kafka.properties["sasl.password"], "file-Secret-7d1");
+    assert!(!s.kafka.properties.contains_key("sasl.password_file"));
+    assert_eq!(s.kafka.properties["sasl.username"], "app");
+    assert!(s.secret_values().iter().any(|v| v == "file-Secret-7d1"));
+    // It reaches the producer's configuration.
+    let c = crate::sink::kafka::props::producer_config(&s.kafka, Duration::from_secs(5)).unwrap();
+    assert_eq!(c.get("sasl.password"), Some("file-Secret-7d1"));
+
+    let mut s: Settings = toml_from(
+        r#"
+[kafka.properties]
+"ssl.key.password_file" = "/nonexistent/key-password"
+"#,
+    );
+    let e = s.resolve_files().unwrap_err().to_string();
+    assert!(e.contains("kafka.properties.ssl.key.password_file"), "{e}");
+}
+
+#[test]
+fn partitioner_override_is_refused() {
+    let mut s: Settings = empty_table();
+    s.sink.kind = SinkKind::Kafka;
+    s.kafka
+        .properties
+        .insert("partitioner".into(), "random".into());
+    let e = s.validate().unwrap_err();
+    assert!(matches!(e, ConfigError::Property(_)));
+    assert!(
+        e.to_string().contains("kafka.properties.partitioner"),
+        "{e}"
+    );
+}
+
+#[test]
+fn debug_of_settings_prints_no_secret() {
+    let mut s: Settings = empty_table();
+    s.database.url = Secret::new("postgres://app:Pg-User-Pw1@db/x?sslpassword=Pg-Ssl-Pw2");
+    s.rabbitmq.url = Secret::new("amqp://app:Mq-Pw3@mq:5672/%2f");
+    s.kafka
+        .properties
+        .insert("sasl.password".into(), "Kafka-Pw4".into());
+    s.kafka
+        .properties
+        .insert("ssl.keystore.password".into(), "Kafka-Pw5".into());
+    s.kafka
+        .properties
+        .insert("sasl.username".into(), "app-user".into());
+    let printed = format!("{s:?} {s:#?}");
+    for pw in [
+        "Pg-User-Pw1",
+        "Pg-Ssl-Pw2",
+        "Mq-Pw3",
+        "Kafka-Pw4",
+        "Kafka-Pw5",
+    ] {
+        assert!(!printed.contains(pw), "{pw} in {printed}");
+    }
+    assert!(printed.contains("app-user"));
+    assert_eq!(s.secret_values().len(), 5, "{:?}", s.secret_values());
+}
+
+#[test]
+fn query_password_is_redacted_in_display() {
+    let s = Secret::new("postgres://u@host/db?password=Query-Pw6");
+    assert_eq!(s.to_string(), "postgres://u@host/db?password=***");
+}
+
+fn toml_from(text: &str) -> Settings {
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .unwrap()
+        .try_deserialize()
+        .unwrap()
+}
