@@ -65,6 +65,10 @@ enum Command {
         /// Number of events to write.
         #[arg(long, default_value_t = 2000)]
         events: u32,
+        /// Write the sample events even into an outbox that holds rows the demo did not
+        /// write (they are relayed to the configured broker like any other event).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -187,6 +191,6 @@ async fn dispatch(cli: Cli) -> Result<(), AppError> {
         Command::Replay { ids, all_failed } => commands::replay(&settings, &ids, all_failed).await,
         Command::Discard { ids } => commands::discard(&settings, &ids).await,
         Command::Check => commands::check(&settings).await,
-        Command::Demo { events } => commands::demo::run(&settings, events).await,
+        Command::Demo { events, force } => commands::demo::run(&settings, events, force).await,
     }
 }

@@ -42,6 +42,11 @@ pub fn install() -> Result<PrometheusHandle, String> {
     metrics::counter!(PUBLISHED_TOTAL).absolute(0);
     metrics::counter!(FAILED_TOTAL).absolute(0);
     metrics::counter!(RETRIES_TOTAL).absolute(0);
+    metrics::describe_counter!(
+        crate::relay::LATE_ROWS_TOTAL,
+        "Rows that committed behind a row of their aggregate already sent (out of id order)"
+    );
+    metrics::counter!(crate::relay::LATE_ROWS_TOTAL).absolute(0);
     metrics::gauge!(PENDING_ROWS).set(0.0);
     metrics::gauge!(OLDEST_PENDING_AGE).set(0.0);
     metrics::gauge!(BROKER_UP).set(0.0);

@@ -260,3 +260,34 @@ async fn postgres_tls_is_configured_through_the_url() {
     broker.cleanup().await;
     table.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn demo_refuses_an_outbox_with_rows_it_did_not_write_unless_forced() {
+    let table = TestTable::new("demoforce").await;
+    let broker = TestBroker::new("demoforce").await;
+    table
+        .insert("live-1", "order.paid", None, serde_json::json!({}))
+        .await;
+    let env = relay_env(&table.name, &broker.exchange);
+    let (code, out, err) = run_cmd(&env, &["demo", "--events", "20"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("--force") && err.contains(&table.name),
+        "says why and what to do: {err}"
+    );
+    assert_eq!(table.total().await, 1, "nothing written");
+    let (code, out, err) = run_cmd(&env, &["demo", "--events", "20", "--force"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(table.total().await, 21);
+    // A table holding only the demo's own rows needs no --force.
+    table
+        .setup_sql(&format!(
+            "DELETE FROM \"{}\" WHERE aggregate_id = 'live-1'",
+            table.name
+        ))
+        .await;
+    let (code, out, err) = run_cmd(&env, &["demo", "--events", "20"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    broker.cleanup().await;
+    table.cleanup().await;
+}

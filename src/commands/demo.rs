@@ -39,9 +39,12 @@ pub struct Arrival {
     pub summary: String,
 }
 
-pub async fn run(settings: &Settings, events: u32) -> Result<(), AppError> {
+pub async fn run(settings: &Settings, events: u32, force: bool) -> Result<(), AppError> {
     super::migrate(settings).await?;
     let store = Store::connect(&settings.database, settings.table()).await?;
+    if !force {
+        refuse_a_live_outbox(&store).await?;
+    }
     let business = store.table().derived("_demo_orders");
     sqlx::raw_sql(&format!(
         "CREATE TABLE IF NOT EXISTS {business} (order_id TEXT PRIMARY KEY, status TEXT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now())"
@@ -183,6 +186,31 @@ pub async fn run(settings: &Settings, events: u32) -> Result<(), AppError> {
     Ok(())
 }
 
+/// The header every demo event carries; rows without it were written by someone else.
+const DEMO_SOURCE: &str = "outbox-relay-demo";
+
+/// Refuse to write sample `order.*` events into an outbox that holds rows the demo did
+/// not write: pointed at a production config, they would reach the live broker.
+async fn refuse_a_live_outbox(store: &Store) -> Result<(), AppError> {
+    let foreign: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT id FROM {} WHERE headers->>'source' IS DISTINCT FROM $1 LIMIT 1",
+        store.table().ident()
+    ))
+    .bind(DEMO_SOURCE)
+    .fetch_optional(store.pool())
+    .await
+    .map_err(crate::store::StoreError::from)?;
+    match foreign {
+        None => Ok(()),
+        Some(id) => Err(AppError::Usage(format!(
+            "table {} holds rows the demo did not write (e.g. id {id}): the demo would add \
+             sample order.* events to it and relay them to the configured broker. Point \
+             database.table at a scratch table, or pass --force",
+            store.table()
+        ))),
+    }
+}
+
 fn spawn_relay<S: crate::sink::Sink>(
     store: &Store,
     sink: S,
@@ -236,7 +264,7 @@ async fn produce(
                 .bind(&order_id)
                 .bind(step)
                 .bind(serde_json::json!({"orderId": order_id, "step": step, "total": 59.98, "seq": n}))
-                .bind(serde_json::json!({"traceparent": format!("00-{:032x}-{:016x}-01", rand::random::<u128>(), rand::random::<u64>()), "source": "outbox-relay-demo"}))
+                .bind(serde_json::json!({"traceparent": format!("00-{:032x}-{:016x}-01", rand::random::<u128>(), rand::random::<u64>()), "source": DEMO_SOURCE}))
                 .fetch_one(&mut *tx)
                 .await?;
                 tx.commit().await?;
