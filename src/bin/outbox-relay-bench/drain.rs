@@ -22,6 +22,7 @@ impl Bench {
         let env = self.relay_env(kind, &t.name, &phase).await?;
         let a = census();
         let (lsn0, upd0) = (pg::wal_lsn(&self.pool).await?, t.updates().await?);
+        let fpi0 = pg::wal_fpi(&self.pool).await?;
         let t0 = pg::db_now(&self.pool).await?;
         let mut relay = self.spawn_relay(&env, &phase)?;
         let started = Instant::now();
@@ -54,6 +55,8 @@ impl Bench {
         let end = t.max_processed_at().await?.context("no processed_at")?;
         let processed = t.count_status("PROCESSED").await? as u64;
         let hot_share = t.hot_share_since(upd0, processed).await?;
+        // Read after the statistics settled (hot_share_since waits for them).
+        let fpi = pg::wal_fpi(&self.pool).await? - fpi0;
         let failed = t.count_status("FAILED").await?;
         if failed > 0 || processed != self.args.rows {
             bail!(
@@ -77,6 +80,7 @@ impl Bench {
             usage,
             split,
             wal_per_row: wal / processed.max(1) as f64,
+            fpi_per_row: fpi as f64 / processed.max(1) as f64,
             hot_share,
         })
     }

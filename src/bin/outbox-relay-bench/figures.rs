@@ -11,6 +11,9 @@ pub struct Drain {
     pub split: CpuSplit,
     /// WAL written from the relay's start to the end of the drain, per row.
     pub wal_per_row: f64,
+    /// Full-page images in that WAL, per row (a checkpoint just before or during the
+    /// drain makes the first change of every page write one: ~8 KB each).
+    pub fpi_per_row: f64,
     /// Share of the drain's updates of the outbox table that were HOT.
     pub hot_share: Option<f64>,
 }

@@ -232,6 +232,13 @@ pub async fn wal_lsn(pool: &PgPool) -> Result<String> {
         .await?)
 }
 
+/// Full-page images written to WAL so far (cumulative, `pg_stat_wal`).
+pub async fn wal_fpi(pool: &PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT wal_fpi FROM pg_stat_wal")
+        .fetch_one(pool)
+        .await?)
+}
+
 /// WAL bytes written since `lsn` (by everyone: the bench runs alone).
 pub async fn wal_since(pool: &PgPool, lsn: &str) -> Result<f64> {
     Ok(

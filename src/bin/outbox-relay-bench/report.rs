@@ -79,12 +79,14 @@ pub fn print_table(args: &Args, f: &Figures) {
         ))
     });
     row(
-        "drain: relay WAL bytes per row / HOT share of its updates".into(),
+        "drain: WAL bytes per row (full-page images per row) / HOT share of the relay's updates"
+            .into(),
         &|s| {
             let d = s.drain.as_ref()?;
             Some(format!(
-                "{:.0} B / {}",
+                "{:.0} B ({:.3}) / {}",
                 d.wal_per_row,
+                d.fpi_per_row,
                 d.hot_share
                     .map_or("—".into(), |h| format!("{:.0} %", 100.0 * h))
             ))
