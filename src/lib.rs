@@ -7,9 +7,11 @@
 //! - `table`    — the configured table name and the relay tables derived from it
 //! - `migrate`  — embedded SQL migrations and the start-up schema check
 //! - `model`    — the outbox row and the validated wire `Message`
-//! - `store`    — Postgres: claim, mark, leases (`store::leases`), operator queries (`store::admin`)
+//! - `store`    — Postgres: claim, mark, parked rows, leases (`store::leases`), operator
+//!   queries (`store::admin`)
 //! - `sink`     — the `Sink` trait; `sink::rabbitmq` (lapin), `sink::kafka` (rdkafka)
-//! - `relay`    — the loop: leases, waves (per-aggregate order), backoff, wake-ups
+//! - `relay`    — the engine: claimer, per-aggregate window, dispatch, completer, leases,
+//!   doorbell (when to ask for NOTIFY), idle probes, backoff, wake-ups
 //! - `app`      — wiring for `run`: tasks, HTTP, gauges, retention, graceful shutdown
 //! - `http`, `health`, `metrics` — `/livez`, `/readyz`, `/metrics`
 //! - `commands` — `migrate`, `check`, `status`, `replay`, `discard`, `demo`
