@@ -75,6 +75,12 @@ enum Command {
 /// Without `RUST_LOG`: our own events from `info`, lapin only its errors.
 const DEFAULT_FILTER: &str = "info,sqlx::postgres::notice=warn,lapin=error,pinky_swear=error";
 
+/// Without `RUST_LOG`, for one-shot commands: nothing from lapin at all. What matters of
+/// a broker error reaches the command's own output through the error it returns; lapin's
+/// own lines are noise there (under load, closing the connection can still log "invalid
+/// channel" for a channel closed a moment before).
+const COMMAND_FILTER: &str = "info,sqlx::postgres::notice=warn,lapin=off,pinky_swear=off";
+
 /// Log targets capped whatever `RUST_LOG` asks (a prefix matches every module below
 /// it): lapin traces every frame it writes, the login frame with the password among
 /// them; amq-protocol and pinky-swear trace connection internals.
@@ -85,8 +91,12 @@ const CAPPED_TARGETS: [(&str, LevelFilter); 3] = [
 ];
 
 fn init_logging(daemon: bool) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let default = if daemon {
+        DEFAULT_FILTER
+    } else {
+        COMMAND_FILTER
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let caps = Targets::new()
         .with_default(LevelFilter::TRACE)
         .with_targets(CAPPED_TARGETS);

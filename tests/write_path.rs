@@ -298,10 +298,16 @@ async fn unlocked_producers_on_shared_aggregates_arrive_in_id_order_kafka() {
         got.len()
     );
     assert_eq!(late, 0.0, "rows committed late");
+    // Close the consumer (blocking, off the async threads) before its topic is deleted:
+    // a consumer still assigned to a topic being deleted crashed the test process once.
+    tokio::task::spawn_blocking(move || drop(c)).await.unwrap();
     let mut admin = rdkafka::ClientConfig::new();
     let admin: AdminClient<DefaultClientContext> =
         admin.set("bootstrap.servers", KAFKA).create().unwrap();
     let _ = admin.delete_topics(&[&topic], &Default::default()).await;
+    tokio::task::spawn_blocking(move || drop(admin))
+        .await
+        .unwrap();
     table.cleanup().await;
 }
 

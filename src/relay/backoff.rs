@@ -15,8 +15,10 @@ pub fn retry_delay(attempt: u32, initial: Duration, max: Duration) -> Duration {
     half + Duration::from_millis(jitter)
 }
 
-/// Reconnect pacing for an unreachable broker or database: doubles from 100 ms to 10 s,
-/// resets on success. Spends no row attempts.
+/// Reconnect pacing for an unreachable broker or database (and the LISTEN connection):
+/// doubles from 100 ms to 10 s with equal jitter (each pause between half and all of its
+/// step, so replicas that lost the same broker do not reconnect in lockstep), resets on
+/// success. Spends no row attempts. The one reconnect backoff of the crate.
 #[derive(Debug, Clone)]
 pub struct Pacer {
     next: Duration,
@@ -32,11 +34,14 @@ impl Pacer {
     const FIRST: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(10);
 
-    /// The pause to take now; the following one will be twice as long (capped).
+    /// The pause to take now (between half and all of the current step); the following
+    /// step is twice as long (capped).
     pub fn next_pause(&mut self) -> Duration {
-        let pause = self.next;
+        let step = self.next;
         self.next = (self.next * 2).min(Self::MAX);
-        pause
+        let half = step / 2;
+        let jitter = rand::thread_rng().gen_range(0..=half.as_millis().max(1) as u64);
+        (half + Duration::from_millis(jitter)).min(step)
     }
 
     pub fn reset(&mut self) {
@@ -68,15 +73,21 @@ mod tests {
     }
 
     #[test]
-    fn pacer_doubles_and_resets() {
+    fn pacer_doubles_with_jitter_and_resets() {
+        let within = |d: Duration, step: Duration| d >= step / 2 && d <= step;
         let mut p = Pacer::default();
-        assert_eq!(p.next_pause(), Duration::from_millis(100));
-        assert_eq!(p.next_pause(), Duration::from_millis(200));
+        assert!(within(p.next_pause(), Duration::from_millis(100)));
+        assert!(within(p.next_pause(), Duration::from_millis(200)));
         for _ in 0..20 {
             p.next_pause();
         }
-        assert_eq!(p.next_pause(), Duration::from_secs(10));
+        let capped: Vec<Duration> = (0..50).map(|_| p.next_pause()).collect();
+        assert!(capped.iter().all(|d| within(*d, Duration::from_secs(10))));
+        assert!(
+            capped.windows(2).any(|w| w[0] != w[1]),
+            "jittered, not lockstep"
+        );
         p.reset();
-        assert_eq!(p.next_pause(), Duration::from_millis(100));
+        assert!(within(p.next_pause(), Duration::from_millis(100)));
     }
 }

@@ -14,7 +14,7 @@ use crate::config::Secret;
 /// Listen until cancelled; every notification (and every reconnect, since one may have
 /// been missed) wakes the loop.
 pub async fn listen(url: Secret, channel: String, wake: Arc<Notify>, cancel: CancellationToken) {
-    let mut pause = Duration::from_millis(200);
+    let mut pacer = super::backoff::Pacer::default();
     while !cancel.is_cancelled() {
         let listener = async {
             // Named like the pool's connections, so operators (and the fault tests) find it in
@@ -41,13 +41,12 @@ pub async fn listen(url: Secret, channel: String, wake: Arc<Notify>, cancel: Can
                 tracing::debug!(error = %crate::config::redact_url(&e), "LISTEN failed; polling covers it");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = tokio::time::sleep(pacer.next_pause()) => {}
                 }
-                pause = (pause * 2).min(Duration::from_secs(10));
                 continue;
             }
         };
-        pause = Duration::from_millis(200);
+        pacer.reset();
         wake.notify_one();
         loop {
             let got = tokio::select! {
