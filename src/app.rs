@@ -139,15 +139,31 @@ pub async fn open_store(
     cancel: &CancellationToken,
 ) -> Result<Option<Store>, AppError> {
     let table = settings.table();
+    let connect = || Store::connect(&settings.database, table.clone());
+    let Some(store) = while_unreachable(cancel, connect).await? else {
+        return Ok(None);
+    };
+    let mut conn = store.pool().acquire().await.map_err(StoreError::from)?;
+    crate::migrate::check_schema(&mut conn, &table).await?;
+    metrics::gauge!(m::DATABASE_UP).set(1.0);
+    Ok(Some(store))
+}
+
+/// Run `f` until it succeeds or fails for a reason other than the database being
+/// unreachable (returned), pausing with backoff between tries (`database_up` is 0
+/// meanwhile). `Ok(None)` when cancelled first.
+async fn while_unreachable<T, F, Fut>(
+    cancel: &CancellationToken,
+    mut f: F,
+) -> Result<Option<T>, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
     let mut pacer = Pacer::default();
     loop {
-        match Store::connect(&settings.database, table.clone()).await {
-            Ok(store) => {
-                let mut conn = store.pool().acquire().await.map_err(StoreError::from)?;
-                crate::migrate::check_schema(&mut conn, &table).await?;
-                metrics::gauge!(m::DATABASE_UP).set(1.0);
-                return Ok(Some(store));
-            }
+        match f().await {
+            Ok(v) => return Ok(Some(v)),
             Err(e) if e.is_unavailable() => {
                 metrics::gauge!(m::DATABASE_UP).set(0.0);
                 let pause = pacer.next_pause();
@@ -157,7 +173,7 @@ pub async fn open_store(
                     _ = tokio::time::sleep(pause) => {}
                 }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -187,28 +203,14 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
     if settings.relay.on_failed == crate::config::OnFailed::Skip {
         // Rows parked behind FAILED rows by a run in block mode go on now (the database
         // may blink meanwhile: wait for it as at start).
-        let mut pacer = Pacer::default();
-        loop {
-            match store.unpark_all().await {
-                Ok(n) => {
-                    if n > 0 {
-                        tracing::info!(
-                            rows = n,
-                            "on_failed = skip: un-parked rows held behind FAILED rows"
-                        );
-                    }
-                    break;
-                }
-                Err(e) if e.is_unavailable() => {
-                    let pause = pacer.next_pause();
-                    tracing::warn!(error = %e, ?pause, "database unreachable; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(pause) => {}
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
+        let Some(n) = while_unreachable(&cancel, || store.unpark_all()).await? else {
+            return Ok(());
+        };
+        if n > 0 {
+            tracing::info!(
+                rows = n,
+                "on_failed = skip: un-parked rows held behind FAILED rows"
+            );
         }
     }
     let instance = instance_id();

@@ -140,6 +140,15 @@ async fn postgres_restarted_mid_run_loses_nothing() {
     table.cleanup().await;
 }
 
+/// Wait until the relay reached the database and its loop holds leases: past start-up,
+/// where a database error ends the process instead of showing in `database_up`.
+async fn wait_idle_loop(relay: &RelayProc) {
+    let up = "outbox_relay_database_up";
+    wait_metric(relay, up, Duration::from_secs(20), |v| v == 1.0).await;
+    let held = "outbox_relay_partitions_held";
+    wait_metric(relay, held, Duration::from_secs(20), |v| v > 0.0).await;
+}
+
 /// Postgres stopped while the relay has nothing to do: `database_up` drops to 0 within a
 /// few seconds and is 1 again soon after the restart; `/readyz` stays 200 (readiness is
 /// decided at start); a row written after the restart is delivered.
@@ -153,15 +162,7 @@ async fn postgres_stopped_while_idle_shows_in_database_up() {
         &broker.exchange,
         &[("OUTBOX_RELAY__DATABASE__CONNECT_TIMEOUT", "2s")],
     ));
-    wait_metric(&relay, DATABASE_UP, Duration::from_secs(20), |v| v == 1.0).await;
-    // Past start-up (a database error there ends the process): the loop holds leases.
-    wait_metric(
-        &relay,
-        "outbox_relay_partitions_held",
-        Duration::from_secs(20),
-        |v| v > 0.0,
-    )
-    .await;
+    wait_idle_loop(&relay).await;
     assert_eq!(relay.get("/readyz").await.map(|r| r.0), Some(200));
 
     let guard = PgStartOnDrop;
@@ -189,17 +190,7 @@ async fn postgres_stopped_while_idle_shows_in_database_up() {
         name: table.name.clone(),
         pool: fresh_pool().await,
     };
-    table
-        .insert("agg-after", "order.created", None, serde_json::json!({}))
-        .await;
-    table
-        .wait_status("PROCESSED", 1, Duration::from_secs(30))
-        .await;
-    let got = broker.take(1, Duration::from_secs(30)).await;
-    assert_eq!(
-        got[0].headers.get("aggregate_id").map(String::as_str),
-        Some("agg-after")
-    );
+    row_written_now_is_delivered(&table, &broker).await;
     assert_eq!(relay.get("/readyz").await.map(|r| r.0), Some(200));
     println!("idle relay: database_up 0 after {seen_down:?} (stop), 1 after {seen_up:?} (start)");
     drop(relay);
@@ -226,15 +217,7 @@ async fn postgres_frozen_while_idle_shows_in_database_up() {
         // its own.
         &[("OUTBOX_RELAY__DATABASE__URL", url.as_str())],
     ));
-    wait_metric(&relay, DATABASE_UP, Duration::from_secs(20), |v| v == 1.0).await;
-    // Past start-up (a database error there ends the process): the loop holds leases.
-    wait_metric(
-        &relay,
-        "outbox_relay_partitions_held",
-        Duration::from_secs(20),
-        |v| v > 0.0,
-    )
-    .await;
+    wait_idle_loop(&relay).await;
 
     let frozen = Instant::now();
     proxy.freeze();
@@ -246,17 +229,7 @@ async fn postgres_frozen_while_idle_shows_in_database_up() {
     wait_metric(&relay, DATABASE_UP, Duration::from_secs(30), |v| v == 1.0).await;
     let seen_up = thawed.elapsed();
 
-    table
-        .insert("agg-after", "order.created", None, serde_json::json!({}))
-        .await;
-    table
-        .wait_status("PROCESSED", 1, Duration::from_secs(30))
-        .await;
-    let got = broker.take(1, Duration::from_secs(30)).await;
-    assert_eq!(
-        got[0].headers.get("aggregate_id").map(String::as_str),
-        Some("agg-after")
-    );
+    row_written_now_is_delivered(&table, &broker).await;
     println!("idle relay, path to Postgres frozen: database_up 0 after {seen_down:?}, 1 after {seen_up:?} (thaw)");
     drop(relay);
     broker.cleanup().await;

@@ -32,7 +32,7 @@ impl Default for Pacer {
 
 impl Pacer {
     const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(10);
+    pub const MAX: Duration = Duration::from_secs(10);
 
     /// The pause to take now (between half and all of the current step); the following
     /// step is twice as long (capped).

@@ -136,19 +136,40 @@ async fn mark(store: Store, ids: Vec<i64>, health: Arc<Health>) -> Vec<i64> {
 }
 
 async fn mark_with_retry(store: &Store, ids: &[i64], health: &Health) -> Result<(), StoreError> {
+    let n = until_reachable(health, "marking PROCESSED", ids.len(), Pacer::MAX, || {
+        store.mark_processed(ids)
+    })
+    .await?;
+    metrics::counter!(m::PUBLISHED_TOTAL).increment(n);
+    Ok(())
+}
+
+/// Run one recording statement until it succeeds or fails for a reason other than the
+/// database being unreachable (returned): while unreachable, `database_up` is 0 and the
+/// statement is retried with backoff (pauses at most `max_pause`).
+async fn until_reachable<T, F, Fut>(
+    health: &Health,
+    what: &str,
+    rows: usize,
+    max_pause: Duration,
+    mut statement: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
     let mut pacer = Pacer::default();
     loop {
-        match store.mark_processed(ids).await {
-            Ok(n) => {
-                metrics::counter!(m::PUBLISHED_TOTAL).increment(n);
+        match statement().await {
+            Ok(v) => {
                 metrics::gauge!(m::DATABASE_UP).set(1.0);
-                return Ok(());
+                return Ok(v);
             }
             Err(e) if e.is_unavailable() => {
                 metrics::gauge!(m::DATABASE_UP).set(0.0);
-                tracing::warn!(error = %e, rows = ids.len(), "marking PROCESSED failed; retrying");
+                tracing::warn!(error = %e, rows, "{what} failed; retrying");
                 health.beat();
-                tokio::time::sleep(pacer.next_pause()).await;
+                tokio::time::sleep(pacer.next_pause().min(max_pause)).await;
             }
             Err(e) => return Err(e),
         }
@@ -187,28 +208,21 @@ async fn with_retry(
     max_attempts: u32,
     health: &Health,
 ) -> Result<(), StoreError> {
-    let mut pacer = Pacer::default();
-    loop {
-        match store.reject(rs, max_attempts).await {
-            Ok(outcomes) => {
-                metrics::gauge!(m::DATABASE_UP).set(1.0);
-                for o in &outcomes {
-                    if o.failed {
-                        metrics::counter!(m::FAILED_TOTAL).increment(1);
-                        tracing::error!(id = o.id, attempts = o.attempts, "row FAILED");
-                    } else {
-                        metrics::counter!(m::RETRIES_TOTAL).increment(1);
-                    }
-                }
-                return Ok(());
-            }
-            Err(e) if e.is_unavailable() => {
-                metrics::gauge!(m::DATABASE_UP).set(0.0);
-                tracing::warn!(error = %e, "recording rejections failed; retrying");
-                health.beat();
-                tokio::time::sleep(pacer.next_pause().min(Duration::from_secs(5))).await;
-            }
-            Err(e) => return Err(e),
+    let outcomes = until_reachable(
+        health,
+        "recording rejections",
+        rs.len(),
+        Duration::from_secs(5),
+        || store.reject(rs, max_attempts),
+    )
+    .await?;
+    for o in &outcomes {
+        if o.failed {
+            metrics::counter!(m::FAILED_TOTAL).increment(1);
+            tracing::error!(id = o.id, attempts = o.attempts, "row FAILED");
+        } else {
+            metrics::counter!(m::RETRIES_TOTAL).increment(1);
         }
     }
+    Ok(())
 }

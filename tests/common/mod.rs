@@ -547,6 +547,23 @@ impl RelayProc {
 }
 
 /// Minimal HTTP/1.1 GET over a TCP stream (keeps the test deps small).
+/// After an outage: a row written now (aggregate `agg-after`) becomes `PROCESSED` and
+/// reaches the broker's queue; returns the message.
+pub async fn row_written_now_is_delivered(table: &TestTable, broker: &TestBroker) -> Got {
+    table
+        .insert("agg-after", "order.created", None, serde_json::json!({}))
+        .await;
+    table
+        .wait_status("PROCESSED", 1, Duration::from_secs(30))
+        .await;
+    let got = broker.take(1, Duration::from_secs(30)).await;
+    assert_eq!(
+        got[0].headers.get("aggregate_id").map(String::as_str),
+        Some("agg-after")
+    );
+    got.into_iter().next().expect("one message")
+}
+
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
