@@ -198,3 +198,93 @@ async fn shutdown_answers_what_is_out_and_hands_leases_back() {
     })
     .await;
 }
+
+/// A sweep that passes over a row waiting for its retry must not take a later row of that
+/// aggregate once the retry falls due mid-sweep: the retry goes first, then the rest in
+/// id order. (Rows a1, a2; a1 is rejected once and waits 2 s; then 100 rows of other
+/// aggregates and a3 are written. The sweep passes a1, fills the window with held rows,
+/// and is let go on only after a1 is due.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_falling_due_mid_sweep_still_goes_first() {
+    with_table("rretry", |table| async move {
+        let a1 = table.insert("a", "e", None, serde_json::json!({})).await;
+        let a2 = table.insert("a", "e", None, serde_json::json!({})).await;
+        let sink = RecordingSink::new(move |m, info| {
+            if m.id == a1 && info.nth == 0 {
+                Step::Reject("nacked once".into())
+            } else if m.aggregate_id.starts_with('f') {
+                Step::Hold
+            } else {
+                Step::Confirm
+            }
+        });
+        let ledger = sink.ledger.clone();
+        let mut c = cfg();
+        c.backoff_initial = Duration::from_secs(2);
+        c.backoff_max = Duration::from_secs(2);
+        // A window of 32 rows: the sweep stops among the f rows, short of a3.
+        c.batch_size = 16;
+        let relay = start(&table, sink, c);
+        wait_for(Duration::from_secs(10), "a1's rejection recorded", || {
+            let t = table.clone();
+            async move { (t.row(a1).await.1 == 1).then_some(()) }
+        })
+        .await;
+        for i in 0..100 {
+            table
+                .insert(&format!("f{i}"), "e", None, serde_json::json!({}))
+                .await;
+        }
+        let a3 = table.insert("a", "e", None, serde_json::json!({})).await;
+        // The window fills up with held rows of the f aggregates, past a1 and a2.
+        wait_held(&ledger, cfg().max_in_flight as usize).await;
+        let due_sql = format!(
+            "SELECT next_attempt_at <= now() FROM \"{}\" WHERE id = $1",
+            table.name
+        );
+        wait_for(Duration::from_secs(10), "a1 due again", || {
+            let (t, sql) = (table.clone(), due_sql.clone());
+            async move {
+                let due: Option<bool> = sqlx::query_scalar(&sql)
+                    .bind(a1)
+                    .fetch_one(&t.pool)
+                    .await
+                    .expect("a1's schedule");
+                due.unwrap_or(true).then_some(())
+            }
+        })
+        .await;
+        // Let the f rows through as they are sent; the sweep reaches a3.
+        wait_for(Duration::from_secs(20), "every row PROCESSED", || {
+            for (id, _, _) in ledger.held() {
+                ledger.release(id, Ok(()));
+            }
+            let t = table.clone();
+            async move { (t.count("PROCESSED").await == 103).then_some(()) }
+        })
+        .await;
+        relay.stop(Duration::from_secs(5)).await;
+        let a_sends: Vec<i64> = ledger
+            .sends()
+            .iter()
+            .filter(|s| s.aggregate == "a")
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(a_sends, vec![a1, a1, a2, a3], "a's sends in order");
+        assert_clean(&ledger, cfg().max_in_flight as usize, &rows(&table).await);
+    })
+    .await;
+}
+
+/// Wait until `want` confirms are held by the test.
+async fn wait_held(ledger: &Ledger, want: usize) {
+    wait_for(
+        Duration::from_secs(10),
+        &format!("{want} confirms held"),
+        || {
+            let n = ledger.held().len();
+            async move { (n >= want).then_some(()) }
+        },
+    )
+    .await;
+}

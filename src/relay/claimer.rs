@@ -5,8 +5,9 @@
 //!
 //! Order safety: claims run one at a time. A *sweep* walks the table in `id` order across
 //! claims; once it passes over a row of an aggregate without taking it (the aggregate is
-//! capped, held back, or was dropped from memory), that aggregate is *capped* for the rest
-//! of the sweep, so a later row can never be taken while an earlier one is left behind.
+//! capped, held back, dropped from memory, or its row is not due or is blocked), that
+//! aggregate is *capped* for the rest of the sweep, so a later row can never be taken
+//! while an earlier one is left behind.
 //! The database leaves those aggregates out of the sweep's scan, so a hot aggregate's
 //! backlog is passed over in one statement. When the sweep reaches the end it starts
 //! again from the first pending id. While a capped aggregate runs low in the window,
@@ -75,7 +76,13 @@ impl Sweep {
 
     /// Take a sweep claim's result into account (ignored if the sweep restarted since
     /// that claim was planned).
-    pub fn advance(&mut self, generation: u64, cursor: i64, end: bool, capped: &[i32]) {
+    pub fn advance<'a>(
+        &mut self,
+        generation: u64,
+        cursor: i64,
+        end: bool,
+        capped: impl IntoIterator<Item = &'a i32>,
+    ) {
         if generation != self.generation {
             return;
         }
@@ -85,7 +92,7 @@ impl Sweep {
             self.capped.clear();
         } else {
             self.cursor = cursor;
-            self.capped.extend(capped.iter().copied());
+            self.capped.extend(capped.into_iter().copied());
         }
     }
 }
@@ -172,30 +179,28 @@ pub fn select(plan: &Plan, page: &ScanPage) -> Selection {
     sel
 }
 
-/// Park the picked rows the fetch left out because a FAILED row blocks them (rows
-/// behind a retry are left out too; the store parks only what a FAILED row holds back).
-async fn park_blocked(
-    store: &Store,
-    page: &ScanPage,
-    take: &[i64],
-    rows: &[ClaimedRow],
-    truncated: bool,
-) -> Result<(), StoreError> {
-    // Rows after the last one read were not looked at when the fetch stopped early.
+/// The picked ids the fetch left out (not due yet, or behind a retry or a FAILED row).
+/// When the fetch stopped early, only ids before the last row read were looked at.
+fn left_out(take: &[i64], rows: &[ClaimedRow], truncated: bool) -> HashSet<i64> {
     let limit = if truncated {
         rows.last().map_or(i64::MIN, |r| r.row.id)
     } else {
         i64::MAX
     };
     let got: HashSet<i64> = rows.iter().map(|r| r.row.id).collect();
-    let left_out: HashSet<i64> = take
-        .iter()
+    take.iter()
         .copied()
         .filter(|id| *id < limit && !got.contains(id))
-        .collect();
-    if left_out.is_empty() {
-        return Ok(());
-    }
+        .collect()
+}
+
+/// Park the rows left out because a FAILED row blocks them (the store parks only what a
+/// FAILED row holds back; rows behind a retry stay pending).
+async fn park_blocked(
+    store: &Store,
+    page: &ScanPage,
+    left_out: &HashSet<i64>,
+) -> Result<(), StoreError> {
     let (ids, hashes): (Vec<i64>, Vec<i32>) = page
         .rows
         .iter()
@@ -217,7 +222,10 @@ pub struct Claimed {
     pub rows: Vec<ClaimedRow>,
     pub cursor: i64,
     pub end: bool,
+    /// Hashes passed over because the share was reached (more rows are due).
     pub capped: Vec<i32>,
+    /// Hashes passed over because their rows were not due or were blocked.
+    pub passed: Vec<i32>,
 }
 
 /// Run one claim against the store.
@@ -245,8 +253,17 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
         }
         sel.end = false;
     }
-    if plan.on_failed == OnFailed::Block {
-        park_blocked(&store, &page, &sel.take, &rows, truncated).await?;
+    let left_out = left_out(&sel.take, &rows, truncated);
+    // The sweep passes over the rows left out: their aggregates are capped until it
+    // wraps, or a later row of theirs could go out first once a retry falls due.
+    let mut passed: Vec<i32> = Vec::new();
+    for s in page.rows.iter().filter(|s| left_out.contains(&s.id)) {
+        if !sel.capped.contains(&s.hash) && !passed.contains(&s.hash) {
+            passed.push(s.hash);
+        }
+    }
+    if plan.on_failed == OnFailed::Block && !left_out.is_empty() {
+        park_blocked(&store, &page, &left_out).await?;
     }
     Ok(Claimed {
         refill: plan.only.is_some(),
@@ -255,6 +272,7 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
         cursor: sel.cursor,
         end: sel.end,
         capped: sel.capped,
+        passed,
     })
 }
 

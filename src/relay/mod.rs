@@ -323,12 +323,13 @@ impl<S: Sink> Engine<S> {
                 claimed.generation,
                 claimed.cursor,
                 claimed.end,
-                &claimed.capped,
+                claimed.capped.iter().chain(&claimed.passed),
             );
         }
         // Claim again at once only while the sweep has not reached the end of the table,
         // or while it holds hot aggregates back (they are refilled as they drain);
-        // otherwise NOTIFY or the poll tick bring the next claim.
+        // otherwise NOTIFY or the poll tick bring the next claim. (Aggregates passed
+        // over for a retry not yet due wait for the tick.)
         let more = self.sweep.more || !claimed.capped.is_empty();
         self.doorbell
             .record(Instant::now(), claimed.rows.len(), more);
