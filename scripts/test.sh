@@ -16,7 +16,7 @@ export TEST_AMQP_URL="${TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
 
-cargo build --locked --all-targets
+cargo build --locked --workspace --all-targets   # tools/ too: the bench and soak must keep building
 echo "== phase 1: all suites, in parallel"
 cargo nextest run --locked --profile ci -E 'not binary(/^faults/)'
 if ls tests/faults_*.rs >/dev/null 2>&1; then

@@ -86,7 +86,7 @@ kind = "kafka"
     assert_eq!(s.kafka.properties["sasl.username"], "app");
     assert!(s.secret_values().iter().any(|v| v == "file-Secret-7d1"));
     // It reaches the producer's configuration.
-    let c = crate::sink::kafka::props::producer_config(&s.kafka, Duration::from_secs(5)).unwrap();
+    let c = crate::sink::kafka::producer_config(&s.kafka, Duration::from_secs(5)).unwrap();
     assert_eq!(c.get("sasl.password"), Some("file-Secret-7d1"));
 
     let mut s: Settings = toml_from(

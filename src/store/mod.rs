@@ -25,6 +25,7 @@ use crate::model::OutboxRow;
 use crate::table::TableName;
 
 /// Number of hash partitions aggregates are spread over (fixed by the lease table).
+/// Public only for outbox-relay-tools (the bench waits until every partition is leased).
 pub const PARTITIONS: i32 = 256;
 
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@
 //! - errors never print secret property values.
 
 pub mod errors;
-pub mod props;
+mod props;
 pub mod tap;
 pub mod wire;
 
@@ -31,7 +31,9 @@ use rdkafka::ClientConfig;
 use super::{Confirm, Sink, SinkError};
 use crate::config::KafkaConfig;
 use crate::model::Message;
-pub use props::{validate_properties, PropertyError};
+// `producer_config` is public only for outbox-relay-tools (the bench's textbook relay
+// produces with the relay's own settings); the rest of `props` stays inside the sink.
+pub use props::{producer_config, validate_properties, PropertyError};
 pub use tap::{tap_for_demo, DemoTap};
 use wire::headers;
 pub use wire::{check_topic_name, topic_from_template};

@@ -9,7 +9,8 @@
 //! always restored to 0.4, the table, exchange and queue dropped.
 //!
 //! ```text
-//! cargo build --release --bin outbox-relay --bin outbox-relay-soak
+//! cargo build --release -p outbox-relay -p outbox-relay-tools --bin outbox-relay \
+//!     --bin outbox-relay-soak
 //! target/release/outbox-relay-soak --minutes 3
 //! ```
 //! Env: `TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
@@ -170,7 +171,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|d| d.join("outbox-relay"))
         .filter(|p| p.exists())
         .ok_or_else(|| {
-            anyhow::anyhow!("outbox-relay binary not found next to this one: cargo build --release --bin outbox-relay")
+            anyhow::anyhow!("outbox-relay binary not found next to this one: cargo build --release -p outbox-relay --bin outbox-relay")
         })?;
     let pg_url = env_or(
         "TEST_DATABASE_URL",

@@ -85,7 +85,7 @@ pub struct Args {
     /// The relay binary (default: `outbox-relay` next to this binary).
     #[arg(long)]
     pub relay_bin: Option<PathBuf>,
-    /// Do not `cargo build --release --bin outbox-relay` first (only done under `cargo run`).
+    /// Do not `cargo build --release -p outbox-relay` first (only done under `cargo run`).
     #[arg(long)]
     pub no_build: bool,
     #[arg(

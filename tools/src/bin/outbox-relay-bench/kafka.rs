@@ -96,7 +96,7 @@ impl Kafka {
 
     fn producer(&self, topic: &str) -> Result<FutureProducer> {
         let cfg = config(&self.brokers, topic)?;
-        let c = outbox_relay::sink::kafka::props::producer_config(&cfg, Duration::from_secs(30))
+        let c = outbox_relay::sink::kafka::producer_config(&cfg, Duration::from_secs(30))
             .map_err(|e| anyhow!("{e}"))?;
         Ok(c.create()?)
     }

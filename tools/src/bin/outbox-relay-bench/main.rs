@@ -3,7 +3,8 @@
 //! with the textbook relay. Not a test: a harness that prints figures.
 //!
 //! ```text
-//! cargo run --release --bin outbox-relay-bench -- [--sink rabbitmq|kafka|both] [--rows 200000]
+//! cargo run --release -p outbox-relay-tools --bin outbox-relay-bench -- \
+//!     [--sink rabbitmq|kafka|both] [--rows 200000]
 //! ```
 //!
 //! Every phase works on its own uniquely named table / queue / topic, dropped afterwards.
@@ -163,20 +164,29 @@ fn relay_binary(args: &Args) -> Result<PathBuf> {
     };
     if args.relay_bin.is_none() && !args.no_build {
         if let Ok(cargo) = std::env::var("CARGO") {
-            eprintln!("building the relay: cargo build --release --bin outbox-relay");
+            eprintln!(
+                "building the relay: cargo build --release -p outbox-relay --bin outbox-relay"
+            );
             let ok = std::process::Command::new(cargo)
-                .args(["build", "--release", "--bin", "outbox-relay"])
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "outbox-relay",
+                    "--bin",
+                    "outbox-relay",
+                ])
                 .stdout(std::process::Stdio::null())
                 .status()?
                 .success();
             if !ok {
-                bail!("cargo build --release --bin outbox-relay failed");
+                bail!("cargo build --release -p outbox-relay --bin outbox-relay failed");
             }
         }
     }
     if !bin.exists() {
         bail!(
-            "{} not found: run `cargo build --release --bin outbox-relay` first",
+            "{} not found: run `cargo build --release -p outbox-relay --bin outbox-relay` first",
             bin.display()
         );
     }
