@@ -14,7 +14,8 @@
 //!   doorbell (when to ask for NOTIFY), idle probes, backoff, wake-ups
 //! - `app`      — wiring for `run`: tasks, HTTP, gauges, retention, graceful shutdown
 //! - `http`, `health`, `metrics` — `/livez`, `/readyz`, `/metrics`
-//! - `commands` — `migrate`, `check`, `status`, `replay`, `discard`, `demo`
+//! - `commands` — `migrate`, `check` (and `check --offline`), `status`, `replay`,
+//!   `discard`, `demo`
 
 pub mod app;
 pub mod commands;

@@ -59,7 +59,12 @@ enum Command {
         ids: Vec<i64>,
     },
     /// Validate the config, reach the database and the broker; exit 0 or 2.
-    Check,
+    Check {
+        /// Only load and validate the config as `run` would (env included); open no
+        /// connection. `*_file` secrets that are not there are listed as unchecked.
+        #[arg(long)]
+        offline: bool,
+    },
     /// Migrate, write sample order events, relay them, read them back, print what arrived.
     Demo {
         /// Number of events to write.
@@ -193,6 +198,9 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> Result<(), AppError> {
+    if let Command::Check { offline: true } = cli.command {
+        return commands::check_offline(cli.config.as_deref());
+    }
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Run => app::run(settings).await,
@@ -200,7 +208,7 @@ async fn dispatch(cli: Cli) -> Result<(), AppError> {
         Command::Status { json } => commands::status(&settings, json).await,
         Command::Replay { ids, all_failed } => commands::replay(&settings, &ids, all_failed).await,
         Command::Discard { ids } => commands::discard(&settings, &ids).await,
-        Command::Check => commands::check(&settings).await,
+        Command::Check { .. } => commands::check(&settings).await,
         Command::Demo { events, force } => commands::demo::run(&settings, events, force).await,
     }
 }

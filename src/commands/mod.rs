@@ -1,9 +1,12 @@
 //! The operator's commands besides `run`: `migrate`, `check`, `status`, `replay`,
-//! `discard` (and `demo` in its own module). Each closes its database and broker
-//! connections before it returns, so nothing is left for the runtime's shutdown to tear
-//! down (lapin logs such a teardown as an ERROR).
+//! `discard` (`check --offline` and `demo` in modules of their own). Each closes its
+//! database and broker connections before it returns, so nothing is left for the
+//! runtime's shutdown to tear down (lapin logs such a teardown as an ERROR).
 
+pub mod check_offline;
 pub mod demo;
+
+pub use check_offline::check_offline;
 
 use sqlx::Connection;
 

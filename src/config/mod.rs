@@ -6,6 +6,7 @@
 //! entry (e.g. `"sasl.password_file"`) sets property `<name>` to the file's content.
 
 mod defaults;
+mod files;
 pub mod secret;
 
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ use serde::Deserialize;
 
 use crate::table::TableName;
 use defaults::*;
+pub use files::{MissingFiles, SecretFile};
 pub use secret::{redact_text, redact_url, Secret};
 
 /// Why the configuration cannot be used. Always names the key (exit code 2).
@@ -221,14 +223,32 @@ pub struct Settings {
     pub http: HttpConfig,
 }
 
+/// Prefix of the environment variables that override the file: `OUTBOX_RELAY__<SECTION>__<KEY>`.
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY";
+
+/// Loaded and validated settings, with what became of each `*_file` secret.
+#[derive(Debug)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub files: Vec<SecretFile>,
+}
+
 /// Deserialize a section from an empty table, so every field takes its default.
 fn empty_table<T: serde::de::DeserializeOwned>() -> T {
     serde_json::from_value(serde_json::json!({})).expect("every config field has a default")
 }
 
 impl Settings {
-    /// Load defaults, then the optional TOML file, then `OUTBOX_RELAY__*` env vars; validate.
+    /// Load defaults, then the optional TOML file, then `OUTBOX_RELAY__*` env vars; read
+    /// the `*_file` secrets; validate. What every command but `check --offline` uses.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with(file, MissingFiles::Fail).map(|l| l.settings)
+    }
+
+    /// `load`, with a choice of what a `*_file` secret that is not there means. With
+    /// `MissingFiles::Unchecked` (`check --offline`) it is listed in `Loaded::files` as
+    /// not read, and the value it would supply is not validated; all else is as `load`.
+    pub fn load_with(file: Option<&Path>, missing: MissingFiles) -> Result<Loaded, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             if !path.exists() {
@@ -242,7 +262,7 @@ impl Settings {
             );
         }
         builder = builder.add_source(
-            config::Environment::with_prefix("OUTBOX_RELAY")
+            config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true),
@@ -251,45 +271,15 @@ impl Settings {
         let mut settings: Settings = raw
             .try_deserialize()
             .map_err(|e| ConfigError::Load(scrub(e)))?;
-        settings.resolve_files()?;
+        let files = settings.resolve_files(missing)?;
         secret::register_secrets(settings.secret_values());
-        settings.validate()?;
-        Ok(settings)
-    }
-
-    /// Read `*_file` secrets (the Kubernetes Secret-volume convention): a file wins over
-    /// the value set inline.
-    fn resolve_files(&mut self) -> Result<(), ConfigError> {
-        if let Some(path) = &self.database.url_file {
-            self.database.url = read_secret_file("database.url_file", path)?;
-        }
-        if let Some(path) = &self.rabbitmq.url_file {
-            self.rabbitmq.url = read_secret_file("rabbitmq.url_file", path)?;
-        }
-        let from_files: Vec<(String, String)> = self
-            .kafka
-            .properties
+        let unchecked: Vec<&str> = files
             .iter()
-            .filter_map(|(k, path)| {
-                k.strip_suffix(PROPERTY_FILE_SUFFIX)
-                    .map(|name| (name.to_string(), path.clone()))
-            })
+            .filter(|f| !f.read)
+            .map(|f| f.supplies.as_str())
             .collect();
-        for (name, path) in from_files {
-            let key = format!("kafka.properties.{name}{PROPERTY_FILE_SUFFIX}");
-            if name.is_empty() {
-                return Err(ConfigError::Property(format!(
-                    "config key `{key}`: names no property"
-                )));
-            }
-            let value = std::fs::read_to_string(&path).map_err(|e| {
-                ConfigError::Property(format!("config key `{key}`: cannot read {path}: {e}"))
-            })?;
-            let props = &mut self.kafka.properties;
-            props.remove(&format!("{name}{PROPERTY_FILE_SUFFIX}"));
-            props.insert(name, value.trim().to_string());
-        }
-        Ok(())
+        settings.validate_except(&unchecked)?;
+        Ok(Loaded { settings, files })
     }
 
     /// Every configured secret value (URL passwords, secret Kafka properties), for the
@@ -309,13 +299,15 @@ impl Settings {
 
     /// Check every value once, naming the key of the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let db = url::Url::parse(self.database.url.expose())
-            .map_err(|e| invalid("database.url", format!("not a URL: {e}")))?;
-        if !matches!(db.scheme(), "postgres" | "postgresql") {
-            return Err(invalid(
-                "database.url",
-                format!("scheme must be postgres://, got {}://", db.scheme()),
-            ));
+        self.validate_except(&[])
+    }
+
+    /// `validate`, but not the values of `unchecked` (keys a `*_file` secret that is not
+    /// there would have supplied: `check --offline`).
+    fn validate_except(&self, unchecked: &[&str]) -> Result<(), ConfigError> {
+        if !unchecked.contains(&"database.url") {
+            let schemes = ["postgres", "postgresql"];
+            check_url("database.url", &self.database.url, &schemes, "postgres://")?;
         }
         TableName::parse(&self.database.table).map_err(|m| invalid("database.table", m))?;
         if self.database.max_connections < 2 {
@@ -372,13 +364,10 @@ impl Settings {
         }
         match self.sink.kind {
             SinkKind::Rabbitmq => {
-                let u = url::Url::parse(self.rabbitmq.url.expose())
-                    .map_err(|e| invalid("rabbitmq.url", format!("not a URL: {e}")))?;
-                if !matches!(u.scheme(), "amqp" | "amqps") {
-                    return Err(invalid(
-                        "rabbitmq.url",
-                        format!("scheme must be amqp:// or amqps://, got {}://", u.scheme()),
-                    ));
+                if !unchecked.contains(&"rabbitmq.url") {
+                    let schemes = ["amqp", "amqps"];
+                    let wanted = "amqp:// or amqps://";
+                    check_url("rabbitmq.url", &self.rabbitmq.url, &schemes, wanted)?;
                 }
                 if self.rabbitmq.exchange.is_empty() {
                     return Err(invalid(
@@ -422,10 +411,21 @@ impl Settings {
     }
 }
 
-fn read_secret_file(key: &'static str, path: &Path) -> Result<Secret, ConfigError> {
-    std::fs::read_to_string(path)
-        .map(|s| Secret::new(s.trim()))
-        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+/// `value` parses as a URL whose scheme is one of `schemes` (`wanted` in the error).
+fn check_url(
+    key: &'static str,
+    value: &Secret,
+    schemes: &[&str],
+    wanted: &str,
+) -> Result<(), ConfigError> {
+    let u = url::Url::parse(value.expose()).map_err(|e| invalid(key, format!("not a URL: {e}")))?;
+    if !schemes.contains(&u.scheme()) {
+        return Err(invalid(
+            key,
+            format!("scheme must be {wanted}, got {}://", u.scheme()),
+        ));
+    }
+    Ok(())
 }
 
 /// `config` errors may echo a value; make sure a URL with a password never does.

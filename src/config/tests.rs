@@ -79,7 +79,7 @@ kind = "kafka"
         pw.display()
     );
     let mut s: Settings = toml_from(&toml);
-    s.resolve_files().unwrap();
+    s.resolve_files(MissingFiles::Fail).unwrap();
     s.validate().unwrap();
     assert_eq!(s.kafka.properties["sasl.password"], "file-Secret-7d1");
     assert!(!s.kafka.properties.contains_key("sasl.password_file"));
@@ -95,8 +95,58 @@ kind = "kafka"
 "ssl.key.password_file" = "/nonexistent/key-password"
 "#,
     );
-    let e = s.resolve_files().unwrap_err().to_string();
+    let e = s.resolve_files(MissingFiles::Fail).unwrap_err().to_string();
     assert!(e.contains("kafka.properties.ssl.key.password_file"), "{e}");
+}
+
+#[test]
+fn missing_secret_files_are_unchecked_only_when_asked() {
+    let toml = r#"
+[database]
+url = "not a url"
+url_file = "/nonexistent/database-url"
+[rabbitmq]
+url_file = "/nonexistent/rabbitmq-url"
+[kafka.properties]
+"sasl.password_file" = "/nonexistent/sasl-password"
+"#;
+    let mut s: Settings = toml_from(toml);
+    let e = s.resolve_files(MissingFiles::Fail).unwrap_err().to_string();
+    assert!(e.contains("database.url_file"), "{e}");
+
+    let mut s: Settings = toml_from(toml);
+    let files = s.resolve_files(MissingFiles::Unchecked).unwrap();
+    let seen: Vec<(&str, &str, bool)> = files
+        .iter()
+        .map(|f| (f.key.as_str(), f.supplies.as_str(), f.read))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("database.url_file", "database.url", false),
+            ("rabbitmq.url_file", "rabbitmq.url", false),
+            (
+                "kafka.properties.sasl.password_file",
+                "kafka.properties.sasl.password",
+                false
+            ),
+        ]
+    );
+    assert!(s.kafka.properties.is_empty(), "{:?}", s.kafka.properties);
+    // The value the missing file would have replaced is not judged; the rest is.
+    assert!(s.validate().is_err());
+    s.validate_except(&["database.url", "rabbitmq.url"])
+        .unwrap();
+    s.relay.batch_size = 0;
+    let e = s.validate_except(&["database.url"]).unwrap_err();
+    assert!(e.to_string().contains("relay.batch_size"), "{e}");
+
+    // A file that is there but cannot be read (a directory) fails either way.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s: Settings = empty_table();
+    s.database.url_file = Some(dir.path().to_path_buf());
+    let e = s.resolve_files(MissingFiles::Unchecked).unwrap_err();
+    assert!(e.to_string().contains("database.url_file"), "{e}");
 }
 
 #[test]

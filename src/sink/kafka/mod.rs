@@ -72,24 +72,7 @@ impl KafkaSink {
     /// background). `timeout` (relay.publish_timeout) becomes `message.timeout.ms`
     /// unless `kafka.properties` sets it.
     pub fn new(cfg: &KafkaConfig, timeout: Duration) -> Result<Self, SinkError> {
-        let config_err = |e: PropertyError| SinkError::Rejected(e.to_string());
-        let config = props::producer_config(cfg, timeout).map_err(config_err)?;
-        let message_timeout =
-            props::message_timeout(&cfg.properties, timeout).map_err(config_err)?;
-        let template_check = cfg.topic.replace("{aggregate_type}", "x");
-        if let Err(why) = check_topic_name(&template_check) {
-            return Err(SinkError::Rejected(format!(
-                "config key `kafka.topic`: {:?} does not make valid topic names: {why}",
-                cfg.topic
-            )));
-        }
-        if let Some(dlt) = &cfg.dead_letter_topic {
-            if let Err(why) = check_topic_name(dlt) {
-                return Err(SinkError::Rejected(format!(
-                    "config key `kafka.dead_letter_topic`: {why}"
-                )));
-            }
-        }
+        let (config, message_timeout) = props::checked_config(cfg, timeout)?;
         let mut sink = Self {
             config,
             properties: Arc::new(cfg.properties.clone()),
@@ -107,6 +90,18 @@ impl KafkaSink {
         Ok(sink)
     }
 
+    /// The checks `new` makes of the configuration, without creating a producer, so
+    /// without any connection (`check --offline`): the relay's own, then librdkafka's
+    /// verdict on each property (name and value). The cross-property checks librdkafka
+    /// makes only when it creates a client are left to `run`.
+    pub fn check_offline(cfg: &KafkaConfig, timeout: Duration) -> Result<(), SinkError> {
+        let (config, _) = props::checked_config(cfg, timeout)?;
+        config
+            .create_native_config()
+            .map(drop)
+            .map_err(|e| props::config_refused(&e, &cfg.properties))
+    }
+
     /// The topic a message goes to (SPEC §2).
     pub fn topic_for(&self, m: &Message) -> String {
         match &m.destination {
@@ -119,21 +114,10 @@ impl KafkaSink {
         if let Some(p) = &self.producer {
             return Ok(p.clone());
         }
-        let producer: FutureProducer = self.config.create().map_err(|e| {
-            let why = match &e {
-                KafkaError::ClientConfig(_, desc, key, _) => {
-                    let key = match key.as_str() {
-                        "bootstrap.servers" | "metadata.broker.list" => "kafka.brokers".into(),
-                        k => format!("kafka.properties.{k}"),
-                    };
-                    format!("config key `{key}`: librdkafka refused it: {desc}")
-                }
-                other => format!(
-                    "config keys `kafka.brokers` / `kafka.properties`: librdkafka refused the configuration: {other}"
-                ),
-            };
-            SinkError::Rejected(props::scrub(&why, &self.properties))
-        })?;
+        let producer: FutureProducer = self
+            .config
+            .create()
+            .map_err(|e| props::config_refused(&e, &self.properties))?;
         self.producer = Some(producer.clone());
         Ok(producer)
     }

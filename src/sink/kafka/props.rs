@@ -6,12 +6,20 @@
 //! the Java client's partitioner (`murmur2_random`). A property that would turn either
 //! off, or move keys to other partitions, is refused before any client is created, with
 //! an error naming the key as `kafka.properties.<name>`.
+//!
+//! Also the configuration checks the sink makes before it creates a producer
+//! (`checked_config`: these, then the topic names), which `check --offline` runs alone,
+//! and the wording of librdkafka's refusals (`config_refused`).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use rdkafka::error::KafkaError;
 use rdkafka::ClientConfig;
+
+use super::check_topic_name;
+use crate::sink::SinkError;
 
 pub use crate::config::secret::is_secret_property;
 use crate::config::KafkaConfig;
@@ -174,6 +182,50 @@ pub fn scrub(text: &str, props: &BTreeMap<String, String>) -> String {
         }
     }
     out
+}
+
+/// The producer configuration `cfg` makes and its message timeout, after the relay's
+/// checks of the properties and topic names (what `new` and `check_offline` share).
+pub(super) fn checked_config(
+    cfg: &KafkaConfig,
+    timeout: Duration,
+) -> Result<(ClientConfig, Option<Duration>), SinkError> {
+    let config_err = |e: PropertyError| SinkError::Rejected(e.to_string());
+    let config = producer_config(cfg, timeout).map_err(config_err)?;
+    let msg_timeout = message_timeout(&cfg.properties, timeout).map_err(config_err)?;
+    let template_check = cfg.topic.replace("{aggregate_type}", "x");
+    if let Err(why) = check_topic_name(&template_check) {
+        return Err(SinkError::Rejected(format!(
+            "config key `kafka.topic`: {:?} does not make valid topic names: {why}",
+            cfg.topic
+        )));
+    }
+    if let Some(dlt) = &cfg.dead_letter_topic {
+        if let Err(why) = check_topic_name(dlt) {
+            return Err(SinkError::Rejected(format!(
+                "config key `kafka.dead_letter_topic`: {why}"
+            )));
+        }
+    }
+    Ok((config, msg_timeout))
+}
+
+/// librdkafka's refusal of the configuration, naming the relay's config key, with no
+/// secret property value in it.
+pub(super) fn config_refused(e: &KafkaError, properties: &BTreeMap<String, String>) -> SinkError {
+    let why = match e {
+        KafkaError::ClientConfig(_, desc, key, _) => {
+            let key = match key.as_str() {
+                "bootstrap.servers" | "metadata.broker.list" => "kafka.brokers".into(),
+                k => format!("kafka.properties.{k}"),
+            };
+            format!("config key `{key}`: librdkafka refused it: {desc}")
+        }
+        other => format!(
+            "config keys `kafka.brokers` / `kafka.properties`: librdkafka refused the configuration: {other}"
+        ),
+    };
+    SinkError::Rejected(scrub(&why, properties))
 }
 
 #[cfg(test)]
