@@ -138,7 +138,7 @@ pub async fn open_store(
     settings: &Settings,
     cancel: &CancellationToken,
 ) -> Result<Option<Store>, AppError> {
-    let table = settings.table();
+    let table = settings.table()?;
     let connect = || Store::connect(&settings.database, table.clone());
     let Some(store) = while_unreachable(cancel, connect).await? else {
         return Ok(None);
@@ -188,7 +188,7 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
     let health = Arc::new(Health::new(stall_after));
     health.beat();
     let http = crate::http::serve(
-        settings.http_listen(),
+        settings.http_listen()?,
         health.clone(),
         metrics,
         cancel.clone(),

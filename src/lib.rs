@@ -10,8 +10,9 @@
 //! - `store`    — Postgres: claim, mark, parked rows, leases (`store::leases`), operator
 //!   queries (`store::admin`)
 //! - `sink`     — the `Sink` trait; `sink::rabbitmq` (lapin), `sink::kafka` (rdkafka)
-//! - `relay`    — the engine: claimer, per-aggregate window, dispatch, completer, leases,
-//!   doorbell (when to ask for NOTIFY), idle probes, backoff, wake-ups
+//! - `relay`    — the engine: claimer, per-aggregate window, dispatch, completer, leases
+//!   and the partitions they give, doorbell (when to ask for NOTIFY), idle probes,
+//!   backoff, wake-ups
 //! - `app`      — wiring for `run`: tasks, HTTP, gauges, retention, graceful shutdown
 //! - `http`, `health`, `metrics` — `/livez`, `/readyz`, `/metrics`
 //! - `commands` — `migrate`, `check` (and `check --offline`), `status`, `replay`,

@@ -46,19 +46,42 @@ pub enum MigrateError {
     NotMigrated { table: String, found: String },
 }
 
-/// Rewrite the table identifiers of a migration for `table`.
+/// Rewrite the table identifiers of a migration for `table`: every word `outbox` or
+/// `outbox_<suffix>` becomes the quoted name derived from `table`.
 pub fn render(sql: &str, table: &TableName) -> String {
     if table.name() == "outbox" {
         return sql.to_string();
     }
-    let re = regex::Regex::new(r"\boutbox(_[A-Za-z0-9_]*)?\b").expect("static regex");
-    re.replace_all(sql, |c: &regex::Captures| {
-        format!(
-            "\"{}\"",
-            table.derived_bare(c.get(1).map_or("", |m| m.as_str()))
-        )
-    })
-    .into_owned()
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut out = String::with_capacity(sql.len() + 64);
+    let mut rest = sql;
+    while let Some(start) = rest.find(is_word) {
+        out.push_str(&rest[..start]);
+        let word_and_rest = &rest[start..];
+        let len = word_and_rest
+            .find(|c: char| !is_word(c))
+            .unwrap_or(word_and_rest.len());
+        let word = &word_and_rest[..len];
+        match word.strip_prefix("outbox") {
+            Some(suffix) if is_table_suffix(suffix) => {
+                out.push('"');
+                out.push_str(&table.derived_bare(suffix));
+                out.push('"');
+            }
+            _ => out.push_str(word),
+        }
+        rest = &word_and_rest[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `""` or `_` followed by ASCII letters, digits and underscores.
+fn is_table_suffix(suffix: &str) -> bool {
+    suffix.is_empty()
+        || suffix
+            .strip_prefix('_')
+            .is_some_and(|s| s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
 }
 
 /// Apply every migration not yet recorded, each in its own transaction, serialized
@@ -146,6 +169,18 @@ mod tests {
         assert!(!sql.contains(" outbox "));
         let plain = render(MIGRATIONS[0].sql, &TableName::parse("outbox").unwrap());
         assert_eq!(plain, MIGRATIONS[0].sql);
+    }
+
+    #[test]
+    fn render_takes_whole_words_only() {
+        let t = TableName::parse("ev").unwrap();
+        assert_eq!(
+            render(
+                "outbox outbox_x(outboxes, my_outbox) 'outbox_' outbox_é",
+                &t
+            ),
+            "\"ev\" \"ev_x\"(outboxes, my_outbox) '\"ev_\"' outbox_é"
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub struct Arrival {
 
 pub async fn run(settings: &Settings, events: u32, force: bool) -> Result<(), AppError> {
     super::migrate(settings).await?;
-    let store = Store::connect(&settings.database, settings.table()).await?;
+    let store = Store::connect(&settings.database, settings.table()?).await?;
     if !force {
         refuse_a_live_outbox(&store).await?;
     }

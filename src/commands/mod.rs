@@ -16,7 +16,7 @@ use crate::sink::Sink;
 use crate::store::Store;
 
 async fn connect_once(settings: &Settings) -> Result<Store, AppError> {
-    Ok(Store::connect(&settings.database, settings.table()).await?)
+    Ok(Store::connect(&settings.database, settings.table()?).await?)
 }
 
 /// `outbox-relay migrate`: apply the embedded migrations (idempotent).
@@ -25,7 +25,7 @@ pub async fn migrate(settings: &Settings) -> Result<(), AppError> {
     let mut conn = sqlx::PgConnection::connect_with(&opts)
         .await
         .map_err(|e| AppError::Database(crate::store::StoreError::from(e).to_string()))?;
-    let table = settings.table();
+    let table = settings.table()?;
     let applied = crate::migrate::migrate(&mut conn, &table).await?;
     let _ = conn.close().await;
     if applied.is_empty() {

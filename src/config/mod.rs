@@ -206,22 +206,21 @@ pub struct HttpConfig {
     pub listen: String,
 }
 
+/// The whole configuration. Every section is present (the loader starts each as an
+/// empty table, so every field a file or env var leaves out takes its default).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    #[serde(default = "empty_table")]
     pub database: DatabaseConfig,
-    #[serde(default = "empty_table")]
     pub relay: RelayConfig,
-    #[serde(default = "empty_table")]
     pub sink: SinkConfig,
-    #[serde(default = "empty_table")]
     pub rabbitmq: RabbitmqConfig,
-    #[serde(default = "empty_table")]
     pub kafka: KafkaConfig,
-    #[serde(default = "empty_table")]
     pub http: HttpConfig,
 }
+
+/// The sections of `Settings`.
+const SECTIONS: [&str; 6] = ["database", "relay", "sink", "rabbitmq", "kafka", "http"];
 
 /// Prefix of the environment variables that override the file: `OUTBOX_RELAY__<SECTION>__<KEY>`.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY";
@@ -233,9 +232,15 @@ pub struct Loaded {
     pub files: Vec<SecretFile>,
 }
 
-/// Deserialize a section from an empty table, so every field takes its default.
-fn empty_table<T: serde::de::DeserializeOwned>() -> T {
-    serde_json::from_value(serde_json::json!({})).expect("every config field has a default")
+/// A config builder holding every section as an empty table (the fields' defaults).
+fn sections() -> Result<config::ConfigBuilder<config::builder::DefaultState>, ConfigError> {
+    let mut builder = config::Config::builder();
+    for section in SECTIONS {
+        builder = builder
+            .set_default(section, config::Map::<String, config::Value>::new())
+            .map_err(|e| ConfigError::Load(scrub(e)))?;
+    }
+    Ok(builder)
 }
 
 impl Settings {
@@ -249,7 +254,7 @@ impl Settings {
     /// `MissingFiles::Unchecked` (`check --offline`) it is listed in `Loaded::files` as
     /// not read, and the value it would supply is not validated; all else is as `load`.
     pub fn load_with(file: Option<&Path>, missing: MissingFiles) -> Result<Loaded, ConfigError> {
-        let mut builder = config::Config::builder();
+        let mut builder = sections()?;
         if let Some(path) = file {
             if !path.exists() {
                 return Err(ConfigError::Load(format!(
@@ -309,7 +314,7 @@ impl Settings {
             let schemes = ["postgres", "postgresql"];
             check_url("database.url", &self.database.url, &schemes, "postgres://")?;
         }
-        TableName::parse(&self.database.table).map_err(|m| invalid("database.table", m))?;
+        self.table()?;
         if self.database.max_connections < 2 {
             return Err(invalid("database.max_connections", "must be at least 2"));
         }
@@ -395,19 +400,22 @@ impl Settings {
                     .map_err(|e| ConfigError::Property(e.to_string()))?;
             }
         }
-        self.http
-            .listen
-            .parse::<SocketAddr>()
-            .map_err(|e| invalid("http.listen", format!("not host:port ({e})")))?;
+        self.http_listen()?;
         Ok(())
     }
 
-    pub fn table(&self) -> TableName {
-        TableName::parse(&self.database.table).expect("validated at load")
+    /// `database.table`, parsed (validated at load, so this fails only on settings
+    /// changed since).
+    pub fn table(&self) -> Result<TableName, ConfigError> {
+        TableName::parse(&self.database.table).map_err(|m| invalid("database.table", m))
     }
 
-    pub fn http_listen(&self) -> SocketAddr {
-        self.http.listen.parse().expect("validated at load")
+    /// `http.listen`, parsed (validated at load, as `table`).
+    pub fn http_listen(&self) -> Result<SocketAddr, ConfigError> {
+        self.http
+            .listen
+            .parse()
+            .map_err(|e| invalid("http.listen", format!("not host:port ({e})")))
     }
 }
 

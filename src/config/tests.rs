@@ -2,9 +2,14 @@
 
 use super::*;
 
+/// Settings with every field at its default (as the loader gives with no file or env).
+fn empty_table() -> Settings {
+    toml_from("")
+}
+
 #[test]
 fn defaults_are_valid() {
-    let s: Settings = empty_table();
+    let s = empty_table();
     s.validate().unwrap();
     assert_eq!(s.relay.batch_size, 500);
     assert_eq!(s.relay.poll_interval, Duration::from_millis(500));
@@ -39,21 +44,21 @@ brokers = "k:9092"
 
 #[test]
 fn bad_values_name_their_key() {
-    let mut s: Settings = empty_table();
+    let mut s = empty_table();
     s.relay.batch_size = 0;
     assert!(s
         .validate()
         .unwrap_err()
         .to_string()
         .contains("relay.batch_size"));
-    let mut s: Settings = empty_table();
+    let mut s = empty_table();
     s.database.table = "bad name;".into();
     assert!(s
         .validate()
         .unwrap_err()
         .to_string()
         .contains("database.table"));
-    let mut s: Settings = empty_table();
+    let mut s = empty_table();
     s.relay.backoff_max = Duration::from_millis(1);
     assert!(s
         .validate()
@@ -143,7 +148,7 @@ url_file = "/nonexistent/rabbitmq-url"
 
     // A file that is there but cannot be read (a directory) fails either way.
     let dir = tempfile::tempdir().unwrap();
-    let mut s: Settings = empty_table();
+    let mut s = empty_table();
     s.database.url_file = Some(dir.path().to_path_buf());
     let e = s.resolve_files(MissingFiles::Unchecked).unwrap_err();
     assert!(e.to_string().contains("database.url_file"), "{e}");
@@ -151,7 +156,7 @@ url_file = "/nonexistent/rabbitmq-url"
 
 #[test]
 fn partitioner_override_is_refused() {
-    let mut s: Settings = empty_table();
+    let mut s = empty_table();
     s.sink.kind = SinkKind::Kafka;
     s.kafka
         .properties
@@ -166,7 +171,7 @@ fn partitioner_override_is_refused() {
 
 #[test]
 fn debug_of_settings_prints_no_secret() {
-    let mut s: Settings = empty_table();
+    let mut s = empty_table();
     s.database.url = Secret::new("postgres://app:Pg-User-Pw1@db/x?sslpassword=Pg-Ssl-Pw2");
     s.rabbitmq.url = Secret::new("amqp://app:Mq-Pw3@mq:5672/%2f");
     s.kafka
@@ -199,7 +204,8 @@ fn query_password_is_redacted_in_display() {
 }
 
 fn toml_from(text: &str) -> Settings {
-    config::Config::builder()
+    sections()
+        .unwrap()
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()
         .unwrap()

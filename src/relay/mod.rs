@@ -5,8 +5,9 @@
 //!
 //! Stages (one file each): `window` (per-aggregate FIFOs, bounded in rows and bytes),
 //! `claimer` (fair claims), `dispatch` (sending, outcomes, broker outages), `completer`
-//! (batched marks), `leases` (renew, rebalance, the fence), `probe` (broker and database
-//! reachability while idle), `backoff`, `wake`.
+//! (batched marks), `leases` (renew, rebalance, the fence), `partitions` (the engine's
+//! side of a renewal: dropping and handing back partitions), `probe` (broker and database
+//! reachability while idle), `doorbell` (wake-ups), `backoff`, `wake`.
 //!
 //! Crash points (any of them may be a SIGKILL):
 //! - after claim, before send: nothing was marked; the rows are claimed again (by us
@@ -23,6 +24,7 @@ mod completer;
 mod dispatch;
 mod doorbell;
 mod leases;
+mod partitions;
 mod probe;
 pub mod wake;
 mod window;
@@ -375,74 +377,6 @@ impl<S: Sink> Engine<S> {
         tracing::warn!(error = %e, ?pause, "database error ({what}); retrying");
         self.next_claim_at = Instant::now() + pause;
         self.claim_due = true;
-    }
-
-    fn on_renewed(&mut self, r: Result<Result<Renewal, StoreError>, tokio::task::JoinError>) {
-        let renewal = match r {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                self.leases.retry_soon();
-                return self.db_error("lease renew", &e);
-            }
-            Err(e) => {
-                self.leases.retry_soon();
-                return tracing::error!(error = %e, "lease task failed");
-            }
-        };
-        metrics::gauge!(m::DATABASE_UP).set(1.0);
-        let changes = self.leases.apply(renewal, &self.releasing);
-        if !changes.lost.is_empty() {
-            self.drop_partitions(&changes.lost);
-        }
-        if !changes.surplus.is_empty() {
-            self.drop_partitions(&changes.surplus);
-            self.releasing.extend(changes.surplus);
-        }
-        if changes.gained {
-            // The sweep may be past rows of the new partitions: start it over.
-            self.sweep.restart();
-        }
-        self.claim_due = true;
-    }
-
-    /// Forget the rows of partitions let go or lost. The sweep starts over (it must not
-    /// skip ahead of rows that left memory), and rows of those aggregates brought by a
-    /// claim already running are discarded when it lands.
-    fn drop_partitions(&mut self, parts: &HashSet<i32>) {
-        let keys = self.window.drop_partitions(parts);
-        self.dropped.extend(keys);
-        self.sweep.restart();
-    }
-
-    /// Hand surplus partitions back once nothing of theirs is out or being recorded.
-    fn try_release(&mut self) {
-        if self.releasing.is_empty() || self.release_task.is_some() {
-            return;
-        }
-        let parts = &self.releasing;
-        let part = |h: &i32| parts.contains(&(h & (crate::store::PARTITIONS - 1)));
-        let busy = self.recording.values().any(part)
-            || self.flights.values().any(|f| part(&f.hash))
-            || self.window.out_in(parts) > 0;
-        if busy {
-            return;
-        }
-        let parts: Vec<i32> = self.releasing.iter().copied().collect();
-        let (store, instance) = (self.store.clone(), self.leases.instance.clone());
-        self.release_task = Some(tokio::spawn(async move {
-            store.release_leases(&instance, &parts).await
-        }));
-    }
-
-    fn on_released(&mut self, r: Result<Result<(), StoreError>, tokio::task::JoinError>) {
-        match r {
-            Ok(Ok(())) => {
-                tracing::info!(released = self.releasing.len(), "handed partitions back");
-                self.releasing.clear();
-            }
-            Ok(Err(e)) => self.db_error("lease release", &e),
-            Err(e) => tracing::error!(error = %e, "lease release task failed"),
-        }
     }
 
     fn on_recorded(&mut self, r: Recorded) {

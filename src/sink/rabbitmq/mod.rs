@@ -23,11 +23,13 @@ use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+mod outcome;
 pub mod tap;
 
 use super::{Confirm, Sink, SinkError};
 use crate::config::{RabbitmqConfig, Secret};
 use crate::model::Message;
+use outcome::{broken, confirmation, describe, unavailable};
 
 /// How long an exchange found by a passive declare is trusted without asking again.
 const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(30);
@@ -393,38 +395,6 @@ async fn publish(
     confirm.await
 }
 
-/// What a publisher confirm says about one message.
-fn confirmation(c: Result<Confirmation, lapin::Error>) -> Result<(), SinkError> {
-    match c {
-        Ok(Confirmation::Ack(None)) => Ok(()),
-        Ok(Confirmation::Ack(Some(ret))) | Ok(Confirmation::Nack(Some(ret))) => {
-            Err(SinkError::Rejected(format!(
-                "unroutable: no queue is bound to exchange {:?} for routing key {:?} (returned {} {})",
-                ret.delivery.exchange.as_str(),
-                ret.delivery.routing_key.as_str(),
-                ret.reply_code,
-                ret.reply_text.as_str()
-            )))
-        }
-        Ok(Confirmation::Nack(None)) => {
-            Err(SinkError::Rejected("the broker nacked the message".into()))
-        }
-        Ok(Confirmation::NotRequested) => Err(SinkError::Rejected(
-            "publisher confirms are not enabled on the channel".into(),
-        )),
-        Err(e) => Err(broken(&e)),
-    }
-}
-
-/// The channel or connection broke before the broker answered: not a judgement on the
-/// message (the engine finds out whether this message is what broke it).
-fn broken(e: &lapin::Error) -> SinkError {
-    match channel_close_reason(e) {
-        Some(reason) => unavailable(reason),
-        None => unavailable(describe(e)),
-    }
-}
-
 /// Encoded size of a message's AMQP content header frame (properties and headers).
 fn content_header_size(m: &Message) -> usize {
     // Per entry: key length byte + key, type byte, value length (4) + value.
@@ -478,29 +448,4 @@ pub(crate) async fn close_quietly(channel: Option<Channel>, conn: Option<Connect
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
-}
-
-fn unavailable(why: impl Into<String>) -> SinkError {
-    SinkError::Unavailable(crate::config::redact_url(&why.into()))
-}
-
-/// A channel-level error the broker raised because of a message (not a connection loss).
-fn channel_close_reason(e: &lapin::Error) -> Option<String> {
-    match e {
-        lapin::Error::ProtocolError(amqp) => Some(format!(
-            "RabbitMQ closed the channel: {} {}",
-            amqp.get_id(),
-            amqp.get_message().as_str()
-        )),
-        _ => None,
-    }
-}
-
-fn describe(e: &lapin::Error) -> String {
-    match e {
-        lapin::Error::ProtocolError(amqp) => {
-            format!("{} {}", amqp.get_id(), amqp.get_message().as_str())
-        }
-        other => other.to_string(),
-    }
 }
