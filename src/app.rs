@@ -9,84 +9,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ConfigError, Settings, SinkKind};
+use crate::config::Settings;
 use crate::health::Health;
 use crate::metrics as m;
-use crate::migrate::MigrateError;
 use crate::relay::backoff::Pacer;
 use crate::relay::Relay;
-use crate::sink::kafka::KafkaSink;
-use crate::sink::rabbitmq::RabbitSink;
-use crate::sink::{Sink, SinkError};
 use crate::store::{Store, StoreError};
-
-/// Errors that end a command, each with its exit code.
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("{0}")]
-    NotMigrated(String),
-    #[error("{0}")]
-    Database(String),
-    #[error("{0}")]
-    Broker(String),
-    #[error("{0}")]
-    Usage(String),
-    #[error("{0}")]
-    Runtime(String),
-}
-
-impl AppError {
-    /// 2 for anything the operator must fix before the command can work (bad config,
-    /// missing migrations, unreachable dependency in `check`); 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            AppError::Runtime(_) => 1,
-            _ => 2,
-        }
-    }
-}
-
-impl From<StoreError> for AppError {
-    fn from(e: StoreError) -> Self {
-        AppError::Database(e.to_string())
-    }
-}
-
-impl From<MigrateError> for AppError {
-    fn from(e: MigrateError) -> Self {
-        match e {
-            MigrateError::NotMigrated { .. } => AppError::NotMigrated(e.to_string()),
-            MigrateError::Db(db) => AppError::Database(StoreError::from(db).to_string()),
-        }
-    }
-}
-
-impl From<SinkError> for AppError {
-    fn from(e: SinkError) -> Self {
-        AppError::Broker(e.to_string())
-    }
-}
-
-/// A name unique to this process among the relay's instances, in every container:
-/// `<POD_NAME or HOSTNAME>-<pid>-<random UUID>`. The UUID makes it unique (the pid is 1 in
-/// every container); the pid only helps find the process on a shared host.
-pub fn instance_id() -> String {
-    let named = |v: Option<String>| v.map(|h| h.trim().to_string()).filter(|h| !h.is_empty());
-    let host = named(std::env::var("POD_NAME").ok())
-        .or_else(|| named(std::env::var("HOSTNAME").ok()))
-        .or_else(|| named(std::fs::read_to_string("/etc/hostname").ok()));
-    instance_id_for(host.as_deref(), std::process::id())
-}
-
-fn instance_id_for(host: Option<&str>, pid: u32) -> String {
-    format!(
-        "{}-{pid}-{}",
-        host.unwrap_or("relay"),
-        uuid::Uuid::new_v4().simple()
-    )
-}
+use crate::wiring::{build_sink, instance_id, AppError};
 
 /// A token cancelled on the first SIGTERM or SIGINT.
 pub fn shutdown_token() -> CancellationToken {
@@ -108,28 +37,6 @@ pub fn shutdown_token() -> CancellationToken {
         t.cancel();
     });
     token
-}
-
-/// Build the configured sink.
-pub fn build_sink(settings: &Settings) -> Result<AnySink, AppError> {
-    Ok(match settings.sink.kind {
-        SinkKind::Rabbitmq => AnySink::Rabbit(RabbitSink::new(
-            &settings.rabbitmq,
-            settings.relay.effective_publish_timeout(),
-        )?),
-        SinkKind::Kafka => AnySink::Kafka(KafkaSink::new(
-            &settings.kafka,
-            settings.relay.effective_publish_timeout(),
-        )?),
-    })
-}
-
-/// The configured sink, one of the two concrete ones (the loop stays generic). Built
-/// once per process, so the size difference between variants does not matter.
-#[allow(clippy::large_enum_variant)]
-pub enum AnySink {
-    Rabbit(RabbitSink),
-    Kafka(KafkaSink),
 }
 
 /// Open the pool and wait (with backoff, until cancelled) for the database; then check
@@ -233,14 +140,9 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
         settings.relay.retention,
         cancel.clone(),
     ));
-    match build_sink(&settings)? {
-        AnySink::Rabbit(s) => spawn_relay(
-            &tracker, store, s, &settings, instance, wake, health, &cancel,
-        ),
-        AnySink::Kafka(s) => spawn_relay(
-            &tracker, store, s, &settings, instance, wake, health, &cancel,
-        ),
-    }
+    let sink = build_sink(&settings)?;
+    let relay = Relay::new(store, sink, settings.relay.clone(), instance, wake, health);
+    tracker.spawn(relay.run(cancel.clone()));
     tracker.close();
 
     cancel.cancelled().await;
@@ -253,21 +155,6 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
     let _ = tokio::time::timeout(Duration::from_secs(1), http).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn spawn_relay<S: Sink>(
-    tracker: &TaskTracker,
-    store: Store,
-    sink: S,
-    settings: &Settings,
-    instance: String,
-    wake: Arc<Notify>,
-    health: Arc<Health>,
-    cancel: &CancellationToken,
-) {
-    let relay = Relay::new(store, sink, settings.relay.clone(), instance, wake, health);
-    tracker.spawn(relay.run(cancel.clone()));
 }
 
 /// Refresh the backlog gauges on an interval (one indexed query; never per scrape).
@@ -322,24 +209,5 @@ async fn retention(store: Store, retention: Duration, cancel: CancellationToken)
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn instance_ids_differ_on_the_same_host_and_pid() {
-        // Two containers of one pod template: same name prefix, pid 1 in both.
-        let a = instance_id_for(Some("order-svc-7d9f"), 1);
-        let b = instance_id_for(Some("order-svc-7d9f"), 1);
-        assert_ne!(a, b);
-        assert!(a.starts_with("order-svc-7d9f-1-"), "{a}");
-        let suffix = &a["order-svc-7d9f-1-".len()..];
-        assert!(uuid::Uuid::parse_str(suffix).is_ok(), "{a}");
-        assert!(instance_id_for(None, 7).starts_with("relay-7-"));
-        let own = format!("-{}-", std::process::id());
-        assert!(instance_id().contains(&own));
     }
 }

@@ -13,7 +13,9 @@
 //! - `relay`    — the engine: claimer, per-aggregate window, dispatch, completer, leases
 //!   and the partitions they give, doorbell (when to ask for NOTIFY), idle probes,
 //!   backoff, wake-ups
-//! - `app`      — wiring for `run`: tasks, HTTP, gauges, retention, graceful shutdown
+//! - `wiring`   — what `run` and the commands share: the configured sink as one
+//!   `AnySink` (the only dispatch over broker kinds), the instance name, `AppError`
+//! - `app`      — `run`: tasks, HTTP, gauges, retention, graceful shutdown
 //! - `http`, `health`, `metrics` — `/livez`, `/readyz`, `/metrics`
 //! - `commands` — `migrate`, `check` (and `check --offline`), `status`, `replay`,
 //!   `discard`, `demo`
@@ -30,3 +32,4 @@ pub mod relay;
 pub mod sink;
 pub mod store;
 pub mod table;
+pub mod wiring;

@@ -13,9 +13,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use outbox_relay::app::{self, AppError};
+use outbox_relay::app;
 use outbox_relay::commands;
 use outbox_relay::config::{secret, Settings};
+use outbox_relay::wiring::AppError;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;

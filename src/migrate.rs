@@ -40,10 +40,16 @@ pub const SCHEMA_MARKER: &str = "relay schema 3";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Db(#[from] crate::store::StoreError),
     #[error("table {table} is not migrated to the expected version ({found}): run `outbox-relay migrate`")]
     NotMigrated { table: String, found: String },
+}
+
+impl From<sqlx::Error> for MigrateError {
+    fn from(e: sqlx::Error) -> Self {
+        MigrateError::Db(e.into())
+    }
 }
 
 /// Rewrite the table identifiers of a migration for `table`: every word `outbox` or

@@ -7,12 +7,12 @@
 
 use std::path::Path;
 
-use crate::app::AppError;
 use crate::config::{
     secret, Loaded, MissingFiles, OnFailed, SecretFile, Settings, SinkKind, ENV_PREFIX,
 };
 use crate::sink::kafka::KafkaSink;
 use crate::sink::rabbitmq::RabbitSink;
+use crate::wiring::AppError;
 
 /// `outbox-relay [--config FILE] check --offline`.
 pub fn check_offline(file: Option<&Path>) -> Result<(), AppError> {

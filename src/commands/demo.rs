@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{build_sink, instance_id, AnySink, AppError};
 use crate::config::Settings;
+use crate::config::SinkKind;
 use crate::health::Health;
 use crate::relay::Relay;
+use crate::sink::Sink;
 use crate::store::Store;
+use crate::wiring::{build_sink, instance_id, AnySink, AppError};
 
 const PRODUCERS: u32 = 8;
 const ORDERS: u32 = 50;
@@ -54,9 +56,9 @@ pub async fn run(settings: &Settings, events: u32, force: bool) -> Result<(), Ap
     .map_err(crate::store::StoreError::from)?;
 
     let cancel = CancellationToken::new();
-    let (mut tap, relay) = match build_sink(settings)? {
-        AnySink::Rabbit(mut sink) => {
-            use crate::sink::Sink;
+    let mut sink = build_sink(settings)?;
+    let mut tap = match settings.sink.kind {
+        SinkKind::Rabbitmq => {
             sink.connect().await?;
             let tap = crate::sink::rabbitmq::tap::Tap::bind(
                 &settings.rabbitmq.url,
@@ -68,15 +70,11 @@ pub async fn run(settings: &Settings, events: u32, force: bool) -> Result<(), Ap
                 "consuming from queue {} bound to exchange {:?} with order.#",
                 tap.queue, settings.rabbitmq.exchange
             );
-            let relay = spawn_relay(&store, sink, settings, &cancel);
-            (DemoTap::Rabbit(tap), relay)
+            DemoTap::Rabbit(tap)
         }
-        AnySink::Kafka(sink) => {
-            let tap = crate::sink::kafka::tap_for_demo(&settings.kafka).await?;
-            let relay = spawn_relay(&store, sink, settings, &cancel);
-            (DemoTap::Kafka(tap), relay)
-        }
+        SinkKind::Kafka => DemoTap::Kafka(crate::sink::kafka::tap_for_demo(&settings.kafka).await?),
     };
+    let relay = spawn_relay(&store, sink, settings, &cancel);
 
     // Read while the producers write, so arrival times are real (not when we got round
     // to reading them).
@@ -211,9 +209,9 @@ async fn refuse_a_live_outbox(store: &Store) -> Result<(), AppError> {
     }
 }
 
-fn spawn_relay<S: crate::sink::Sink>(
+fn spawn_relay(
     store: &Store,
-    sink: S,
+    sink: AnySink,
     settings: &Settings,
     cancel: &CancellationToken,
 ) -> tokio::task::JoinHandle<()> {

@@ -10,10 +10,10 @@ pub use check_offline::check_offline;
 
 use sqlx::Connection;
 
-use crate::app::{build_sink, AnySink, AppError};
 use crate::config::Settings;
 use crate::sink::Sink;
 use crate::store::Store;
+use crate::wiring::{build_sink, AppError};
 
 async fn connect_once(settings: &Settings) -> Result<Store, AppError> {
     Ok(Store::connect(&settings.database, settings.table()?).await?)
@@ -24,7 +24,7 @@ pub async fn migrate(settings: &Settings) -> Result<(), AppError> {
     let opts = crate::store::connect_options(settings.database.url.expose())?;
     let mut conn = sqlx::PgConnection::connect_with(&opts)
         .await
-        .map_err(|e| AppError::Database(crate::store::StoreError::from(e).to_string()))?;
+        .map_err(crate::store::StoreError::from)?;
     let table = settings.table()?;
     let applied = crate::migrate::migrate(&mut conn, &table).await?;
     let _ = conn.close().await;
@@ -53,18 +53,9 @@ pub async fn check(settings: &Settings) -> Result<(), AppError> {
         settings.database.url,
         store.table()
     );
-    let reached = match build_sink(settings)? {
-        AnySink::Rabbit(mut s) => {
-            let reached = s.connect().await;
-            s.close().await;
-            reached
-        }
-        AnySink::Kafka(mut s) => {
-            let reached = s.connect().await;
-            s.close().await;
-            reached
-        }
-    };
+    let mut sink = build_sink(settings)?;
+    let reached = sink.connect().await;
+    sink.close().await;
     reached?;
     println!("broker: ok ({})", settings.sink.kind);
     Ok(())

@@ -94,7 +94,7 @@ impl Store {
         let summary = rows
             .pop()
             .filter(|r| r.size == -1)
-            .ok_or_else(|| StoreError::Query("scan returned no summary row".into()))?;
+            .ok_or_else(|| StoreError::Unexpected("scan returned no summary row"))?;
         Ok(ScanPage {
             rows,
             last_examined: summary.id,

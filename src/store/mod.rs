@@ -28,12 +28,21 @@ use crate::table::TableName;
 /// Public only for outbox-relay-tools (the bench waits until every partition is leased).
 pub const PARTITIONS: i32 = 256;
 
+/// Why a store call failed; database errors keep their `sqlx::Error` as the source.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The database is down, or the connection dropped (no judgement on the statement).
     #[error("database unreachable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] sqlx::Error),
+    /// The database refused or failed the statement.
     #[error("database error: {0}")]
-    Query(String),
+    Query(#[source] sqlx::Error),
+    /// `database.url` does not parse (the text is redacted).
+    #[error("database.url is not a valid Postgres URL: {0}")]
+    BadUrl(String),
+    /// The database answered something the relay's SQL rules out.
+    #[error("database error: {0}")]
+    Unexpected(&'static str),
 }
 
 impl StoreError {
@@ -51,16 +60,16 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)
-            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
             sqlx::Error::Database(db)
                 if db
                     .code()
                     .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
             {
                 // 08xxx connection exceptions, 57P0x admin shutdown / terminated backend.
-                StoreError::Unavailable(e.to_string())
+                StoreError::Unavailable(e)
             }
-            _ => StoreError::Query(e.to_string()),
+            _ => StoreError::Query(e),
         }
     }
 }
@@ -210,12 +219,7 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
             o.log_statements(tracing::log::LevelFilter::Trace)
                 .options([("plan_cache_mode", "force_custom_plan")])
         })
-        .map_err(|e| {
-            StoreError::Query(format!(
-                "database.url is not a valid Postgres URL: {}",
-                crate::config::redact_url(&e.to_string())
-            ))
-        })
+        .map_err(|e| StoreError::BadUrl(crate::config::redact_url(&e.to_string())))
 }
 
 impl Store {
