@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::health::Health;
+use crate::maintenance;
 use crate::metrics as m;
 use crate::relay::backoff::Pacer;
 use crate::relay::Relay;
@@ -134,9 +135,14 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
             cancel.clone(),
         ));
     }
-    tracker.spawn(gauges(store.clone(), cancel.clone()));
-    tracker.spawn(retention(
+    tracker.spawn(maintenance::gauges(
         store.clone(),
+        instance.clone(),
+        cancel.clone(),
+    ));
+    tracker.spawn(maintenance::retention(
+        store.clone(),
+        instance.clone(),
         settings.relay.retention,
         cancel.clone(),
     ));
@@ -155,59 +161,4 @@ pub async fn run(settings: Settings) -> Result<(), AppError> {
     let _ = tokio::time::timeout(Duration::from_secs(1), http).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Refresh the backlog gauges on an interval (one indexed query; never per scrape).
-async fn gauges(store: Store, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match store.pending_gauge().await {
-            Ok((pending, age)) => {
-                metrics::gauge!(m::PENDING_ROWS).set(pending as f64);
-                metrics::gauge!(m::OLDEST_PENDING_AGE).set(age);
-                metrics::gauge!(m::DATABASE_UP).set(1.0);
-            }
-            Err(e) => {
-                metrics::gauge!(m::DATABASE_UP).set(0.0);
-                tracing::debug!(error = %e, "backlog gauge query failed");
-            }
-        }
-    }
-}
-
-/// Delete `PROCESSED` rows older than `retention`, 1 000 rows per short statement, with a
-/// pause between statements so producers and the relay are never held up.
-async fn retention(store: Store, retention: Duration, cancel: CancellationToken) {
-    const BATCH: i64 = 1_000;
-    let mut tick = tokio::time::interval(Duration::from_secs(30));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        loop {
-            match store.delete_processed(retention, BATCH).await {
-                Ok(n) => {
-                    metrics::counter!(m::RETENTION_DELETED_TOTAL).increment(n);
-                    if n < BATCH as u64 {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "retention delete failed");
-                    break;
-                }
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        }
-    }
 }

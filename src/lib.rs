@@ -15,7 +15,9 @@
 //!   backoff, wake-ups
 //! - `wiring`   — what `run` and the commands share: the configured sink as one
 //!   `AnySink` (the only dispatch over broker kinds), the instance name, `AppError`
-//! - `app`      — `run`: tasks, HTTP, gauges, retention, graceful shutdown
+//! - `maintenance` — leader-only services (the holder of partition 0): backlog gauges,
+//!   retention
+//! - `app`      — `run`: tasks, HTTP, maintenance, graceful shutdown
 //! - `http`, `health`, `metrics` — `/livez`, `/readyz`, `/metrics`
 //! - `commands` — `migrate`, `check` (and `check --offline`), `status`, `replay`,
 //!   `discard`, `demo`
@@ -25,6 +27,7 @@ pub mod commands;
 pub mod config;
 pub mod health;
 pub mod http;
+mod maintenance;
 pub mod metrics;
 pub mod migrate;
 pub mod model;

@@ -13,6 +13,9 @@ pub const DATABASE_UP: &str = "outbox_relay_database_up";
 pub const PARTITIONS_HELD: &str = "outbox_relay_partitions_held";
 pub const DEAD_LETTERED_TOTAL: &str = "outbox_relay_dead_lettered_total";
 pub const RETENTION_DELETED_TOTAL: &str = "outbox_relay_retention_deleted_total";
+/// 1 on the instance that runs retention and measures the backlog gauges (the holder of
+/// partition 0), 0 on the others; labelled with the instance's name.
+pub const MAINTENANCE_LEADER: &str = "outbox_relay_maintenance_leader";
 
 /// Install the global Prometheus recorder and register every SPEC metric at zero, so a
 /// scrape shows all names from the first second.
@@ -34,11 +37,17 @@ pub fn install() -> Result<PrometheusHandle, String> {
     );
     metrics::describe_counter!(FAILED_TOTAL, "Rows that ended FAILED");
     metrics::describe_counter!(RETRIES_TOTAL, "Broker rejections that scheduled a retry");
-    metrics::describe_gauge!(PENDING_ROWS, "PENDING rows in the outbox table");
-    metrics::describe_gauge!(OLDEST_PENDING_AGE, "Age of the oldest PENDING row");
+    metrics::describe_gauge!(
+        OLDEST_PENDING_AGE,
+        "Age of the oldest PENDING row (measured by the maintenance leader; 0 elsewhere)"
+    );
     metrics::describe_histogram!(PUBLISH_LATENCY, "Row commit to broker confirm");
     metrics::describe_gauge!(BROKER_UP, "1 when the broker is reachable");
     metrics::describe_gauge!(DATABASE_UP, "1 when the database is reachable");
+    metrics::describe_gauge!(
+        MAINTENANCE_LEADER,
+        "1 on the instance that measures the backlog gauges and runs retention"
+    );
     metrics::counter!(PUBLISHED_TOTAL).absolute(0);
     metrics::counter!(FAILED_TOTAL).absolute(0);
     metrics::counter!(RETRIES_TOTAL).absolute(0);
@@ -47,6 +56,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
         "Rows that committed behind a row of their aggregate already sent (out of id order)"
     );
     metrics::counter!(crate::relay::LATE_ROWS_TOTAL).absolute(0);
+    metrics::describe_gauge!(
+        PENDING_ROWS,
+        "PENDING rows in the outbox table (measured by the maintenance leader; 0 elsewhere)"
+    );
     metrics::gauge!(PENDING_ROWS).set(0.0);
     metrics::gauge!(OLDEST_PENDING_AGE).set(0.0);
     metrics::gauge!(BROKER_UP).set(0.0);

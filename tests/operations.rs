@@ -291,3 +291,72 @@ async fn demo_refuses_an_outbox_with_rows_it_did_not_write_unless_forced() {
     broker.cleanup().await;
     table.cleanup().await;
 }
+
+/// Backlog gauges and retention run on one replica at a time (the holder of partition
+/// 0): two relays over one table whose broker is unreachable (rows stay PENDING); one says
+/// it leads and reports the backlog, the other reports 0. Kill the leader: the survivor
+/// takes partition 0 over and reports the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn maintenance_runs_on_the_leader_only_and_moves_with_partition_0() {
+    let table = TestTable::new("leader").await;
+    for i in 0..25 {
+        table
+            .insert(
+                &format!("l-{i}"),
+                "order.created",
+                None,
+                serde_json::json!({}),
+            )
+            .await;
+    }
+    let mut env = relay_env(&table.name, "amq.topic");
+    for (k, v) in env.iter_mut() {
+        if k == "OUTBOX_RELAY__RABBITMQ__URL" {
+            *v = "amqp://guest:guest@127.0.0.1:1/%2f".into();
+        }
+    }
+    let relays = [RelayProc::start(&env), RelayProc::start(&env)];
+    let leader_of = |body: &str| -> Option<f64> {
+        body.lines()
+            .find(|l| l.starts_with("outbox_relay_maintenance_leader{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    let leader = wait_for(Duration::from_secs(30), "one leader reporting 25", || {
+        let relays = &relays;
+        async move {
+            let mut seen = Vec::new();
+            for r in relays {
+                let (_, body) = r.get("/metrics").await?;
+                seen.push((
+                    leader_of(&body)?,
+                    r.metric("outbox_relay_pending_rows").await?,
+                ));
+            }
+            match (seen[0], seen[1]) {
+                ((1.0, 25.0), (0.0, 0.0)) => Some(0),
+                ((0.0, 0.0), (1.0, 25.0)) => Some(1),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    let [a, b] = relays;
+    let (gone, survivor) = if leader == 0 { (a, b) } else { (b, a) };
+    drop(gone);
+    wait_for(
+        Duration::from_secs(30),
+        "the survivor leads and reports 25",
+        || {
+            let s = &survivor;
+            async move {
+                let (_, body) = s.get("/metrics").await?;
+                let leads = leader_of(&body)? == 1.0;
+                (leads && s.metric("outbox_relay_pending_rows").await? == 25.0).then_some(())
+            }
+        },
+    )
+    .await;
+    drop(survivor);
+    table.cleanup().await;
+}

@@ -127,6 +127,19 @@ impl Store {
         Ok(())
     }
 
+    /// Whether `instance` holds partition 0's lease, which makes it the leader that runs
+    /// the table-wide maintenance (retention, backlog gauges). One primary-key lookup.
+    pub async fn leads(&self, instance: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE partition = 0 AND owner = $1
+                            AND lease_until > now())",
+            self.table().leases()
+        ))
+        .bind(instance)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
     /// Leave the group: release every lease and remove the heartbeat.
     pub async fn leave(&self, instance: &str) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
