@@ -14,6 +14,7 @@ use crate::app::{build_sink, instance_id, AnySink, AppError};
 use crate::config::Settings;
 use crate::health::Health;
 use crate::relay::Relay;
+use crate::sink::Arrival;
 use crate::store::Store;
 
 const PRODUCERS: u32 = 8;
@@ -30,13 +31,6 @@ struct Committed {
     id: i64,
     aggregate_id: String,
     committed_at: Instant,
-}
-
-/// One event as the consumer saw it.
-pub struct Arrival {
-    pub event_id: String,
-    pub aggregate_id: String,
-    pub summary: String,
 }
 
 pub async fn run(settings: &Settings, events: u32, force: bool) -> Result<(), AppError> {
