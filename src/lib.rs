@@ -3,13 +3,17 @@
 //! confirms and marks them `PROCESSED` (or `FAILED` after its retries).
 //!
 //! Layout (each stage is a module; brokers stay behind the `Sink` seam):
-//! - `config`   — typed settings: defaults → TOML → env, validated, secrets redacted
+//! - `config`   — typed settings: defaults → TOML → env, validated, secrets redacted;
+//!   `ConfigError` and the shared checks (`config::error`); the sink sections' types
+//!   and checks live with their sink
 //! - `table`    — the configured table name and the relay tables derived from it
 //! - `migrate`  — embedded SQL migrations and the start-up schema check
 //! - `model`    — the outbox row and the validated wire `Message`
 //! - `store`    — Postgres: claim, mark, parked rows, leases (`store::leases`), operator
 //!   queries (`store::admin`)
-//! - `sink`     — the `Sink` trait; `sink::rabbitmq` (lapin), `sink::kafka` (rdkafka)
+//! - `sink`     — the `Sink` trait; `sink::rabbitmq` (lapin), `sink::kafka` (rdkafka),
+//!   each owning its config section (`[rabbitmq]`, `[kafka]`: `<broker>::config`) and a
+//!   demo reader (`tap`, giving `sink::Arrival`)
 //! - `relay`    — the engine: claimer, per-aggregate window, dispatch, completer, leases
 //!   and the partitions they give, doorbell (when to ask for NOTIFY), idle probes,
 //!   backoff, wake-ups

@@ -13,7 +13,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use support::*;
 
-fn sink(cfg: &outbox_relay::config::KafkaConfig) -> (CountingSink<KafkaSink>, Arc<Counts>) {
+fn sink(cfg: &outbox_relay::sink::kafka::KafkaConfig) -> (CountingSink<KafkaSink>, Arc<Counts>) {
     let counts = Arc::new(Counts::default());
     let inner = KafkaSink::new(cfg, Duration::from_secs(2)).expect("valid Kafka config");
     (

@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
-use crate::config::SinkKind;
+use crate::config::{Settings, SinkKind};
 use crate::health::Health;
 use crate::relay::Relay;
-use crate::sink::Sink;
+use crate::sink::{Arrival, Sink};
 use crate::store::Store;
 use crate::wiring::{build_sink, instance_id, AnySink, AppError};
 
@@ -32,13 +31,6 @@ struct Committed {
     id: i64,
     aggregate_id: String,
     committed_at: Instant,
-}
-
-/// One event as the consumer saw it.
-pub struct Arrival {
-    pub event_id: String,
-    pub aggregate_id: String,
-    pub summary: String,
 }
 
 pub async fn run(settings: &Settings, events: u32, force: bool) -> Result<(), AppError> {

@@ -1,4 +1,6 @@
-//! Built-in defaults of every configuration key (the lowest configuration layer; SPEC §5).
+//! Built-in defaults of the configuration keys of `Settings`' own sections (the lowest
+//! configuration layer; SPEC §5); each sink's section keeps its defaults in
+//! `sink::<broker>::config`.
 
 use std::time::Duration;
 
@@ -57,18 +59,6 @@ pub(super) const fn default_true() -> bool {
 }
 pub(super) const fn default_sink_kind() -> SinkKind {
     SinkKind::Rabbitmq
-}
-pub(super) fn default_rabbitmq_url() -> Secret {
-    Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f")
-}
-pub(super) fn default_exchange() -> String {
-    "outbox".into()
-}
-pub(super) fn default_brokers() -> String {
-    "localhost:9092".into()
-}
-pub(super) fn default_topic() -> String {
-    "outbox.{aggregate_type}".into()
 }
 pub(super) fn default_listen() -> String {
     "0.0.0.0:9187".into()

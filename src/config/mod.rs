@@ -6,10 +6,10 @@
 //! entry (e.g. `"sasl.password_file"`) sets property `<name>` to the file's content.
 
 mod defaults;
+pub(crate) mod error;
 mod files;
 pub mod secret;
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,29 +17,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::sink::kafka::KafkaConfig;
+use crate::sink::rabbitmq::RabbitmqConfig;
 use crate::table::TableName;
 use defaults::*;
+pub use error::ConfigError;
+use error::{check_url, invalid};
 pub use files::{MissingFiles, SecretFile};
 pub use secret::{redact_text, redact_url, Secret};
-
-/// Why the configuration cannot be used. Always names the key (exit code 2).
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config: {0}")]
-    Load(String),
-    #[error("config key `{key}`: {message}")]
-    Invalid { key: &'static str, message: String },
-    /// A `kafka.properties.<name>` entry that would weaken the guarantees.
-    #[error("{0}")]
-    Property(String),
-}
-
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        message: message.into(),
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,62 +127,8 @@ pub struct SinkConfig {
     pub kind: SinkKind,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RabbitmqConfig {
-    #[serde(default = "default_rabbitmq_url")]
-    pub url: Secret,
-    #[serde(default)]
-    pub url_file: Option<PathBuf>,
-    #[serde(default = "default_exchange")]
-    pub exchange: String,
-    #[serde(default)]
-    pub dead_letter_exchange: Option<String>,
-    /// PEM CA bundle for `amqps://` connections.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    #[serde(default = "default_brokers")]
-    pub brokers: String,
-    #[serde(default = "default_topic")]
-    pub topic: String,
-    #[serde(default)]
-    pub dead_letter_topic: Option<String>,
-    /// Passed to librdkafka as-is (after `<name>_file` entries are read into `<name>`).
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-}
-
 /// Suffix of a `kafka.properties` key whose value is a file holding the property's value.
 pub const PROPERTY_FILE_SUFFIX: &str = "_file";
-
-impl fmt::Debug for KafkaConfig {
-    /// Secret properties (`sasl.password`, `ssl.key.password`, …) print as `***`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let properties: BTreeMap<&str, &str> = self
-            .properties
-            .iter()
-            .map(|(k, v)| {
-                let shown = if secret::is_secret_property(k) {
-                    "***"
-                } else {
-                    v.as_str()
-                };
-                (k.as_str(), shown)
-            })
-            .collect();
-        f.debug_struct("KafkaConfig")
-            .field("brokers", &redact_url(&self.brokers))
-            .field("topic", &self.topic)
-            .field("dead_letter_topic", &self.dead_letter_topic)
-            .field("properties", &properties)
-            .finish()
-    }
-}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -368,37 +299,8 @@ impl Settings {
             ));
         }
         match self.sink.kind {
-            SinkKind::Rabbitmq => {
-                if !unchecked.contains(&"rabbitmq.url") {
-                    let schemes = ["amqp", "amqps"];
-                    let wanted = "amqp:// or amqps://";
-                    check_url("rabbitmq.url", &self.rabbitmq.url, &schemes, wanted)?;
-                }
-                if self.rabbitmq.exchange.is_empty() {
-                    return Err(invalid(
-                        "rabbitmq.exchange",
-                        "must not be empty (the default exchange cannot be declared)",
-                    ));
-                }
-                if let Some(ca) = &self.rabbitmq.ca_file {
-                    if !ca.exists() {
-                        return Err(invalid(
-                            "rabbitmq.ca_file",
-                            format!("{} does not exist", ca.display()),
-                        ));
-                    }
-                }
-            }
-            SinkKind::Kafka => {
-                if self.kafka.brokers.trim().is_empty() {
-                    return Err(invalid("kafka.brokers", "must not be empty"));
-                }
-                if self.kafka.topic.trim().is_empty() {
-                    return Err(invalid("kafka.topic", "must not be empty"));
-                }
-                crate::sink::kafka::validate_properties(&self.kafka.properties)
-                    .map_err(|e| ConfigError::Property(e.to_string()))?;
-            }
+            SinkKind::Rabbitmq => self.rabbitmq.validate(unchecked)?,
+            SinkKind::Kafka => self.kafka.validate()?,
         }
         self.http_listen()?;
         Ok(())
@@ -417,23 +319,6 @@ impl Settings {
             .parse()
             .map_err(|e| invalid("http.listen", format!("not host:port ({e})")))
     }
-}
-
-/// `value` parses as a URL whose scheme is one of `schemes` (`wanted` in the error).
-fn check_url(
-    key: &'static str,
-    value: &Secret,
-    schemes: &[&str],
-    wanted: &str,
-) -> Result<(), ConfigError> {
-    let u = url::Url::parse(value.expose()).map_err(|e| invalid(key, format!("not a URL: {e}")))?;
-    if !schemes.contains(&u.scheme()) {
-        return Err(invalid(
-            key,
-            format!("scheme must be {wanted}, got {}://", u.scheme()),
-        ));
-    }
-    Ok(())
 }
 
 /// `config` errors may echo a value; make sure a URL with a password never does.

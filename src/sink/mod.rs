@@ -1,5 +1,7 @@
 //! The seam between the relay engine and a broker. The engine sees only the `Sink` trait,
-//! `Confirm` and `SinkError`; lapin and rdkafka types stay inside their own submodule.
+//! `Confirm` and `SinkError`; lapin and rdkafka types stay inside their own submodule,
+//! and each broker's submodule owns its config section (`<broker>::config`: keys,
+//! defaults, validation).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,6 +11,9 @@ use crate::model::Message;
 
 pub mod kafka;
 pub mod rabbitmq;
+mod tap;
+
+pub use tap::Arrival;
 
 /// Why a message was not confirmed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox_relay::config::{KafkaConfig, RelayConfig};
+use outbox_relay::config::RelayConfig;
 use outbox_relay::health::Health;
 use outbox_relay::model::Message;
 use outbox_relay::relay::Relay;
+use outbox_relay::sink::kafka::KafkaConfig;
 use outbox_relay::sink::{Confirm, Sink, SinkError};
 use outbox_relay::store::Store;
 use outbox_relay::table::TableName;

@@ -14,6 +14,7 @@
 //!   found with a metadata probe rather than by waiting out `message.timeout.ms`;
 //! - errors never print secret property values.
 
+mod config;
 pub mod errors;
 mod props;
 pub mod tap;
@@ -29,11 +30,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
 use super::{Confirm, Sink, SinkError};
-use crate::config::KafkaConfig;
+use crate::config::secret::redact_url;
 use crate::model::Message;
+pub use config::{validate_properties, KafkaConfig, PropertyError};
 // `producer_config` is public only for outbox-relay-tools (the bench's textbook relay
 // produces with the relay's own settings); the rest of `props` stays inside the sink.
-pub use props::{producer_config, validate_properties, PropertyError};
+pub use props::producer_config;
 pub use tap::{tap_for_demo, DemoTap};
 use wire::headers;
 pub use wire::{check_topic_name, topic_from_template};
@@ -76,7 +78,7 @@ impl KafkaSink {
         let mut sink = Self {
             config,
             properties: Arc::new(cfg.properties.clone()),
-            brokers: crate::config::redact_url(cfg.brokers.trim()),
+            brokers: redact_url(cfg.brokers.trim()),
             topic_template: cfg.topic.clone(),
             dead_letter_topic: cfg.dead_letter_topic.clone(),
             timeout,

@@ -5,89 +5,23 @@
 //! Invariant: the producer is always idempotent with `acks=all` and places a key with
 //! the Java client's partitioner (`murmur2_random`). A property that would turn either
 //! off, or move keys to other partitions, is refused before any client is created, with
-//! an error naming the key as `kafka.properties.<name>`.
+//! an error naming the key as `kafka.properties.<name>` (`config::validate_properties`,
+//! which config validation runs first).
 //!
 //! Also the configuration checks the sink makes before it creates a producer
 //! (`checked_config`: these, then the topic names), which `check --offline` runs alone,
 //! and the wording of librdkafka's refusals (`config_refused`).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 use rdkafka::ClientConfig;
 
 use super::check_topic_name;
+use super::config::{refuse, validate_properties, KafkaConfig, PropertyError, PARTITIONER};
+use crate::config::secret::{is_secret_property, redact_url};
 use crate::sink::SinkError;
-
-pub use crate::config::secret::is_secret_property;
-use crate::config::KafkaConfig;
-
-/// A `kafka.properties` entry the relay cannot accept.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PropertyError {
-    /// The full config key, e.g. `kafka.properties.acks`.
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for PropertyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "config key `{}`: {}", self.key, self.message)
-    }
-}
-
-impl std::error::Error for PropertyError {}
-
-fn refuse(name: &str, message: impl Into<String>) -> PropertyError {
-    PropertyError {
-        key: format!("kafka.properties.{name}"),
-        message: message.into(),
-    }
-}
-
-/// The partitioner the relay sets: the Java client's default, so the relay and the
-/// service's other producers put a key on the same partition.
-const PARTITIONER: &str = "murmur2_random";
-
-/// Check `kafka.properties` against the relay's guarantees (SPEC §3.1): an idempotent
-/// producer with `acks=all`, the same key → partition mapping as ever (per-aggregate
-/// order lives in one partition), and no transactions (the relay does not drive them).
-pub fn validate_properties(props: &BTreeMap<String, String>) -> Result<(), PropertyError> {
-    for (name, value) in props {
-        let v = value.trim().to_ascii_lowercase();
-        match name.as_str() {
-            "enable.idempotence" if !matches!(v.as_str(), "true" | "1" | "yes" | "on") => {
-                return Err(refuse(
-                    name,
-                    format!("the relay requires an idempotent producer (enable.idempotence=true) for at-least-once delivery in order; got {value:?}"),
-                ));
-            }
-            "acks" | "request.required.acks" if !matches!(v.as_str(), "all" | "-1") => {
-                return Err(refuse(
-                    name,
-                    format!("the relay marks a row PROCESSED only after acks=all (or -1); got {value:?}"),
-                ));
-            }
-            // `murmur2` places every non-empty key exactly as `murmur2_random` does.
-            "partitioner" if !matches!(v.as_str(), PARTITIONER | "murmur2") => {
-                return Err(refuse(
-                    name,
-                    format!("the relay keeps each aggregate's events in order on one partition with the {PARTITIONER} partitioner (the Java client's default); another partitioner ({value:?}) would move keys to other partitions and break that order; remove this property"),
-                ));
-            }
-            "transactional.id" => {
-                return Err(refuse(
-                    name,
-                    "the relay does not use Kafka transactions; remove this property",
-                ));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
 
 /// The message timeout librdkafka will apply: the user's `message.timeout.ms` (or its
 /// alias `delivery.timeout.ms`) if set, else `default`. `None` means "never" (0).
@@ -175,7 +109,7 @@ fn is_common_property(k: &str) -> bool {
 
 /// Replace the values of secret properties in `text` with `***`.
 pub fn scrub(text: &str, props: &BTreeMap<String, String>) -> String {
-    let mut out = crate::config::redact_url(text);
+    let mut out = redact_url(text);
     for (k, v) in props {
         if is_secret_property(k) && !v.is_empty() {
             out = out.replace(v.as_str(), "***");
@@ -230,13 +164,8 @@ pub(super) fn config_refused(e: &KafkaError, properties: &BTreeMap<String, Strin
 
 #[cfg(test)]
 mod tests {
+    use super::super::config::tests::props;
     use super::*;
-
-    fn props(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     fn cfg(kv: &[(&str, &str)]) -> KafkaConfig {
         KafkaConfig {
@@ -248,36 +177,19 @@ mod tests {
     }
 
     #[test]
-    fn guarantees_cannot_be_weakened() {
-        let e = validate_properties(&props(&[("enable.idempotence", "false")])).unwrap_err();
-        assert_eq!(e.key, "kafka.properties.enable.idempotence");
-        assert!(e
-            .to_string()
-            .contains("`kafka.properties.enable.idempotence`"));
-        let e = validate_properties(&props(&[("acks", "1")])).unwrap_err();
-        assert_eq!(e.key, "kafka.properties.acks");
-        let e = validate_properties(&props(&[("request.required.acks", "0")])).unwrap_err();
-        assert_eq!(e.key, "kafka.properties.request.required.acks");
-        assert!(
-            validate_properties(&props(&[("acks", "all"), ("enable.idempotence", "true")])).is_ok()
-        );
-        assert!(validate_properties(&props(&[("acks", "-1")])).is_ok());
-        assert!(validate_properties(&props(&[("transactional.id", "x")])).is_err());
-        for p in ["random", "consistent_random", "fnv1a", "Murmur2_Random2"] {
-            let e = validate_properties(&props(&[("partitioner", p)])).unwrap_err();
-            assert_eq!(e.key, "kafka.properties.partitioner");
-        }
-        assert!(validate_properties(&props(&[("partitioner", "murmur2_random")])).is_ok());
-    }
-
-    #[test]
     fn defaults_then_user_then_guarantees() {
         let c = producer_config(
-            &cfg(&[("linger.ms", "20"), ("compression.type", "lz4")]),
+            &cfg(&[
+                ("linger.ms", "20"),
+                ("compression.type", "lz4"),
+                ("sasl.password", "file-Secret-7d1"),
+            ]),
             Duration::from_secs(15),
         )
         .unwrap();
         assert_eq!(c.get("linger.ms"), Some("20"));
+        // Secret properties (e.g. read from a `_file`) reach the producer as set.
+        assert_eq!(c.get("sasl.password"), Some("file-Secret-7d1"));
         assert_eq!(c.get("compression.type"), Some("lz4"));
         assert_eq!(c.get("enable.idempotence"), Some("true"));
         assert_eq!(c.get("acks"), Some("all"));

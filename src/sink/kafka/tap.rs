@@ -12,9 +12,8 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{props, topic_from_template};
-use crate::config::KafkaConfig;
-use crate::sink::SinkError;
+use super::{props, topic_from_template, KafkaConfig};
+use crate::sink::{Arrival, SinkError};
 
 /// How long admin and metadata calls of the demo may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -160,7 +159,7 @@ impl DemoTap {
     }
 
     /// The next message, or `None` after `timeout` without one.
-    pub async fn next(&mut self, timeout: Duration) -> Option<crate::commands::demo::Arrival> {
+    pub async fn next(&mut self, timeout: Duration) -> Option<Arrival> {
         let msg = tokio::time::timeout(timeout, self.consumer.recv())
             .await
             .ok()?
@@ -192,7 +191,7 @@ impl DemoTap {
             .payload()
             .map(String::from_utf8_lossy)
             .unwrap_or_default();
-        Some(crate::commands::demo::Arrival {
+        Some(Arrival {
             event_id: header("event_id"),
             aggregate_id: key.clone(),
             summary: format!(

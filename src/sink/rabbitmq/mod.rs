@@ -23,12 +23,14 @@ use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+mod config;
 mod outcome;
 pub mod tap;
 
 use super::{Confirm, Sink, SinkError};
-use crate::config::{RabbitmqConfig, Secret};
+use crate::config::secret::Secret;
 use crate::model::Message;
+pub use config::RabbitmqConfig;
 use outcome::{broken, confirmation, describe, unavailable};
 
 /// How long an exchange found by a passive declare is trusted without asking again.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use outbox_relay::config::KafkaConfig;
+use outbox_relay::sink::kafka::KafkaConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};

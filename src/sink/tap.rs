@@ -1,0 +1,10 @@
+//! What the demo's broker readers (`rabbitmq::tap`, `kafka::tap`) hand back: one event
+//! as the consumer saw it, the same shape whichever broker it came from.
+
+/// One event as the consumer saw it.
+pub struct Arrival {
+    pub event_id: String,
+    pub aggregate_id: String,
+    /// The broker-specific view of the message, for printing (indented lines).
+    pub summary: String,
+}
