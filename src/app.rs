@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -86,23 +87,31 @@ where
     }
 }
 
-/// `outbox-relay run`.
-pub async fn run(settings: Settings) -> Result<(), AppError> {
-    let cancel = shutdown_token();
+/// `outbox-relay run`: bind `http.listen`, then run until SIGTERM or SIGINT.
+pub async fn run_until_signalled(settings: Settings) -> Result<(), AppError> {
+    let addr = settings.http_listen()?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| AppError::Usage(format!("http.listen {addr}: {e}")))?;
+    run(settings, listener, shutdown_token()).await
+}
+
+/// The daemon: serve `/livez`, `/readyz` and `/metrics` on `listener`, relay, and run
+/// the maintenance services until `shutdown` is cancelled; then stop within
+/// `relay.shutdown_timeout`. Tests run it in-process on an ephemeral port.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let cancel = shutdown;
     let metrics = m::install().map_err(AppError::Runtime)?;
     let stall_after = (settings.relay.poll_interval * 10)
         .max(settings.relay.effective_publish_timeout() * 3)
         .max(Duration::from_secs(60));
     let health = Arc::new(Health::new(stall_after));
     health.beat();
-    let http = crate::http::serve(
-        settings.http_listen()?,
-        health.clone(),
-        metrics,
-        cancel.clone(),
-    )
-    .await
-    .map_err(|e| AppError::Usage(format!("http.listen {}: {e}", settings.http.listen)))?;
+    let http = crate::http::serve(listener, health.clone(), metrics, cancel.clone());
 
     let Some(store) = open_store(&settings, &cancel).await? else {
         return Ok(());

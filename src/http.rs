@@ -1,6 +1,5 @@
 //! HTTP endpoints on `http.listen`: `/livez`, `/readyz`, `/metrics` (SPEC §6).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -55,20 +54,22 @@ async fn render_metrics(
 }
 
 /// Bind `addr` (fails fast if taken) and serve until `cancel`.
-pub async fn serve(
-    addr: SocketAddr,
+pub fn serve(
+    listener: tokio::net::TcpListener,
     health: Arc<Health>,
     metrics: PrometheusHandle,
     cancel: CancellationToken,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!("http listening on {addr}");
+    }
     let app = router(health, metrics);
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         let res = axum::serve(listener, app)
             .with_graceful_shutdown(async move { cancel.cancelled().await })
             .await;
         if let Err(e) = res {
             tracing::error!(error = %e, "http server stopped");
         }
-    }))
+    })
 }

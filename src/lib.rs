@@ -21,7 +21,9 @@
 //!   `AnySink` (the only dispatch over broker kinds), the instance name, `AppError`
 //! - `maintenance` — leader-only services (the holder of partition 0): backlog gauges,
 //!   retention
-//! - `app`      — `run`: tasks, HTTP, maintenance, graceful shutdown
+//! - `app`      — the daemon, `run(settings, listener, shutdown)` (in-process in tests;
+//!   `run_until_signalled` binds `http.listen` and waits for SIGTERM/SIGINT): tasks,
+//!   HTTP, maintenance, graceful shutdown
 //! - `http`, `health`, `metrics` — `/livez`, `/readyz`, `/metrics`
 //! - `commands` — `migrate`, `check` (and `check --offline`), `status`, `replay`,
 //!   `discard`, `demo`

@@ -204,7 +204,7 @@ async fn dispatch(cli: Cli) -> Result<(), AppError> {
     }
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Run => app::run(settings).await,
+        Command::Run => app::run_until_signalled(settings).await,
         Command::Migrate => commands::migrate(&settings).await,
         Command::Status { json } => commands::status(&settings, json).await,
         Command::Replay { ids, all_failed } => commands::replay(&settings, &ids, all_failed).await,

@@ -1,5 +1,7 @@
 //! Metric names (SPEC §6) and the Prometheus recorder.
 
+use std::sync::Mutex;
+
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const PUBLISHED_TOTAL: &str = "outbox_relay_published_total";
@@ -18,8 +20,22 @@ pub const RETENTION_DELETED_TOTAL: &str = "outbox_relay_retention_deleted_total"
 pub const MAINTENANCE_LEADER: &str = "outbox_relay_maintenance_leader";
 
 /// Install the global Prometheus recorder and register every SPEC metric at zero, so a
-/// scrape shows all names from the first second.
+/// scrape shows all names from the first second. Once per process: later calls (a
+/// daemon run again in the same process, as tests do) get the same handle.
 pub fn install() -> Result<PrometheusHandle, String> {
+    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut installed = HANDLE
+        .lock()
+        .map_err(|_| "metrics recorder lock poisoned")?;
+    if let Some(h) = installed.as_ref() {
+        return Ok(h.clone());
+    }
+    let handle = install_once()?;
+    *installed = Some(handle.clone());
+    Ok(handle)
+}
+
+fn install_once() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(PUBLISH_LATENCY.into()),

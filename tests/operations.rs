@@ -360,3 +360,43 @@ async fn maintenance_runs_on_the_leader_only_and_moves_with_partition_0() {
     drop(survivor);
     table.cleanup().await;
 }
+
+/// The daemon runs in-process (`app::run` with a listener on an ephemeral port and a
+/// shutdown token): ready, relays, and returns once the token is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_daemon_runs_in_process_on_an_ephemeral_port() {
+    let table = TestTable::new("inproc").await;
+    let broker = TestBroker::new("inproc").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    let toml = format!(
+        "[database]\nurl = \"{}\"\ntable = \"{}\"\n[rabbitmq]\nurl = \"{}\"\nexchange = \"{}\"\n\
+         [relay]\npoll_interval = \"100ms\"\nshutdown_timeout = \"5s\"\n",
+        pg_url(),
+        table.name,
+        amqp_url(),
+        broker.exchange
+    );
+    std::fs::write(&config, toml).unwrap();
+    let settings = outbox_relay::config::Settings::load(Some(&config)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let daemon = tokio::spawn(outbox_relay::app::run(settings, listener, shutdown.clone()));
+    wait_for(Duration::from_secs(20), "/readyz 200", || async {
+        (http_get(port, "/readyz").await.map(|r| r.0) == Some(200)).then_some(())
+    })
+    .await;
+    table.produce(50, 5, 2).await;
+    table
+        .wait_status("PROCESSED", 50, Duration::from_secs(30))
+        .await;
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), daemon)
+        .await
+        .expect("the daemon stops within shutdown_timeout")
+        .expect("the daemon task does not panic");
+    assert!(stopped.is_ok(), "{stopped:?}");
+    broker.cleanup().await;
+    table.cleanup().await;
+}

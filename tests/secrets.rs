@@ -143,10 +143,7 @@ where
     let mut child = tokio::process::Command::new(bin())
         .arg("run")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env(
-            "OUTBOX_RELAY__HTTP__LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        )
+        .env("OUTBOX_RELAY__HTTP__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::from(std::fs::File::create(&out_path).unwrap()))
         .stderr(Stdio::from(std::fs::File::create(&err_path).unwrap()))
         .kill_on_drop(true)

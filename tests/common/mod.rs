@@ -450,10 +450,13 @@ fn to_got(d: &lapin::message::Delivery) -> Got {
 /// The relay binary as a child process with its own env.
 pub struct RelayProc {
     pub child: Child,
-    pub http_port: u16,
+    /// The HTTP port the relay bound (`http.listen` port 0), once its log said so.
+    port: std::sync::OnceLock<u16>,
     pub log: PathBuf,
 }
 
+/// A port free now, for a server that must be told its port before it starts (tansu).
+/// The relay is never given one: it binds port 0 and logs the port it got.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -493,16 +496,12 @@ impl RelayProc {
     }
 
     pub fn start_cmd(env: &[(String, String)], args: &[&str]) -> Self {
-        let http_port = free_port();
         let log = std::env::temp_dir().join(format!("{}.log", unique("relay")));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin())
             .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env(
-                "OUTBOX_RELAY__HTTP__LISTEN",
-                format!("127.0.0.1:{http_port}"),
-            )
+            .env("OUTBOX_RELAY__HTTP__LISTEN", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(file)
             .kill_on_drop(true)
@@ -510,7 +509,7 @@ impl RelayProc {
             .expect("spawn relay");
         Self {
             child,
-            http_port,
+            port: std::sync::OnceLock::new(),
             log,
         }
     }
@@ -531,9 +530,22 @@ impl RelayProc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// GET a path on the relay's HTTP port: (status, body).
+    /// The port the relay's HTTP server listens on, from its log line
+    /// `http listening on 127.0.0.1:<port>` (`None` until it has bound one).
+    pub fn http_port(&self) -> Option<u16> {
+        if let Some(p) = self.port.get() {
+            return Some(*p);
+        }
+        let logs = self.logs();
+        let (_, rest) = logs.split_once("http listening on 127.0.0.1:")?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let port = digits.parse().ok()?;
+        Some(*self.port.get_or_init(|| port))
+    }
+
+    /// GET a path on the relay's HTTP port: (status, body); `None` before it listens.
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.http_port, path).await
+        http_get(self.http_port()?, path).await
     }
 
     /// The value of an unlabelled metric, if present.
@@ -593,10 +605,7 @@ pub async fn run_cmd(env: &[(String, String)], args: &[&str]) -> (i32, String, S
     let out = Command::new(bin())
         .args(args)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env(
-            "OUTBOX_RELAY__HTTP__LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        )
+        .env("OUTBOX_RELAY__HTTP__LISTEN", "127.0.0.1:0")
         .output()
         .await
         .expect("run outbox-relay");
