@@ -16,6 +16,7 @@
 //! Env: `TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
 //! `TEST_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
+use anyhow::Context;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -64,13 +65,13 @@ struct Soak {
 }
 
 impl Soak {
-    fn start_relay(&self) -> Child {
+    fn start_relay(&self) -> anyhow::Result<Child> {
         let log = std::env::temp_dir().join(format!("{}-relay.log", self.table));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
-            .expect("relay log");
+            .with_context(|| format!("relay log {}", log.display()))?;
         Command::new(&self.relay_bin)
             .arg("run")
             .env("OUTBOX_RELAY__DATABASE__URL", &self.pg_url)
@@ -81,16 +82,13 @@ impl Soak {
             .env("OUTBOX_RELAY__RELAY__LEASE_TIMEOUT", "2s")
             .env("OUTBOX_RELAY__RELAY__PUBLISH_TIMEOUT", "2s")
             .env("OUTBOX_RELAY__RELAY__BACKOFF_MAX", "1s")
-            .env(
-                "OUTBOX_RELAY__HTTP__LISTEN",
-                format!("127.0.0.1:{}", free_port()),
-            )
+            .env("OUTBOX_RELAY__HTTP__LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(file)
             .kill_on_drop(true)
             .spawn()
-            .expect("spawn outbox-relay")
+            .with_context(|| format!("spawn {}", self.relay_bin.display()))
     }
 
     async fn count(&self, cond: &str) -> i64 {
@@ -102,13 +100,6 @@ impl Soak {
         .await
         .unwrap_or(-1)
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
 }
 
 async fn amqp(url: &str) -> anyhow::Result<Connection> {
@@ -287,7 +278,7 @@ async fn main() -> anyhow::Result<()> {
     let commits = Arc::new(AtomicU64::new(0));
     let writers = producers(&pool, &tag, &stop, &commits);
     let _watermark = WatermarkOnDrop;
-    let mut relay = soak.start_relay();
+    let mut relay = soak.start_relay()?;
     let started = Instant::now();
     let end = started + Duration::from_secs(minutes * 60);
     let mut faults: HashMap<&'static str, u32> = HashMap::new();
@@ -302,7 +293,7 @@ async fn main() -> anyhow::Result<()> {
         match fault {
             "sigkill" => {
                 let _ = relay.kill().await;
-                relay = soak.start_relay();
+                relay = soak.start_relay()?;
             }
             "pg_terminate_backend" => {
                 let _ = sqlx::query(

@@ -36,11 +36,17 @@ use report::print_table;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("tokio runtime");
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outbox-relay-bench: tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     match rt.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
