@@ -3,18 +3,14 @@
 //! window bounds, per-aggregate order, how rejections and deadlines are recorded, and that
 //! a rebalance never hands a partition over while a message of it is out.
 
-mod common;
-mod recording_support;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use outbox_relay_testkit::{db::*, recording::*, wait::*};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use recording_support::*;
 
 /// Aggregates with a row the engine has not yet seen confirmed.
 fn unconfirmed_aggs(ledger: &Ledger, rows: &[(i64, String)]) -> HashSet<String> {

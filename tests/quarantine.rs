@@ -3,11 +3,9 @@
 //! releases it, `skip` never holds it; a row in backoff holds back its aggregate only;
 //! `status` / `status --json` report what happened.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use outbox_relay_testkit::{db::*, rabbit::*, relay_proc::*, unique, wait::*};
 
 /// Aggregate "blocked": first row to a missing exchange, then 3 good rows. Aggregate
 /// "free": 5 good rows. Returns (failed id, blocked chain ids, free ids).

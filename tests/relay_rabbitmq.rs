@@ -2,11 +2,9 @@
 //! committed by concurrent producer transactions, maps them as SPEC §2 says, fails bad
 //! rows on their own, survives SIGKILL, shuts down on SIGTERM, and refuses bad config.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use outbox_relay_testkit::{db::*, order::*, rabbit::*, relay_proc::*, unique, wait::*};
 
 /// (event_id, aggregate_id, event_type, payload, headers, created_at, processed_at)
 type RowView = (
