@@ -6,14 +6,9 @@
 //! node-wide setting, 128 MiB by default, not changeable per test); the relay binary is
 //! the child process in both.
 
-mod common;
-#[path = "fault_support/mod.rs"]
-mod fault_support;
-
 use std::time::Duration;
 
-use common::*;
-use fault_support::*;
+use outbox_relay_testkit::{db::*, faults::*, rabbit::*, relay_proc::*, unique};
 
 /// One bad row of the matrix: its aggregate, what to insert, and what `last_error` must say.
 struct Case {
@@ -206,10 +201,9 @@ async fn rabbitmq_bad_rows_fail_alone_with_readable_errors() {
     ]);
     let loaded = load(&table, &cases, 5).await;
     let relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
-    wait_for(Duration::from_secs(60), "every row settled", || async {
-        (table.count("PENDING").await == 0).then_some(())
-    })
-    .await;
+    table
+        .wait_no_pending(Duration::from_secs(60), "every row settled")
+        .await;
     check_cases(&table, &loaded).await;
     let mut ledger = Ledger::load("bad input matrix (RabbitMQ)", &table.pool, &table.name).await;
     ledger.delivered(
@@ -282,29 +276,19 @@ async fn kafka_bad_rows_fail_alone_with_readable_errors() {
         &[],
     );
     let relay = RelayProc::start_cmd(&env, &["run", "--config", file.path().to_str().unwrap()]);
-    wait_for(Duration::from_secs(60), "every row settled", || async {
-        (table.count("PENDING").await == 0).then_some(())
-    })
-    .await;
+    table
+        .wait_no_pending(Duration::from_secs(60), "every row settled")
+        .await;
     check_cases(&table, &loaded).await;
-    let mut ledger = Ledger::load(
+    let t = tally_kafka(
         "bad input matrix (Kafka, mock cluster)",
-        &table.pool,
-        &table.name,
+        &table,
+        &brokers,
+        &topic,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
     )
     .await;
-    let processed = table.count("PROCESSED").await as usize;
-    ledger.delivered(
-        kafka_drain(
-            &brokers,
-            &[&topic],
-            processed,
-            Duration::from_secs(1),
-            Duration::from_secs(30),
-        )
-        .await,
-    );
-    let t = ledger.settle();
     assert_eq!(t.failed, cases.len(), "only the bad rows failed");
     drop(relay);
     table.cleanup().await;

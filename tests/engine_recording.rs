@@ -3,18 +3,15 @@
 //! window bounds, per-aggregate order, how rejections and deadlines are recorded, and that
 //! a rebalance never hands a partition over while a message of it is out.
 
-mod common;
-mod recording_support;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use outbox_relay::config::RelayConfig;
+use outbox_relay_testkit::{db::*, inproc::Running, recording::*, wait::*};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use recording_support::*;
 
 /// Aggregates with a row the engine has not yet seen confirmed.
 fn unconfirmed_aggs(ledger: &Ledger, rows: &[(i64, String)]) -> HashSet<String> {
@@ -323,6 +320,52 @@ async fn watch_leases(
     }
 }
 
+/// `watch_leases` in a task: its stop flag and what it saw.
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Watched>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    fn start(
+        table: &Arc<TestTable>,
+        ledger: &Ledger,
+        a_instance: &str,
+        part_of: &HashMap<String, i32>,
+    ) -> Watcher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Watched::default()));
+        let task = tokio::spawn(watch_leases(
+            table.clone(),
+            ledger.clone(),
+            a_instance.to_string(),
+            part_of.clone(),
+            stop.clone(),
+            seen.clone(),
+        ));
+        Watcher { stop, seen, task }
+    }
+
+    /// Stop watching; what it saw.
+    async fn finish(self) -> Watched {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap();
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+/// Start relay B beside A and wait for its heartbeat (two live members).
+async fn start_b(table: &Arc<TestTable>, sink_b: RecordingSink, c: RelayConfig) -> Running {
+    let relay_b = start(table, sink_b, c);
+    wait_for(Duration::from_secs(10), "B's heartbeat", || {
+        let t = table.clone();
+        async move { (live_members(&t).await == 2).then_some(()) }
+    })
+    .await;
+    relay_b
+}
+
 fn assert_no_violations(w: &Watched) {
     let lines: Vec<String> = w
         .violations
@@ -416,23 +459,9 @@ async fn a_rebalance_waits_for_messages_in_flight() {
         let first = wait_held(&ledger, aggs.len(), "A: every aggregate's head out").await;
         let t0 = Instant::now();
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Watched::default()));
-        let watcher = tokio::spawn(watch_leases(
-            table.clone(),
-            ledger.clone(),
-            relay_a.instance.clone(),
-            part_of.clone(),
-            stop.clone(),
-            seen.clone(),
-        ));
+        let watcher = Watcher::start(&table, &ledger, &relay_a.instance, &part_of);
 
-        let relay_b = start(&table, sink_b, c.clone());
-        wait_for(Duration::from_secs(10), "B's heartbeat", || {
-            let t = table.clone();
-            async move { (live_members(&t).await == 2).then_some(()) }
-        })
-        .await;
+        let relay_b = start_b(&table, sink_b, c.clone()).await;
         // Two renewals of A after B joined: A's share is now 128 partitions.
         wait_renewals(&table, &relay_a.instance, 2).await;
         let owners_now = owners(&table).await;
@@ -468,12 +497,10 @@ async fn a_rebalance_waits_for_messages_in_flight() {
         table
             .wait_status("PROCESSED", rows.len() as i64, Duration::from_secs(30))
             .await;
-        stop.store(true, Ordering::SeqCst);
-        watcher.await.unwrap();
+        let w = watcher.finish().await;
         relay_b.stop(Duration::from_secs(5)).await;
         relay_a.stop(Duration::from_secs(5)).await;
 
-        let w = std::mem::take(&mut *seen.lock().unwrap());
         let back = w.handed_back.clone();
         let sends = ledger.sends();
         let by_b = sends.iter().filter(|s| s.sink == "B").count();
@@ -630,22 +657,8 @@ async fn a_dead_letter_publish_in_flight_keeps_its_partition() {
         )
         .await;
         let t0 = Instant::now();
-        let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Watched::default()));
-        let watcher = tokio::spawn(watch_leases(
-            table.clone(),
-            ledger.clone(),
-            relay_a.instance.clone(),
-            part_of.clone(),
-            stop.clone(),
-            seen.clone(),
-        ));
-        let relay_b = start(&table, sink_b, c.clone());
-        wait_for(Duration::from_secs(10), "B's heartbeat", || {
-            let t = table.clone();
-            async move { (live_members(&t).await == 2).then_some(()) }
-        })
-        .await;
+        let watcher = Watcher::start(&table, &ledger, &relay_a.instance, &part_of);
+        let relay_b = start_b(&table, sink_b, c.clone()).await;
         wait_renewals(&table, &relay_a.instance, 2).await;
         // A knows it has 128 partitions too many. Give B one renewal period to take
         // whatever A hands back; r's partition must not be among it.
@@ -673,12 +686,10 @@ async fn a_dead_letter_publish_in_flight_keeps_its_partition() {
         table
             .wait_status("PROCESSED", rows.len() as i64 - 2, Duration::from_secs(20))
             .await;
-        stop.store(true, Ordering::SeqCst);
-        watcher.await.unwrap();
+        let w = watcher.finish().await;
         relay_b.stop(Duration::from_secs(5)).await;
         relay_a.stop(Duration::from_secs(5)).await;
 
-        let w = std::mem::take(&mut *seen.lock().unwrap());
         let by_sink = |sink: &str| -> Vec<(i64, bool)> {
             ledger
                 .events()
@@ -758,22 +769,8 @@ async fn a_partition_is_handed_back_only_after_its_confirms_are_recorded() {
         .execute(&mut *lock)
         .await
         .unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Watched::default()));
-        let watcher = tokio::spawn(watch_leases(
-            table.clone(),
-            ledger.clone(),
-            relay_a.instance.clone(),
-            part_of.clone(),
-            stop.clone(),
-            seen.clone(),
-        ));
-        let relay_b = start(&table, sink_b, c.clone());
-        wait_for(Duration::from_secs(10), "B's heartbeat", || {
-            let t = table.clone();
-            async move { (live_members(&t).await == 2).then_some(()) }
-        })
-        .await;
+        let watcher = Watcher::start(&table, &ledger, &relay_a.instance, &part_of);
+        let relay_b = start_b(&table, sink_b, c.clone()).await;
         wait_renewals(&table, &relay_a.instance, 2).await;
         assert!(ledger.release_and_wait(x1, Duration::from_secs(10)).await);
         // x1 is confirmed but not recorded: B must not get x's partition (and send x1
@@ -801,8 +798,7 @@ async fn a_partition_is_handed_back_only_after_its_confirms_are_recorded() {
         table
             .wait_status("PROCESSED", rows.len() as i64, Duration::from_secs(20))
             .await;
-        stop.store(true, Ordering::SeqCst);
-        watcher.await.unwrap();
+        let w = watcher.finish().await;
         relay_b.stop(Duration::from_secs(5)).await;
         relay_a.stop(Duration::from_secs(5)).await;
         let who: Vec<String> = ledger.sends_of(x1).iter().map(|s| s.sink.clone()).collect();
@@ -815,7 +811,7 @@ async fn a_partition_is_handed_back_only_after_its_confirms_are_recorded() {
                 .map(|s| &s.sink)
                 .collect::<Vec<_>>()
         );
-        assert_no_violations(&seen.lock().unwrap());
+        assert_no_violations(&w);
         assert_eq!(
             moved, None,
             "partition {px} stayed A's until x1 was recorded"

@@ -5,19 +5,17 @@
 //! In the serial phase of `scripts/test.sh` (a `faults_` binary): it loads the machine
 //! heavily and its deadlines are timing guarantees, so nothing else runs beside it.
 
-mod common;
-
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures::{FutureExt, StreamExt};
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
+use outbox_relay_testkit::{db::*, order::*, rabbit::*, relay_proc::*, unique, wait::*};
 
 const PUBLISHED: &str = "outbox_relay_published_total";
 const HELD: &str = "outbox_relay_partitions_held";
@@ -123,32 +121,6 @@ fn proc_kb(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Deliveries in arrival order → (duplicates, violations). A violation is a first delivery
-/// of an event after a later event of its aggregate had already been delivered.
-fn order_check(got: &[Got], index: &HashMap<String, (i64, String)>) -> (usize, Vec<String>) {
-    let mut newest: HashMap<&str, i64> = HashMap::new();
-    let mut seen = HashSet::new();
-    let (mut dups, mut bad) = (0, Vec::new());
-    for g in got {
-        let (id, agg) = index
-            .get(&g.message_id)
-            .unwrap_or_else(|| panic!("unknown message_id {}", g.message_id));
-        if !seen.insert(g.message_id.as_str()) {
-            dups += 1;
-            continue;
-        }
-        let prev = newest.entry(agg.as_str()).or_insert(0);
-        if *id < *prev {
-            bad.push(format!(
-                "aggregate {agg}: row {id} first delivered after row {prev}"
-            ));
-        } else {
-            *prev = *id;
-        }
-    }
-    (dups, bad)
-}
-
 /// Consume `queue` (auto-ack, bodies dropped) until `target` distinct message ids arrived.
 async fn consume_ids(queue: String, target: usize, timeout: Duration) -> HashSet<String> {
     let conn = amqp_connect().await;
@@ -212,7 +184,10 @@ async fn hot_aggregate(table: &TestTable, broker: &TestBroker) {
     stop(&mut relay).await;
     let got = drain(broker).await;
     let index = table.index().await;
-    let (dups, bad) = order_check(&got, &index);
+    let OrderReport {
+        duplicates: dups,
+        violations: bad,
+    } = check_got(&got, &index);
     let non_hot: HashSet<&str> = got
         .iter()
         .filter(|g| index[&g.message_id].1 != "hot")
@@ -307,7 +282,10 @@ async fn huge_headers(table: &TestTable, broker: &TestBroker) {
     let got = drain(broker).await;
     let delivered: HashSet<&str> = got.iter().map(|g| g.message_id.as_str()).collect();
     let index = table.index().await;
-    let (dups, bad) = order_check(&got, &index);
+    let OrderReport {
+        duplicates: dups,
+        violations: bad,
+    } = check_got(&got, &index);
     let big_event = index.iter().find(|(_, v)| v.0 == big).unwrap().0;
     println!("ledger: {} deliveries, {dups} duplicates", got.len());
     assert_eq!(normal, 300, "every normal row PROCESSED");
@@ -476,7 +454,10 @@ async fn stopped_replica(table: &TestTable, broker: &TestBroker) {
     let got = drain(broker).await;
     let index = table.index().await;
     let delivered: HashSet<&str> = got.iter().map(|g| g.message_id.as_str()).collect();
-    let (dups, bad) = order_check(&got, &index);
+    let OrderReport {
+        duplicates: dups,
+        violations: bad,
+    } = check_got(&got, &index);
     println!(
         "ledger: {total} rows ({at_stop} at SIGSTOP, {at_cont} at SIGCONT); {} deliveries, \
          {} distinct, {dups} duplicates, {} order violations; A published {a_before} before \

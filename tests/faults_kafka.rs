@@ -6,14 +6,9 @@
 //! on its own port (same command line as `scripts/kafka-broker.sh`), so the shared one on
 //! 9092 is never touched; it runs in the serial phase all the same.
 
-mod common;
-#[path = "fault_support/mod.rs"]
-mod fault_support;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-use fault_support::*;
+use outbox_relay_testkit::{db::*, faults::*, kafka::*, relay_proc::*, unique, wait::*};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
@@ -105,20 +100,13 @@ async fn tansu_killed_with_requests_outstanding_loses_nothing() {
         |v| v == 1.0,
     )
     .await;
-    let before = table.count("PROCESSED").await;
-    wait_for(
-        Duration::from_secs(60),
-        "progress after the restart",
-        || async { (table.count("PROCESSED").await > before + 100).then_some(()) },
-    )
-    .await;
+    table
+        .wait_progress(100, Duration::from_secs(60), "progress after the restart")
+        .await;
     let (commits, _) = producer.stop().await;
-    wait_for(
-        Duration::from_secs(120),
-        "every committed row settled",
-        || async { (table.count("PENDING").await == 0).then_some(()) },
-    )
-    .await;
+    table
+        .wait_no_pending(Duration::from_secs(120), "every committed row settled")
+        .await;
     let processed = processed_ids(&table).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -209,13 +197,13 @@ async fn kafka_request_errors_and_timeouts_lose_nothing() {
     ];
     let burst: Vec<RDKafkaRespErr> = errs.iter().cycle().take(20).copied().collect();
     cluster.request_errors(RDKafkaApiKey::Produce, &burst);
-    let before = table.count("PROCESSED").await;
-    wait_for(
-        Duration::from_secs(60),
-        "progress through the error burst",
-        || async { (table.count("PROCESSED").await > before + 200).then_some(()) },
-    )
-    .await;
+    table
+        .wait_progress(
+            200,
+            Duration::from_secs(60),
+            "progress through the error burst",
+        )
+        .await;
     assert_eq!(
         table.max_attempts_seen().await,
         0,
@@ -241,40 +229,28 @@ async fn kafka_request_errors_and_timeouts_lose_nothing() {
     cluster
         .broker_round_trip_time(1, Duration::from_millis(0))
         .unwrap();
-    let before = table.count("PROCESSED").await;
-    wait_for(
-        Duration::from_secs(60),
-        "progress after the slow spell",
-        || async { (table.count("PROCESSED").await > before + 200).then_some(()) },
-    )
-    .await;
+    table
+        .wait_progress(
+            200,
+            Duration::from_secs(60),
+            "progress after the slow spell",
+        )
+        .await;
 
     let (commits, _) = producer.stop().await;
-    wait_for(
-        Duration::from_secs(90),
-        "every committed row settled",
-        || async { (table.count("PENDING").await == 0).then_some(()) },
-    )
-    .await;
+    table
+        .wait_no_pending(Duration::from_secs(90), "every committed row settled")
+        .await;
     assert_eq!(table.max_attempts_seen().await, 0, "no attempt spent");
-    let mut ledger = Ledger::load(
+    let t = tally_kafka(
         "Kafka (mock) retriable Produce errors x20 + RTT 4s > message.timeout.ms",
-        &table.pool,
-        &table.name,
+        &table,
+        &brokers,
+        &topic,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
     )
     .await;
-    let processed = table.count("PROCESSED").await as usize;
-    ledger.delivered(
-        kafka_drain(
-            &brokers,
-            &[&topic],
-            processed,
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-        )
-        .await,
-    );
-    let t = ledger.settle();
     assert_eq!(t.failed, 0);
     println!("producers committed {commits} (+1000)");
     drop(relay);

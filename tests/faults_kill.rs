@@ -4,14 +4,9 @@
 //! first deliveries kept per aggregate, the duplicates a crash makes unavoidable counted.
 //! In the serial phase: its many relay processes would only slow the parallel suites.
 
-mod common;
-#[path = "fault_support/mod.rs"]
-mod fault_support;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-use fault_support::*;
+use outbox_relay_testkit::{db::*, faults::*, rabbit::*, relay_proc::*};
 use rand::Rng;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

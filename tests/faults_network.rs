@@ -5,14 +5,9 @@
 //! 0 lost, per-aggregate order of first deliveries, duplicates counted, no attempt spent.
 //! Disruptive (serial phase): the alarm and the app are always restored.
 
-mod common;
-#[path = "fault_support/mod.rs"]
-mod fault_support;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-use fault_support::*;
+use outbox_relay_testkit::{amqp_url, db::*, faults::*, rabbit::*, relay_proc::*, wait::*};
 
 fn proxied_amqp_url(port: u16) -> String {
     let url = amqp_url();

@@ -5,11 +5,9 @@
 //! In the serial phase of `scripts/test.sh` (a `faults_` binary): its latency bound is a
 //! timing guarantee, so nothing else runs beside it.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use outbox_relay_testkit::{db::*, rabbit::*, relay_proc::*, wait::*};
 
 const BLOCKERS: i64 = 2_000;
 const BEHIND: i64 = 100;

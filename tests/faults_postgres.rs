@@ -6,14 +6,9 @@
 //! follows within seconds, both ways. Disruptive (serial phase); Postgres is always
 //! started again.
 
-mod common;
-#[path = "fault_support/mod.rs"]
-mod fault_support;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-use fault_support::*;
+use outbox_relay_testkit::{db::*, faults::*, pg_url, rabbit::*, relay_proc::*, wait::*};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn backends_terminated_mid_batch_lose_nothing() {
@@ -116,13 +111,9 @@ async fn postgres_restarted_mid_run_loses_nothing() {
         |v| v == 1.0,
     )
     .await;
-    let before = table.count("PROCESSED").await;
-    wait_for(
-        Duration::from_secs(60),
-        "progress after the restart",
-        || async { (table.count("PROCESSED").await > before).then_some(()) },
-    )
-    .await;
+    table
+        .wait_progress(0, Duration::from_secs(60), "progress after the restart")
+        .await;
     let (commits, retries) = producer.stop().await;
     let t = settle_and_tally(
         "Postgres stop/start mid-run",

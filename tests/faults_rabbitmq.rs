@@ -4,29 +4,16 @@
 //! learns of the outage from its probe, not from a publish. Disruptive: runs in the
 //! serial phase of `scripts/test.sh`, and always restarts the app it stopped.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-
-fn rabbitmqctl(args: &[&str]) {
-    let status = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .status()
-        .expect("rabbitmqctl");
-    assert!(status.success(), "rabbitmqctl {args:?}");
-}
-
-/// Restarts the RabbitMQ app even if the test panics half-way.
-struct StartAppOnDrop;
-impl Drop for StartAppOnDrop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["start_app"])
-            .status();
-    }
-}
+use outbox_relay_testkit::{
+    db::*,
+    faults::{rabbitmqctl, StartAppOnDrop},
+    order::*,
+    rabbit::*,
+    relay_proc::*,
+    wait::*,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_stopped_mid_run_loses_nothing_and_spends_no_attempts() {

@@ -2,14 +2,13 @@
 //! 127.0.0.1:9092 — start it with `scripts/kafka-broker.sh`. Not skipped when absent:
 //! the test fails and says so.
 
-#[path = "kafka_support/mod.rs"]
-mod support;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use outbox_relay::sink::kafka::{tap::ensure_topic, KafkaSink};
-use support::*;
+use outbox_relay_testkit::{
+    db::*, hex_id, inproc::*, kafka::*, order::assert_kafka_order, wait::*,
+};
 
 const BROKER: &str = "127.0.0.1:9092";
 
@@ -32,16 +31,16 @@ async fn ten_thousand_rows_arrive_in_order() {
     ensure_topic(&cfg, &topic, 4)
         .await
         .expect("create the test topic");
-    let table = TestTable::create().await;
+    let table = TestTable::new("kt").await;
 
     let rows: Vec<Row> = (0..200)
         .flat_map(|seq| (0..50).map(move |a| Row::new(&format!("order-{a}"), seq)))
         .collect();
-    table.insert(&rows).await;
+    table.insert_rows(&rows).await;
 
     let started = Instant::now();
     let sink = KafkaSink::new(&cfg, Duration::from_secs(10)).expect("valid Kafka config");
-    let relay = RunningRelay::start(&table.store, sink, relay_config("10s"));
+    let relay = Running::start(table.store(), sink, relay_config("10s"));
     wait_until(
         Duration::from_secs(240),
         "10 000 rows PROCESSED",
@@ -49,7 +48,7 @@ async fn ten_thousand_rows_arrive_in_order() {
     )
     .await;
     let relayed = started.elapsed();
-    relay.stop().await;
+    relay.stop(Duration::from_secs(30)).await;
     assert_eq!(
         table
             .count_where("processed_at IS NULL OR attempts <> 0 OR last_error IS NOT NULL")
@@ -88,7 +87,7 @@ async fn ten_thousand_rows_arrive_in_order() {
         assert_eq!(have.len(), k.headers.len(), "no header appears twice");
         assert_eq!(have, want, "headers of {}", r.id);
     }
-    assert_order(&db, &got);
+    assert_kafka_order(&db, &got);
     table.drop_all().await;
 }
 
@@ -103,9 +102,9 @@ async fn missing_topic_fails_its_row_only() {
     ensure_topic(&cfg, &topic, 1)
         .await
         .expect("create the test topic");
-    let table = TestTable::create().await;
+    let table = TestTable::new("kt").await;
     table
-        .insert(&[
+        .insert_rows(&[
             Row::new("a", 0).to(&topic),
             Row::new("typo", 0).to(&missing),
             Row::new("b", 0).to(&topic),
@@ -113,13 +112,13 @@ async fn missing_topic_fails_its_row_only() {
         ])
         .await;
     let sink = KafkaSink::new(&cfg, Duration::from_secs(10)).unwrap();
-    let relay = RunningRelay::start(&table.store, sink, relay_config("10s"));
+    let relay = Running::start(table.store(), sink, relay_config("10s"));
     wait_until(Duration::from_secs(60), "2 PROCESSED, 1 FAILED", || async {
         table.count_where("status = 'PROCESSED'").await == 2
             && table.count_where("status = 'FAILED'").await == 1
     })
     .await;
-    relay.stop().await;
+    relay.stop(Duration::from_secs(30)).await;
     let db = table.rows().await;
     let failed = db.iter().find(|r| r.status == "FAILED").unwrap();
     assert_eq!((failed.aggregate_id.as_str(), failed.attempts), ("typo", 3));

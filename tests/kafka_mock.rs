@@ -2,16 +2,15 @@
 //! permanent errors, a broker outage that spends no attempts, `broker_up` following an
 //! outage while the relay is idle, and the dead-letter topic.
 
-#[path = "kafka_support/mod.rs"]
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox_relay::sink::kafka::KafkaSink;
+use outbox_relay_testkit::{
+    db::*, hex_id, inproc::*, kafka::*, order::assert_kafka_order, wait::*,
+};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use support::*;
 
 fn sink(cfg: &outbox_relay::sink::kafka::KafkaConfig) -> (CountingSink<KafkaSink>, Arc<Counts>) {
     let counts = Arc::new(Counts::default());
@@ -32,7 +31,7 @@ async fn permanent_errors_fail_only_their_row() {
     let cluster = MockCluster::new(1).unwrap();
     let topic = format!("kt-{}", hex_id());
     cluster.create_topic(&topic, 3, 1).unwrap();
-    let table = TestTable::create().await;
+    let table = TestTable::new("kt").await;
 
     let mut rows = Vec::new();
     for seq in 0..3 {
@@ -43,14 +42,14 @@ async fn permanent_errors_fail_only_their_row() {
     let mut big = Row::new("big", 0).to(&topic);
     big.payload = serde_json::json!({ "blob": "x".repeat(20_000) });
     rows.insert(5, big);
-    table.insert(&rows).await;
+    table.insert_rows(&rows).await;
 
     let cfg = kafka_config(
         &cluster.bootstrap_servers(),
         &[("message.max.bytes", "10000")],
     );
     let (sink, _counts) = sink(&cfg);
-    let relay = RunningRelay::start(&table.store, sink, relay_config("2s"));
+    let relay = Running::start(table.store(), sink, relay_config("2s"));
     wait_until(
         Duration::from_secs(30),
         "30 rows PROCESSED and the big one FAILED",
@@ -87,7 +86,9 @@ async fn permanent_errors_fail_only_their_row() {
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
     );
-    table.insert(&[Row::new("invalid", 0).to(&topic)]).await;
+    table
+        .insert_rows(&[Row::new("invalid", 0).to(&topic)])
+        .await;
     wait_until(
         Duration::from_secs(30),
         "the row refused once is PROCESSED on retry",
@@ -112,7 +113,7 @@ async fn permanent_errors_fail_only_their_row() {
         "last_error: {e}"
     );
 
-    relay.stop().await;
+    relay.stop(Duration::from_secs(30)).await;
     table.drop_all().await;
 }
 
@@ -123,13 +124,13 @@ async fn broker_outage_spends_no_attempts() {
     let cluster = MockCluster::new(1).unwrap();
     let topic = format!("kt-{}", hex_id());
     cluster.create_topic(&topic, 4, 1).unwrap();
-    let table = TestTable::create().await;
+    let table = TestTable::new("kt").await;
     let cfg = kafka_config(&cluster.bootstrap_servers(), &[]);
     let (sink, counts) = sink(&cfg);
-    let relay = RunningRelay::start(&table.store, sink, relay_config("1s"));
+    let relay = Running::start(table.store(), sink, relay_config("1s"));
 
     // Warm up (the topic is known to the sink), then take the broker down.
-    table.insert(&[Row::new("warm", 0).to(&topic)]).await;
+    table.insert_rows(&[Row::new("warm", 0).to(&topic)]).await;
     wait_until(Duration::from_secs(20), "warm-up row PROCESSED", || async {
         table.count_where("status = 'PROCESSED'").await == 1
     })
@@ -140,7 +141,7 @@ async fn broker_outage_spends_no_attempts() {
         .flat_map(|seq| (0..10).map(move |a| (a, seq)))
         .map(|(a, seq)| Row::new(&format!("agg-{a}"), seq).to(&topic))
         .collect();
-    table.insert(&rows).await;
+    table.insert_rows(&rows).await;
     let before = counts.get().2;
     // Liveness bound only: the relay probes an outage by reconnecting with backoff (up to
     // 10 s apart), so twenty "unavailable" answers take about a minute to gather.
@@ -179,9 +180,9 @@ async fn broker_outage_spends_no_attempts() {
     for r in &db {
         assert!(ids.contains_key(&r.event_id), "lost: {r:?}");
     }
-    assert_order(&db, &got);
+    assert_kafka_order(&db, &got);
 
-    relay.stop().await;
+    relay.stop(Duration::from_secs(30)).await;
     table.drop_all().await;
 }
 
@@ -205,12 +206,12 @@ async fn broker_up_follows_an_outage_while_idle() {
     let cluster = MockCluster::new(1).unwrap();
     let topic = format!("kt-{}", hex_id());
     cluster.create_topic(&topic, 2, 1).unwrap();
-    let table = TestTable::create().await;
+    let table = TestTable::new("kt").await;
     let cfg = kafka_config(&cluster.bootstrap_servers(), &[]);
     let sink = KafkaSink::new(&cfg, Duration::from_secs(2)).expect("valid Kafka config");
-    let relay = RunningRelay::start(&table.store, sink, relay_config("2s"));
+    let relay = Running::start(table.store(), sink, relay_config("2s"));
 
-    table.insert(&[Row::new("warm", 0).to(&topic)]).await;
+    table.insert_rows(&[Row::new("warm", 0).to(&topic)]).await;
     wait_until(Duration::from_secs(20), "warm-up row PROCESSED", || async {
         table.count_where("status = 'PROCESSED'").await == 1
     })
@@ -237,7 +238,7 @@ async fn broker_up_follows_an_outage_while_idle() {
     .await;
     let seen_up = t1.elapsed();
 
-    table.insert(&[Row::new("after", 0).to(&topic)]).await;
+    table.insert_rows(&[Row::new("after", 0).to(&topic)]).await;
     wait_until(
         Duration::from_secs(30),
         "the row after the outage PROCESSED",
@@ -246,7 +247,7 @@ async fn broker_up_follows_an_outage_while_idle() {
     .await;
     assert_eq!(table.count_where("attempts <> 0").await, 0);
     println!("idle relay, Kafka: broker_up 0 after {seen_down:?}, 1 after {seen_up:?}");
-    relay.stop().await;
+    relay.stop(Duration::from_secs(30)).await;
     table.drop_all().await;
 }
 
@@ -260,9 +261,9 @@ async fn failed_row_goes_to_dead_letter_topic() {
     let missing = format!("kt-missing-{}", hex_id());
     cluster.create_topic(&topic, 1, 1).unwrap();
     cluster.create_topic(&dlt, 1, 1).unwrap();
-    let table = TestTable::create().await;
+    let table = TestTable::new("kt").await;
     table
-        .insert(&[
+        .insert_rows(&[
             Row::new("a", 0).to(&topic),
             Row::new("typo", 0).to(&missing),
             Row::new("b", 0).to(&topic),
@@ -271,7 +272,7 @@ async fn failed_row_goes_to_dead_letter_topic() {
     let mut cfg = kafka_config(&cluster.bootstrap_servers(), &[]);
     cfg.dead_letter_topic = Some(dlt.clone());
     let (sink, _counts) = sink(&cfg);
-    let relay = RunningRelay::start(&table.store, sink, relay_config("2s"));
+    let relay = Running::start(table.store(), sink, relay_config("2s"));
     wait_until(Duration::from_secs(30), "2 PROCESSED, 1 FAILED", || async {
         table.count_where("status = 'PROCESSED'").await == 2
             && table.count_where("status = 'FAILED'").await == 1
@@ -303,6 +304,6 @@ async fn failed_row_goes_to_dead_letter_topic() {
         serde_json::from_str::<serde_json::Value>(&failed.payload).unwrap()
     );
 
-    relay.stop().await;
+    relay.stop(Duration::from_secs(30)).await;
     table.drop_all().await;
 }

@@ -2,11 +2,9 @@
 //! retention of old `PROCESSED` rows, secrets from files, and no password in any log
 //! line or error message.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use outbox_relay_testkit::{amqp_url, db::*, pg_url, rabbit::*, relay_proc::*, unique, wait::*};
 
 const SPEC_METRICS: [&str; 8] = [
     "outbox_relay_published_total",

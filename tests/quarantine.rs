@@ -3,11 +3,9 @@
 //! releases it, `skip` never holds it; a row in backoff holds back its aggregate only;
 //! `status` / `status --json` report what happened.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use outbox_relay_testkit::{db::*, rabbit::*, relay_proc::*, unique, wait::*};
 
 /// Aggregate "blocked": first row to a missing exchange, then 3 good rows. Aggregate
 /// "free": 5 good rows. Returns (failed id, blocked chain ids, free ids).
@@ -39,15 +37,23 @@ async fn scenario(table: &TestTable, missing: &str) -> (i64, Vec<i64>, Vec<i64>)
     (first, chain, free)
 }
 
-fn ids_of(got: &[Got], index: &std::collections::HashMap<String, (i64, String)>) -> Vec<i64> {
-    got.iter().map(|g| index[&g.message_id].0).collect()
+/// A relay on a fresh `scenario` table, once the blocked aggregate's head is FAILED and
+/// the free aggregate PROCESSED.
+struct Blocked {
+    table: TestTable,
+    broker: TestBroker,
+    missing: String,
+    env: Vec<(String, String)>,
+    relay: RelayProc,
+    first: i64,
+    chain: Vec<i64>,
+    free: Vec<i64>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn failed_row_blocks_its_aggregate_until_replay_delivers_the_chain_in_order() {
-    let table = TestTable::new("qblock").await;
-    let broker = TestBroker::new("qblock").await;
-    let missing = unique("later_exchange");
+async fn blocked(prefix: &str, missing: &str) -> Blocked {
+    let table = TestTable::new(prefix).await;
+    let broker = TestBroker::new(prefix).await;
+    let missing = unique(missing);
     let (first, chain, free) = scenario(&table, &missing).await;
     let env = relay_env(&table.name, &broker.exchange);
     let relay = RelayProc::start(&env);
@@ -57,6 +63,34 @@ async fn failed_row_blocks_its_aggregate_until_replay_delivers_the_chain_in_orde
     table
         .wait_status("PROCESSED", free.len() as i64, Duration::from_secs(30))
         .await;
+    Blocked {
+        table,
+        broker,
+        missing,
+        env,
+        relay,
+        first,
+        chain,
+        free,
+    }
+}
+
+fn ids_of(got: &[Got], index: &std::collections::HashMap<String, (i64, String)>) -> Vec<i64> {
+    got.iter().map(|g| index[&g.message_id].0).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_row_blocks_its_aggregate_until_replay_delivers_the_chain_in_order() {
+    let Blocked {
+        table,
+        broker,
+        missing,
+        env,
+        relay,
+        first,
+        chain,
+        free,
+    } = blocked("qblock", "later_exchange").await;
     let got = broker.take(free.len(), Duration::from_secs(10)).await;
     assert_eq!(
         ids_of(&got, &table.index().await),
@@ -123,18 +157,15 @@ async fn failed_row_blocks_its_aggregate_until_replay_delivers_the_chain_in_orde
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn discard_releases_the_chain_and_keeps_the_row_for_audit() {
-    let table = TestTable::new("qdisc").await;
-    let broker = TestBroker::new("qdisc").await;
-    let missing = unique("never_exchange");
-    let (first, chain, free) = scenario(&table, &missing).await;
-    let env = relay_env(&table.name, &broker.exchange);
-    let relay = RelayProc::start(&env);
-    table
-        .wait_status("FAILED", 1, Duration::from_secs(30))
-        .await;
-    table
-        .wait_status("PROCESSED", free.len() as i64, Duration::from_secs(30))
-        .await;
+    let Blocked {
+        table,
+        broker,
+        env,
+        relay,
+        first,
+        chain,
+        ..
+    } = blocked("qdisc", "never_exchange").await;
     let (code, out, err) = run_cmd(&env, &["discard", "--id", &first.to_string()]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("discarded 1"), "{out}");

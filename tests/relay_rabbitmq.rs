@@ -2,11 +2,9 @@
 //! committed by concurrent producer transactions, maps them as SPEC §2 says, fails bad
 //! rows on their own, survives SIGKILL, shuts down on SIGTERM, and refuses bad config.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use outbox_relay_testkit::{db::*, order::*, rabbit::*, relay_proc::*, unique, wait::*};
 
 /// (event_id, aggregate_id, event_type, payload, headers, created_at, processed_at)
 type RowView = (
@@ -68,24 +66,25 @@ async fn ten_thousand_rows_from_eight_producers_arrive_mapped_and_processed() {
     table.cleanup().await;
 }
 
+/// Rows `a<i>` for each `i` in `range`, each on its own aggregate; their ids to `ids`.
+async fn insert_plain(table: &TestTable, range: std::ops::Range<usize>, ids: &mut Vec<i64>) {
+    for i in range {
+        let agg = format!("a{i}");
+        ids.push(
+            table
+                .insert(&agg, "order.created", None, serde_json::json!({}))
+                .await,
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unknown_exchange_fails_its_row_only_and_names_the_exchange() {
     let table = TestTable::new("noexch").await;
     let broker = TestBroker::new("noexch").await;
     let missing = unique("missing_exchange");
     let mut ids = Vec::new();
-    for i in 0..20 {
-        ids.push(
-            table
-                .insert(
-                    &format!("a{i}"),
-                    "order.created",
-                    None,
-                    serde_json::json!({}),
-                )
-                .await,
-        );
-    }
+    insert_plain(&table, 0..20, &mut ids).await;
     let bad = table
         .insert(
             "bad",
@@ -94,18 +93,7 @@ async fn unknown_exchange_fails_its_row_only_and_names_the_exchange() {
             serde_json::json!({}),
         )
         .await;
-    for i in 20..40 {
-        ids.push(
-            table
-                .insert(
-                    &format!("a{i}"),
-                    "order.created",
-                    None,
-                    serde_json::json!({}),
-                )
-                .await,
-        );
-    }
+    insert_plain(&table, 20..40, &mut ids).await;
     let relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
     table
         .wait_status("PROCESSED", 40, Duration::from_secs(30))

@@ -4,13 +4,9 @@
 //! attempts, shutdown answers or hands back what is out and gives the leases back.
 //! (Windows, out-of-order confirms, rebalancing and deadlines: `engine_recording.rs`.)
 
-mod common;
-mod recording_support;
-
 use std::time::Duration;
 
-use common::*;
-use recording_support::*;
+use outbox_relay_testkit::{recording::*, wait::*};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_row_per_aggregate_unconfirmed_and_id_order() {

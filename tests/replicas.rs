@@ -2,11 +2,9 @@
 //! partition leases in Postgres, every aggregate keeps its `id` order, and a SIGKILLed
 //! instance's partitions are taken over within `relay.lease_timeout`.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use outbox_relay_testkit::{db::*, order::*, rabbit::*, relay_proc::*, wait::*};
 
 /// Owners of live leases → number of partitions each holds.
 async fn lease_owners(table: &TestTable) -> Vec<(String, i64)> {

@@ -7,15 +7,10 @@
 //! error once, as a plain line; a `kafka.properties.partitioner` override exits 2 naming
 //! the key. Not disruptive (parallel phase): the user and the role are the test's own.
 
-mod common;
-#[path = "fault_support/mod.rs"]
-mod fault_support;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
-use fault_support::*;
+use outbox_relay_testkit::{db::*, faults::*, pg_url, rabbit::*, relay_proc::*, unique, wait::*};
 
 /// A password nobody else uses, safe in a URL as it is.
 fn unique_password(prefix: &str) -> String {

@@ -3,17 +3,15 @@
 //! end to end with unlocked producers sharing aggregates (RabbitMQ, three replicas,
 //! Kafka); a rejected row with a 4 KB key fails alone; schema 2 upgrades online under load.
 
-mod common;
-#[path = "kafka_support/mod.rs"]
-mod kafka_support;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use outbox_relay::relay::LATE_ROWS_TOTAL;
-use outbox_relay::{store::Store, table::TableName};
+use outbox_relay::table::TableName;
+use outbox_relay_testkit::{
+    db::*, kafka, order::*, pg_url, rabbit::*, relay_proc::*, unique, wait::*,
+};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rdkafka::{admin::AdminClient, client::DefaultClientContext};
 use sqlx::{Connection, PgConnection};
@@ -263,7 +261,7 @@ async fn unlocked_producers_on_shared_aggregates_arrive_in_id_order_kafka() {
         panic!("no Kafka broker at {KAFKA} ({e}): run scripts/kafka-broker.sh first");
     }
     let topic = unique("wp_kafka");
-    let cfg = kafka_support::kafka_config(KAFKA, &[]);
+    let cfg = kafka::kafka_config(KAFKA, &[]);
     outbox_relay::sink::kafka::tap::ensure_topic(&cfg, &topic, 4)
         .await
         .expect("create the test topic");
@@ -281,18 +279,16 @@ async fn unlocked_producers_on_shared_aggregates_arrive_in_id_order_kafka() {
     let late = relay.metric(LATE_ROWS_TOTAL).await.unwrap_or(0.0);
     drop(relay);
 
-    let c = kafka_support::consumer(KAFKA, &[&topic]).await;
-    let got = kafka_support::read_events(&c, Duration::from_secs(120), ROWS).await;
-    let (name, pool) = (table.name.clone(), table.pool.clone());
-    let store = Store::from_pool(pool.clone(), TableName::parse(&name).unwrap());
-    let db = kafka_support::TestTable { name, pool, store }.rows().await;
-    let by_event = kafka_support::event_ids(&got);
+    let c = kafka::consumer(KAFKA, &[&topic]).await;
+    let got = kafka::read_events(&c, Duration::from_secs(120), ROWS).await;
+    let db = table.rows().await;
+    let by_event = kafka::event_ids(&got);
     assert_eq!(by_event.len(), ROWS, "every row arrived");
     for r in &db {
         let k = &by_event[&r.event_id];
         assert_eq!(k.key.as_deref(), Some(r.aggregate_id.as_str()), "key");
     }
-    kafka_support::assert_order(&db, &got);
+    assert_kafka_order(&db, &got);
     println!(
         "{ROWS} rows to Kafka: {} records read, late rows {late}",
         got.len()

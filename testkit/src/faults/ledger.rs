@@ -1,12 +1,16 @@
 //! The ledger: committed rows vs deliveries vs marks for one attack (`Ledger`, `Tally`),
-//! and draining a RabbitMQ queue into the list of delivered message ids.
+//! and settling a RabbitMQ attack against everything its queue received.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::PgPool;
 
-use crate::common::*;
+use crate::db::TestTable;
+use crate::kafka::kafka_drain;
+use crate::order::{self, Delivery};
+use crate::rabbit::{drain_queue, TestBroker};
+use crate::wait::wait_for;
 
 /// One committed row as the ledger sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -72,29 +76,21 @@ impl Ledger {
     pub fn settle(&self) -> Tally {
         let by_event: HashMap<&str, &LedgerRow> =
             self.rows.iter().map(|r| (r.event_id.as_str(), r)).collect();
-        let mut seen: HashSet<&str> = HashSet::new();
-        let mut last: HashMap<&str, i64> = HashMap::new();
-        let mut duplicates = 0;
-        for id in &self.deliveries {
+        let report = order::check(self.deliveries.iter().map(|id| {
             let row = by_event.get(id.as_str()).unwrap_or_else(|| {
                 panic!(
                     "[{}] delivered message {id} is no committed row",
                     self.attack
                 )
             });
-            if !seen.insert(id.as_str()) {
-                duplicates += 1;
-                continue;
+            Delivery {
+                event: id,
+                row: Some((row.id, row.aggregate.as_str())),
+                partition: None,
             }
-            let prev = last.insert(row.aggregate.as_str(), row.id).unwrap_or(0);
-            assert!(
-                prev < row.id,
-                "[{}] aggregate {}: row {} was first delivered after row {prev}",
-                self.attack,
-                row.aggregate,
-                row.id
-            );
-        }
+        }));
+        let duplicates = report.assert_clean(&format!("[{}] ", self.attack));
+        let seen: HashSet<&str> = self.deliveries.iter().map(String::as_str).collect();
         let mut t = Tally {
             committed: self.rows.len(),
             delivered: seen.len(),
@@ -161,47 +157,6 @@ impl Ledger {
     }
 }
 
-/// Everything in `queue` now, waiting until it has been empty for `quiet` (late copies
-/// from a broken connection may still land). Message ids in arrival order.
-pub async fn drain_queue(queue: &str, quiet: Duration, within: Duration) -> Vec<String> {
-    use futures::StreamExt;
-    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
-    let conn = amqp_connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.basic_qos(2000, BasicQosOptions::default())
-        .await
-        .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            queue,
-            &unique("drain"),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .expect("consume the test queue");
-    let deadline = Instant::now() + within;
-    let mut out = Vec::new();
-    while Instant::now() < deadline {
-        match tokio::time::timeout(quiet, consumer.next()).await {
-            Ok(Some(Ok(d))) => out.push(
-                d.properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_default(),
-            ),
-            Ok(other) => panic!("consumer of {queue} ended: {other:?}"),
-            Err(_) => break, // quiet for `quiet`: drained
-        }
-    }
-    let _ = conn.close(200, "drained").await;
-    out
-}
-
 /// Wait (up to `within`) until `table` has rows and none of them is `PENDING` any more
 /// (an empty table would settle trivially).
 pub async fn settle(table: &TestTable, within: Duration) {
@@ -228,5 +183,22 @@ pub async fn settle_and_tally(
     );
     let mut ledger = Ledger::load(attack, &table.pool, &table.name).await;
     ledger.delivered(drain_queue(&broker.queue, quiet, Duration::from_secs(60)).await);
+    ledger.settle()
+}
+
+/// The end of a Kafka attack: the ledger of `table` against `topic` on `brokers`, read
+/// from the beginning until every `PROCESSED` row arrived and nothing new came for `quiet`
+/// (or `within` passed), settled.
+pub async fn tally_kafka(
+    attack: &str,
+    table: &TestTable,
+    brokers: &str,
+    topic: &str,
+    quiet: Duration,
+    within: Duration,
+) -> Tally {
+    let mut ledger = Ledger::load(attack, &table.pool, &table.name).await;
+    let processed = table.count("PROCESSED").await as usize;
+    ledger.delivered(kafka_drain(brokers, &[topic], processed, quiet, within).await);
     ledger.settle()
 }

@@ -1,12 +1,12 @@
 //! Local services under attack: shell helpers for Postgres and RabbitMQ, guards that
-//! restore a stopped or blocked service even when a test panics, relay backends, env and
-//! metrics.
+//! restore a stopped or blocked service even when a test panics, and the relay's
+//! Postgres backends.
 
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
-use crate::common::*;
+use crate::pg_url;
 
 /// Run a command, return whether it succeeded (output goes to the test's output).
 pub fn sh(program: &str, args: &[&str]) -> bool {
@@ -111,27 +111,4 @@ pub async fn fresh_pool() -> PgPool {
         .connect(&pg_url())
         .await
         .expect("connect postgres")
-}
-
-/// Relay env for a fault test: fast timings plus `extra` overrides (last one wins).
-pub fn fault_env(table: &str, exchange: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut env = relay_env(table, exchange);
-    for (k, v) in extra {
-        env.push((k.to_string(), v.to_string()));
-    }
-    env
-}
-
-/// Poll a relay metric until `pred` holds for it.
-pub async fn wait_metric(
-    relay: &RelayProc,
-    name: &str,
-    within: Duration,
-    pred: impl Fn(f64) -> bool,
-) {
-    let what = format!("metric {name}");
-    wait_for(within, &what, || async {
-        relay.metric(name).await.filter(|v| pred(*v)).map(|_| ())
-    })
-    .await
 }

@@ -1,0 +1,322 @@
+//! The outbox table of a test (`TestTable`): a unique, migrated table on the test
+//! database, rows written the way a producer writes them, and reads of what the relay did
+//! to them. Dropped by `cleanup` (or `drop_all`) at the end of the test.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use outbox_relay::store::Store;
+use outbox_relay::table::TableName;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection as _, PgPool};
+
+use crate::wait::wait_for;
+use crate::{pg_url, unique};
+
+/// A migrated outbox table with a unique name, dropped by `cleanup`.
+pub struct TestTable {
+    pub name: String,
+    pub pool: PgPool,
+}
+
+impl TestTable {
+    pub async fn new(prefix: &str) -> Self {
+        let t = Self::unmigrated(prefix).await;
+        let mut conn = sqlx::PgConnection::connect(&pg_url())
+            .await
+            .expect("connect postgres");
+        outbox_relay::migrate::migrate(&mut conn, &TableName::parse(&t.name).unwrap())
+            .await
+            .expect("migrate");
+        t
+    }
+
+    /// A unique name, nothing created (for the "not migrated" test).
+    pub async fn unmigrated(prefix: &str) -> Self {
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect(&pg_url())
+            .await
+            .expect("connect postgres");
+        Self {
+            name: unique(prefix),
+            pool,
+        }
+    }
+
+    /// Drop the table and what `migrate` made beside it; errors are ignored.
+    pub async fn cleanup(&self) {
+        for sql in self.drop_statements() {
+            let _ = sqlx::query(&sql).execute(&self.pool).await;
+        }
+    }
+
+    /// Drop the table and what `migrate` made beside it (every drop must succeed), then
+    /// close the pool.
+    pub async fn drop_all(self) {
+        for sql in self.drop_statements() {
+            sqlx::query(&sql).execute(&self.pool).await.unwrap();
+        }
+        self.pool.close().await;
+    }
+
+    fn drop_statements(&self) -> [String; 7] {
+        [
+            format!("DROP TABLE IF EXISTS \"{}\" CASCADE", self.name),
+            format!("DROP TABLE IF EXISTS \"{}_relay_leases\"", self.name),
+            format!("DROP TABLE IF EXISTS \"{}_relay_members\"", self.name),
+            format!("DROP TABLE IF EXISTS \"{}_relay_migrations\"", self.name),
+            format!("DROP TABLE IF EXISTS \"{}_demo_orders\"", self.name),
+            format!("DROP FUNCTION IF EXISTS \"{}_notify\"() CASCADE", self.name),
+            format!("DROP FUNCTION IF EXISTS \"{}_insert\"() CASCADE", self.name),
+        ]
+    }
+
+    /// The relay's store on this table.
+    pub fn store(&self) -> Store {
+        Store::from_pool(
+            self.pool.clone(),
+            TableName::parse(&self.name).expect("table name"),
+        )
+    }
+
+    /// Insert one row; returns its id.
+    pub async fn insert(
+        &self,
+        agg: &str,
+        event_type: &str,
+        destination: Option<&str>,
+        headers: serde_json::Value,
+    ) -> i64 {
+        sqlx::query_scalar(&format!(
+            "INSERT INTO \"{}\" (aggregate_type, aggregate_id, event_type, destination, payload, headers)
+             VALUES ('order', $1, $2, $3, $4, $5) RETURNING id",
+            self.name
+        ))
+        .bind(agg)
+        .bind(event_type)
+        .bind(destination)
+        .bind(serde_json::json!({"aggregate": agg, "type": event_type}))
+        .bind(headers)
+        .fetch_one(&self.pool)
+        .await
+        .expect("insert")
+    }
+
+    /// Run set-up SQL with the table's triggers off, for rows in relay-owned states
+    /// (PROCESSED, FAILED, …) that the insert guard of schema 3 would reset to PENDING.
+    pub async fn setup_sql(&self, sql: &str) {
+        sqlx::raw_sql(&format!(
+            "BEGIN; SET LOCAL session_replication_role = replica; {sql}; COMMIT;"
+        ))
+        .execute(&self.pool)
+        .await
+        .expect("set-up SQL");
+    }
+
+    /// `n` rows over `aggregates` aggregates, written by `producers` concurrent producers,
+    /// one row per transaction; each aggregate is written by one producer, so its rows
+    /// commit in id order (as with a locked business row).
+    pub async fn produce(&self, n: usize, aggregates: usize, producers: usize) {
+        let mut tasks = Vec::new();
+        for p in 0..producers {
+            let pool = self.pool.clone();
+            let name = self.name.clone();
+            tasks.push(tokio::spawn(async move {
+                let mine: Vec<usize> = (0..aggregates).filter(|a| a % producers == p).collect();
+                let count = (0..n).filter(|i| i % producers == p).count();
+                for i in 0..count {
+                    let agg = format!("agg-{}", mine[i % mine.len()]);
+                    let mut tx = pool.begin().await.expect("begin");
+                    sqlx::query(&format!(
+                        "INSERT INTO \"{name}\" (aggregate_type, aggregate_id, event_type, payload, headers)
+                         VALUES ('order', $1, 'order.created', $2, $3)"
+                    ))
+                    .bind(&agg)
+                    .bind(serde_json::json!({"orderId": agg, "seq": i, "total": 59.98}))
+                    .bind(serde_json::json!({"traceparent": format!("00-{i:032x}-{p:016x}-01"), "correlation_id": format!("c-{p}-{i}")}))
+                    .execute(&mut *tx)
+                    .await
+                    .expect("insert");
+                    tx.commit().await.expect("commit");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("producer");
+        }
+    }
+
+    pub async fn count(&self, status: &str) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM \"{}\" WHERE status = $1",
+            self.name
+        ))
+        .bind(status)
+        .fetch_one(&self.pool)
+        .await
+        .expect("count")
+    }
+
+    pub async fn total(&self) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM \"{}\"", self.name))
+            .fetch_one(&self.pool)
+            .await
+            .expect("count")
+    }
+
+    pub async fn wait_status(&self, status: &str, n: i64, timeout: Duration) {
+        wait_for(
+            timeout,
+            &format!("{n} rows {status} in {}", self.name),
+            || async { (self.count(status).await >= n).then_some(()) },
+        )
+        .await
+    }
+
+    /// Wait until more than `more` rows beyond those `PROCESSED` now are `PROCESSED`.
+    pub async fn wait_progress(&self, more: i64, timeout: Duration, what: &str) {
+        let before = self.count("PROCESSED").await;
+        wait_for(timeout, what, || async {
+            (self.count("PROCESSED").await > before + more).then_some(())
+        })
+        .await
+    }
+
+    /// Wait until no row is `PENDING` any more.
+    pub async fn wait_no_pending(&self, timeout: Duration, what: &str) {
+        wait_for(timeout, what, || async {
+            (self.count("PENDING").await == 0).then_some(())
+        })
+        .await
+    }
+
+    /// (status, attempts, last_error) of one row.
+    pub async fn row(&self, id: i64) -> (String, i32, Option<String>) {
+        sqlx::query_as(&format!(
+            "SELECT status, attempts, last_error FROM \"{}\" WHERE id = $1",
+            self.name
+        ))
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await
+        .expect("row")
+    }
+
+    pub async fn max_attempts_seen(&self) -> i32 {
+        sqlx::query_scalar(&format!(
+            "SELECT coalesce(max(attempts), 0) FROM \"{}\"",
+            self.name
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .expect("attempts")
+    }
+
+    /// event_id → (id, aggregate_id) of every row.
+    pub async fn index(&self) -> HashMap<String, (i64, String)> {
+        let rows: Vec<(i64, uuid::Uuid, String)> = sqlx::query_as(&format!(
+            "SELECT id, event_id, aggregate_id FROM \"{}\"",
+            self.name
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .expect("index");
+        rows.into_iter()
+            .map(|(id, e, a)| (e.to_string(), (id, a)))
+            .collect()
+    }
+
+    /// Insert rows `(aggregate_type, aggregate_id, event_type, destination, payload,
+    /// headers)` in the given order (so `id` follows it).
+    pub async fn insert_rows(&self, rows: &[Row]) {
+        for chunk in rows.chunks(2_000) {
+            let col = |f: fn(&Row) -> String| chunk.iter().map(f).collect::<Vec<String>>();
+            let dest: Vec<Option<String>> = chunk.iter().map(|r| r.destination.clone()).collect();
+            let payload: Vec<serde_json::Value> = chunk.iter().map(|r| r.payload.clone()).collect();
+            let headers: Vec<serde_json::Value> = chunk.iter().map(|r| r.headers.clone()).collect();
+            sqlx::query(&format!(
+                "INSERT INTO \"{}\" (aggregate_type, aggregate_id, event_type, destination, payload, headers)
+                 SELECT a, b, c, d, e, f FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[])
+                      WITH ORDINALITY AS u(a, b, c, d, e, f, n) ORDER BY n",
+                self.name
+            ))
+            .bind(col(|r| r.aggregate_type.clone()))
+            .bind(col(|r| r.aggregate_id.clone()))
+            .bind(col(|r| r.event_type.clone()))
+            .bind(dest)
+            .bind(payload)
+            .bind(headers)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+        }
+    }
+
+    /// Every row: id, event_id, aggregate_id, status, attempts, last_error,
+    /// processed_at IS NOT NULL, payload::text, headers.
+    pub async fn rows(&self) -> Vec<DbRow> {
+        sqlx::query_as::<_, DbRow>(&format!(
+            "SELECT id, event_id::text AS event_id, aggregate_type, aggregate_id, event_type, status, attempts, last_error,
+                    processed_at IS NOT NULL AS processed, payload::text AS payload, headers
+             FROM \"{}\" ORDER BY id",
+            self.name
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    pub async fn count_where(&self, cond: &str) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM \"{}\" WHERE {cond}",
+            self.name
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub destination: Option<String>,
+    pub payload: serde_json::Value,
+    pub headers: serde_json::Value,
+}
+
+impl Row {
+    pub fn new(aggregate_id: &str, seq: usize) -> Row {
+        Row {
+            aggregate_type: "order".into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: "order.updated".into(),
+            destination: None,
+            payload: serde_json::json!({"orderId": aggregate_id, "seq": seq, "total": 12.5}),
+            headers: serde_json::json!({"traceparent": format!("00-{:032x}-{:016x}-01", seq, seq), "correlation_id": format!("c-{seq}")}),
+        }
+    }
+
+    pub fn to(mut self, topic: &str) -> Row {
+        self.destination = Some(topic.into());
+        self
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DbRow {
+    pub id: i64,
+    pub event_id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub status: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub processed: bool,
+    pub payload: String,
+    pub headers: serde_json::Value,
+}

@@ -1,0 +1,290 @@
+//! RabbitMQ side of the tests: a unique exchange and queue per test (`TestBroker`), the
+//! messages a consumer got (`Got`), and draining a queue into message ids.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{Connection, ExchangeKind};
+
+use crate::db::TestTable;
+use crate::{amqp_url, unique};
+
+/// A unique durable exchange with one queue bound to `#`, deleted by `cleanup`.
+pub struct TestBroker {
+    pub exchange: String,
+    pub queue: String,
+    conn: Connection,
+    channel: lapin::Channel,
+}
+
+/// A message as a consumer got it.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub message_id: String,
+    pub kind: String,
+    pub content_type: String,
+    pub delivery_mode: u8,
+    pub routing_key: String,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+pub async fn amqp_connect() -> Connection {
+    Connection::connect(
+        &amqp_url(),
+        outbox_relay::sink::rabbitmq::connection_properties(),
+    )
+    .await
+    .expect("connect rabbitmq")
+}
+
+impl TestBroker {
+    pub async fn new(prefix: &str) -> Self {
+        let conn = amqp_connect().await;
+        let channel = conn.create_channel().await.unwrap();
+        let exchange = unique(prefix);
+        let queue = format!("{exchange}.q");
+        channel
+            .exchange_declare(
+                &exchange,
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_declare(
+                &queue,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                &queue,
+                &exchange,
+                "#",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Self {
+            exchange,
+            queue,
+            conn,
+            channel,
+        }
+    }
+
+    /// A handle on an existing queue (for a consumer in another task).
+    pub async fn attach(queue: &str) -> Self {
+        let conn = amqp_connect().await;
+        let channel = conn.create_channel().await.unwrap();
+        Self {
+            exchange: String::new(),
+            queue: queue.to_string(),
+            conn,
+            channel,
+        }
+    }
+
+    /// Open a fresh connection (after the broker was restarted).
+    pub async fn reconnect(&mut self) {
+        self.conn = amqp_connect().await;
+        self.channel = self.conn.create_channel().await.unwrap();
+    }
+
+    /// Declare another exchange bound to this queue (an operator "fixing the cause").
+    pub async fn add_exchange(&self, name: &str) {
+        self.channel
+            .exchange_declare(
+                name,
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        self.channel
+            .queue_bind(
+                &self.queue,
+                name,
+                "#",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn delete_exchange(&self, name: &str) {
+        let _ = self
+            .channel
+            .exchange_delete(name, ExchangeDeleteOptions::default())
+            .await;
+    }
+
+    /// Consume until `n` messages arrived, or panic after `timeout`.
+    pub async fn take(&self, n: usize, timeout: Duration) -> Vec<Got> {
+        let ch = self.conn.create_channel().await.unwrap();
+        ch.basic_qos(1000, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                &self.queue,
+                &unique("c"),
+                // Manual acks: messages the broker pushed beyond the `n` we take are
+                // requeued when the channel closes, not lost with it.
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let next = tokio::time::timeout(left, consumer.next()).await;
+            let Ok(Some(Ok(d))) = next else {
+                panic!(
+                    "only {} of {n} messages arrived within {timeout:?}",
+                    out.len()
+                );
+            };
+            d.ack(BasicAckOptions::default()).await.expect("ack");
+            out.push(to_got(&d));
+        }
+        let _ = ch.close(200, "done").await;
+        out
+    }
+
+    /// Messages currently in the queue (without consuming).
+    pub async fn depth(&self) -> u32 {
+        let q = self
+            .channel
+            .queue_declare(
+                &self.queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        q.message_count()
+    }
+
+    pub async fn cleanup(&self) {
+        let ch = match self.conn.create_channel().await {
+            Ok(c) => c,
+            Err(_) => amqp_connect().await.create_channel().await.unwrap(),
+        };
+        let _ = ch
+            .queue_delete(&self.queue, QueueDeleteOptions::default())
+            .await;
+        let _ = ch
+            .exchange_delete(&self.exchange, ExchangeDeleteOptions::default())
+            .await;
+    }
+}
+
+fn to_got(d: &lapin::message::Delivery) -> Got {
+    let p = &d.properties;
+    let headers = outbox_relay::sink::rabbitmq::tap::header_strings(p)
+        .into_iter()
+        .collect();
+    Got {
+        message_id: p
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        kind: p
+            .kind()
+            .as_ref()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        content_type: p
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        delivery_mode: p.delivery_mode().unwrap_or(0),
+        routing_key: d.routing_key.as_str().to_string(),
+        headers,
+        body: d.data.clone(),
+    }
+}
+
+/// After an outage: a row written now (aggregate `agg-after`) becomes `PROCESSED` and
+/// reaches the broker's queue; returns the message.
+pub async fn row_written_now_is_delivered(table: &TestTable, broker: &TestBroker) -> Got {
+    table
+        .insert("agg-after", "order.created", None, serde_json::json!({}))
+        .await;
+    table
+        .wait_status("PROCESSED", 1, Duration::from_secs(30))
+        .await;
+    let got = broker.take(1, Duration::from_secs(30)).await;
+    assert_eq!(
+        got[0].headers.get("aggregate_id").map(String::as_str),
+        Some("agg-after")
+    );
+    got.into_iter().next().expect("one message")
+}
+
+/// Everything in `queue` now, waiting until it has been empty for `quiet` (late copies
+/// from a broken connection may still land). Message ids in arrival order.
+pub async fn drain_queue(queue: &str, quiet: Duration, within: Duration) -> Vec<String> {
+    let conn = amqp_connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(2000, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue,
+            &unique("drain"),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("consume the test queue");
+    let deadline = Instant::now() + within;
+    let mut out = Vec::new();
+    while Instant::now() < deadline {
+        match tokio::time::timeout(quiet, consumer.next()).await {
+            Ok(Some(Ok(d))) => out.push(
+                d.properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default(),
+            ),
+            Ok(other) => panic!("consumer of {queue} ended: {other:?}"),
+            Err(_) => break, // quiet for `quiet`: drained
+        }
+    }
+    let _ = conn.close(200, "drained").await;
+    out
+}
