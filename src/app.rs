@@ -144,12 +144,7 @@ pub async fn run(
             cancel.clone(),
         ));
     }
-    tracker.spawn(maintenance::gauges(
-        store.clone(),
-        instance.clone(),
-        cancel.clone(),
-    ));
-    tracker.spawn(maintenance::retention(
+    tracker.spawn(maintenance::run(
         store.clone(),
         instance.clone(),
         settings.relay.retention,

@@ -1,17 +1,54 @@
 //! Table-wide maintenance, run by one instance at a time (river's leader-only
 //! maintenance): the holder of partition 0's lease is the leader. Each service is a file:
-//! `gauges` (the backlog gauges) and `retention` (deleting old `PROCESSED` rows). Every
-//! instance asks on each of its ticks whether it leads (one primary-key lookup), so
+//! `gauges` (the backlog gauges) and `retention` (deleting old `PROCESSED` rows). One loop
+//! asks every 2 s whether this instance leads (one primary-key lookup) and tells both, so
 //! leadership follows the lease with no election of its own.
 
 mod gauges;
 mod retention;
 
-pub use gauges::gauges;
-pub use retention::retention;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
 use crate::store::Store;
+
+/// How often leadership is checked and the backlog gauges refreshed.
+const TICK: Duration = Duration::from_secs(2);
+/// How often the leader runs retention.
+const RETENTION_EVERY: Duration = Duration::from_secs(30);
+
+/// Run the maintenance services while leading, until `cancel` fires: the gauges on each
+/// tick, retention in a task of its own (a long sweep must not stall the gauges) that
+/// starts as soon as this instance leads and then every 30 s while it does. Non-leaders
+/// report backlog gauges of 0.
+pub async fn run(store: Store, instance: String, retention: Duration, cancel: CancellationToken) {
+    let (leading, watch) = tokio::sync::watch::channel(false);
+    let sweeper = tokio::spawn(retention::run(
+        store.clone(),
+        retention,
+        RETENTION_EVERY,
+        watch,
+        cancel.clone(),
+    ));
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let leads = leads(&store, &instance).await;
+        leading.send_replace(leads);
+        if leads {
+            gauges::refresh(&store).await;
+        } else {
+            gauges::not_leading();
+        }
+    }
+    let _ = sweeper.await;
+}
 
 /// Whether this instance leads now; exported as `outbox_relay_maintenance_leader`.
 /// A database error counts as not leading (the tick is skipped).

@@ -2,50 +2,56 @@
 //! rows per short statement, with a pause between statements so producers and the relay
 //! are never held up.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
 use crate::store::Store;
 
-/// Delete old rows every 30 s while leading (asking every 2 s while not, so a new
-/// leader starts soon) until `cancel` fires.
-pub async fn retention(
+/// While `leading` says so, sweep at once and then every `every`, until `cancel` fires.
+pub(super) async fn run(
     store: Store,
-    instance: String,
     retention: Duration,
+    every: Duration,
+    mut leading: watch::Receiver<bool>,
     cancel: CancellationToken,
 ) {
-    const BATCH: i64 = 1_000;
-    let mut next = Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep_until(next.into()) => {}
+            r = leading.wait_for(|l| *l) => if r.is_err() { return },
         }
-        if !super::leads(&store, &instance).await {
-            next = Instant::now() + Duration::from_secs(2);
-            continue;
+        if !sweep(&store, retention, &cancel).await {
+            return;
         }
-        next = Instant::now() + Duration::from_secs(30);
-        loop {
-            match store.delete_processed(retention, BATCH).await {
-                Ok(n) => {
-                    metrics::counter!(m::RETENTION_DELETED_TOTAL).increment(n);
-                    if n < BATCH as u64 {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "retention delete failed");
-                    break;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Delete every old row now, a batch at a time. `false` when `cancel` fired meanwhile.
+async fn sweep(store: &Store, retention: Duration, cancel: &CancellationToken) -> bool {
+    const BATCH: i64 = 1_000;
+    loop {
+        match store.delete_processed(retention, BATCH).await {
+            Ok(n) => {
+                metrics::counter!(m::RETENTION_DELETED_TOTAL).increment(n);
+                if n < BATCH as u64 {
+                    return true;
                 }
             }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "retention delete failed");
+                return true;
             }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }
 }
