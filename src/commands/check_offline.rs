@@ -10,6 +10,7 @@ use std::path::Path;
 use crate::config::{
     secret, Loaded, MissingFiles, OnFailed, SecretFile, Settings, SinkKind, ENV_PREFIX,
 };
+use crate::sink::aws::{SnsSink, SqsSink};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::rabbitmq::RabbitSink;
 use crate::wiring::AppError;
@@ -33,6 +34,8 @@ fn sink_config(settings: &Settings) -> Result<(), AppError> {
     match settings.sink.kind {
         SinkKind::Rabbitmq => drop(RabbitSink::new(&settings.rabbitmq, timeout)?),
         SinkKind::Kafka => KafkaSink::check_offline(&settings.kafka, timeout)?,
+        SinkKind::Sqs => drop(SqsSink::new(&settings.sqs, timeout)?),
+        SinkKind::Sns => drop(SnsSink::new(&settings.sns, timeout)?),
     }
     Ok(())
 }
@@ -57,6 +60,8 @@ fn summary(settings: &Settings, files: &[SecretFile], file: Option<&Path>) -> Ve
     let target = match settings.sink.kind {
         SinkKind::Rabbitmq => format!("exchange {}", settings.rabbitmq.exchange),
         SinkKind::Kafka => format!("topic {}", settings.kafka.topic),
+        SinkKind::Sqs => format!("queue {}", settings.sqs.queue_url),
+        SinkKind::Sns => format!("topic {}", settings.sns.topic_arn),
     };
     let relay = &settings.relay;
     let on_failed = match relay.on_failed {

@@ -65,6 +65,8 @@ pub async fn run(settings: &Settings, events: u32, force: bool) -> Result<(), Ap
             DemoTap::Rabbit(tap)
         }
         SinkKind::Kafka => DemoTap::Kafka(crate::sink::kafka::tap_for_demo(&settings.kafka).await?),
+        SinkKind::Sqs => DemoTap::Aws(crate::sink::aws::tap::DemoTap::sqs(&settings.sqs).await?),
+        SinkKind::Sns => DemoTap::Aws(crate::sink::aws::tap::DemoTap::sns(&settings.sns).await?),
     };
     let relay = spawn_relay(&store, sink, settings, &cancel);
 
@@ -279,6 +281,7 @@ async fn produce(
 enum DemoTap {
     Rabbit(crate::sink::rabbitmq::tap::Tap),
     Kafka(crate::sink::kafka::DemoTap),
+    Aws(crate::sink::aws::tap::DemoTap),
 }
 
 impl DemoTap {
@@ -287,6 +290,7 @@ impl DemoTap {
         match self {
             DemoTap::Rabbit(t) => t.close().await,
             DemoTap::Kafka(t) => t.close().await,
+            DemoTap::Aws(t) => t.close().await,
         }
     }
 
@@ -316,6 +320,7 @@ impl DemoTap {
                 })
             }
             DemoTap::Kafka(t) => t.next(timeout).await,
+            DemoTap::Aws(t) => t.next(timeout).await,
         }
     }
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::sink::aws::{SnsConfig, SqsConfig};
 use crate::sink::kafka::KafkaConfig;
 use crate::sink::rabbitmq::RabbitmqConfig;
 use crate::table::TableName;
@@ -40,6 +41,8 @@ pub enum OnFailed {
 pub enum SinkKind {
     Rabbitmq,
     Kafka,
+    Sqs,
+    Sns,
 }
 
 impl fmt::Display for SinkKind {
@@ -47,6 +50,8 @@ impl fmt::Display for SinkKind {
         f.write_str(match self {
             SinkKind::Rabbitmq => "rabbitmq",
             SinkKind::Kafka => "kafka",
+            SinkKind::Sqs => "sqs",
+            SinkKind::Sns => "sns",
         })
     }
 }
@@ -147,11 +152,15 @@ pub struct Settings {
     pub sink: SinkConfig,
     pub rabbitmq: RabbitmqConfig,
     pub kafka: KafkaConfig,
+    pub sqs: SqsConfig,
+    pub sns: SnsConfig,
     pub http: HttpConfig,
 }
 
 /// The sections of `Settings`.
-const SECTIONS: [&str; 6] = ["database", "relay", "sink", "rabbitmq", "kafka", "http"];
+const SECTIONS: [&str; 8] = [
+    "database", "relay", "sink", "rabbitmq", "kafka", "sqs", "sns", "http",
+];
 
 /// Prefix of the environment variables that override the file: `OUTBOX_RELAY__<SECTION>__<KEY>`.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY";
@@ -301,6 +310,8 @@ impl Settings {
         match self.sink.kind {
             SinkKind::Rabbitmq => self.rabbitmq.validate(unchecked)?,
             SinkKind::Kafka => self.kafka.validate()?,
+            SinkKind::Sqs => self.sqs.validate()?,
+            SinkKind::Sns => self.sns.validate()?,
         }
         self.http_listen()?;
         Ok(())

@@ -10,6 +10,7 @@ pub use error::AppError;
 
 use crate::config::{Settings, SinkKind};
 use crate::model::Message;
+use crate::sink::aws::{SnsSink, SqsSink};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::rabbitmq::RabbitSink;
 use crate::sink::{Confirm, Sink, SinkError};
@@ -21,6 +22,8 @@ use crate::sink::{Confirm, Sink, SinkError};
 pub enum AnySink {
     Rabbit(RabbitSink),
     Kafka(KafkaSink),
+    Sqs(SqsSink),
+    Sns(SnsSink),
 }
 
 /// Build the configured sink (not connected yet).
@@ -29,6 +32,8 @@ pub fn build_sink(settings: &Settings) -> Result<AnySink, SinkError> {
     Ok(match settings.sink.kind {
         SinkKind::Rabbitmq => AnySink::Rabbit(RabbitSink::new(&settings.rabbitmq, timeout)?),
         SinkKind::Kafka => AnySink::Kafka(KafkaSink::new(&settings.kafka, timeout)?),
+        SinkKind::Sqs => AnySink::Sqs(SqsSink::new(&settings.sqs, timeout)?),
+        SinkKind::Sns => AnySink::Sns(SnsSink::new(&settings.sns, timeout)?),
     })
 }
 
@@ -37,6 +42,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.connect().await,
             AnySink::Kafka(s) => s.connect().await,
+            AnySink::Sqs(s) => s.connect().await,
+            AnySink::Sns(s) => s.connect().await,
         }
     }
 
@@ -44,6 +51,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.send(message).await,
             AnySink::Kafka(s) => s.send(message).await,
+            AnySink::Sqs(s) => s.send(message).await,
+            AnySink::Sns(s) => s.send(message).await,
         }
     }
 
@@ -55,6 +64,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.dead_letter(message, error).await,
             AnySink::Kafka(s) => s.dead_letter(message, error).await,
+            AnySink::Sqs(s) => s.dead_letter(message, error).await,
+            AnySink::Sns(s) => s.dead_letter(message, error).await,
         }
     }
 
@@ -62,6 +73,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.is_connected(),
             AnySink::Kafka(s) => s.is_connected(),
+            AnySink::Sqs(s) => s.is_connected(),
+            AnySink::Sns(s) => s.is_connected(),
         }
     }
 
@@ -69,6 +82,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.probe(within),
             AnySink::Kafka(s) => s.probe(within),
+            AnySink::Sqs(s) => s.probe(within),
+            AnySink::Sns(s) => s.probe(within),
         }
     }
 
@@ -76,6 +91,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.confirm_timeout(publish_timeout),
             AnySink::Kafka(s) => s.confirm_timeout(publish_timeout),
+            AnySink::Sqs(s) => s.confirm_timeout(publish_timeout),
+            AnySink::Sns(s) => s.confirm_timeout(publish_timeout),
         }
     }
 
@@ -83,6 +100,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.close().await,
             AnySink::Kafka(s) => s.close().await,
+            AnySink::Sqs(s) => s.close().await,
+            AnySink::Sns(s) => s.close().await,
         }
     }
 }
