@@ -1,9 +1,12 @@
 //! The AWS side unavailable in the middle of a run: a TCP proxy between the relay (the
-//! binary, `sink.kind = sqs`, a FIFO queue) and the emulator first freezes (requests
+//! binary, `sink.kind = sqs`) and the emulator first freezes (requests
 //! time out), then drops every connection while frozen, then thaws. moto keeps its state
 //! in memory, so it is never restarted: the proxy is the outage. Nothing is lost, no row
 //! spends an attempt, `outbox_relay_broker_up` drops to 0 and comes back, and each
-//! aggregate's first deliveries stay in order. Serial phase (`faults_*`), though it
+//! aggregate's first deliveries stay in order. A collector consumes the queue meanwhile,
+//! and the load is modest with a standard queue: moto answers slower the deeper a queue
+//! is (a FIFO queue 500 deep takes over a second per batch), so a deep queue would make
+//! every publish time out whether the proxy passes or not. Serial phase (`faults_*`), though it
 //! disturbs only its own proxy.
 
 use std::time::Duration;
@@ -19,12 +22,16 @@ async fn emulator_unreachable_mid_run_loses_nothing_and_spends_no_attempts() {
         .to_string();
     let proxy = Proxy::start(&upstream).await;
     let via_proxy = format!("http://127.0.0.1:{}", proxy.port);
-    let queue = TestQueue::new("faws", true).await;
+    let queue = TestQueue::new("faws", false).await;
     let table = TestTable::new("faws").await;
     let mut env = relay_env(&table.name, "unused");
     env.extend(sqs_env(&via_proxy, &queue.url));
+    env.push(("OUTBOX_RELAY__RELAY__LEASE_TIMEOUT".into(), "10s".into()));
+    env.push(("OUTBOX_RELAY__RELAY__PUBLISH_TIMEOUT".into(), "5s".into()));
+    // Consumed while it fills: moto slows down with queue depth.
+    let collector = Collector::start(&queue);
     let relay = RelayProc::start(&env);
-    let producer = Producer::start(&table.pool, &table.name, 30, 3, Duration::from_millis(5));
+    let producer = Producer::start(&table.pool, &table.name, 20, 2, Duration::from_millis(20));
     wait_for(Duration::from_secs(60), "relaying under way", || async {
         (table.count("PROCESSED").await > 200).then_some(())
     })
@@ -65,8 +72,8 @@ async fn emulator_unreachable_mid_run_loses_nothing_and_spends_no_attempts() {
     })
     .await;
     assert_eq!(table.max_attempts_seen().await, 0, "no row's attempts grew");
-    let got = queue
-        .read(committed as usize, Duration::from_secs(60))
+    let got = collector
+        .finish(committed as usize, Duration::from_secs(60))
         .await;
     let db = table.rows().await;
     let mut ledger = Ledger::load("SQS unreachable mid-run", &table.pool, &table.name).await;

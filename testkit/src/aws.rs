@@ -264,3 +264,47 @@ pub fn assert_spec_mapping(row: &crate::db::DbRow, m: &Received, fifo: bool) {
         assert_eq!(m.dedup_id.as_deref(), Some(row.event_id.as_str()));
     }
 }
+
+/// Reads (and deletes) a queue in the background while a test runs, so the queue stays
+/// shallow (moto's send latency grows with queue depth: a deep FIFO queue answers
+/// slower than a relay's publish timeout).
+pub struct Collector {
+    got: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Collector {
+    pub fn start(queue: &TestQueue) -> Collector {
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut reader = queue.admin.reader(&queue.url);
+        let sink = got.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match reader.next(Duration::from_secs(1)).await {
+                    Ok(Some(m)) => sink.lock().expect("collector lock").push(m),
+                    Ok(None) => {}
+                    Err(e) => eprintln!("collector: {e}"),
+                }
+            }
+        });
+        Collector { got, task }
+    }
+
+    /// Distinct `event_id`s read so far.
+    pub fn distinct(&self) -> usize {
+        let got = self.got.lock().expect("collector lock");
+        by_event_id(&got).len()
+    }
+
+    /// Wait until `n` distinct messages arrived (or fail after `within`); stop reading
+    /// and return every message read, in arrival order.
+    pub async fn finish(self, n: usize, within: Duration) -> Vec<Received> {
+        crate::wait::wait_until(within, &format!("{n} messages read"), || async {
+            self.distinct() >= n
+        })
+        .await;
+        self.task.abort();
+        let got = self.got.lock().expect("collector lock").clone();
+        got
+    }
+}

@@ -252,19 +252,25 @@ impl Reader {
                 handles.push(h.to_string());
             }
         }
-        // Read in order and deleted one by one: a FIFO queue hands out a group's next
-        // message only once the earlier ones are gone.
-        for h in handles {
-            self.sqs
-                .delete_message()
-                .queue_url(&self.url)
-                .receipt_handle(h)
-                .send()
-                .await
-                .map_err(|e| {
-                    unavailable(&format!("cannot delete from {}", self.url), sdk_error(&e))
-                })?;
+        if handles.is_empty() {
+            return Ok(());
         }
+        let mut entries = Vec::with_capacity(handles.len());
+        for (i, h) in handles.into_iter().enumerate() {
+            let entry = aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(h)
+                .build()
+                .map_err(|e| unavailable("cannot delete what was read", e))?;
+            entries.push(entry);
+        }
+        self.sqs
+            .delete_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| unavailable(&format!("cannot delete from {}", self.url), sdk_error(&e)))?;
         Ok(())
     }
 }
