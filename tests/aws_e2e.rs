@@ -223,3 +223,39 @@ async fn standard_topic_delivers_and_missing_topic_fails() {
     topic.delete().await;
     table.drop_all().await;
 }
+
+/// A row that ends FAILED is also sent to `sqs.dead_letter_queue_url`, carrying
+/// `last_error` and `original_target` attributes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_row_goes_to_the_dead_letter_queue() {
+    require_emulator();
+    let queue = TestQueue::new("at-main", false).await;
+    let dlq = TestQueue::new("at-dlq", false).await;
+    let table = TestTable::new("awsdlq").await;
+    let mut bad = Row::new("bad", 0);
+    bad.headers = serde_json::json!({"AWS.reserved": "x"});
+    table.insert_rows(&[Row::new("good", 0), bad]).await;
+    let mut cfg = sqs_config(&aws_endpoint(), &queue.url);
+    cfg.dead_letter_queue_url = Some(dlq.url.clone());
+    let sink = SqsSink::new(&cfg, Duration::from_secs(5)).expect("valid [sqs]");
+    let relay = Running::start(table.store(), sink, relay_config("5s"));
+    settle(&table, 1, 1).await;
+    let dead = dlq.read(1, Duration::from_secs(30)).await;
+    relay.stop(Duration::from_secs(10)).await;
+    let db = table.rows().await;
+    let failed = db.iter().find(|r| r.status == "FAILED").unwrap();
+    let m = &dead[0];
+    assert_eq!(m.attribute("event_id"), Some(failed.event_id.as_str()));
+    assert_eq!(m.body, failed.payload);
+    assert_eq!(m.attribute("original_target"), Some(queue.url.as_str()));
+    let why = m.attribute("last_error").unwrap_or_default();
+    assert!(why.contains("reserved"), "{why}");
+    assert_eq!(
+        m.attribute("AWS.reserved"),
+        None,
+        "the offending header is left out"
+    );
+    queue.delete().await;
+    dlq.delete().await;
+    table.drop_all().await;
+}

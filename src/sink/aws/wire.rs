@@ -52,7 +52,8 @@ pub fn entry(m: &Message, target: &str, service: &str) -> Result<Entry, String> 
 
 /// The entry for a dead-lettered `m`: as `entry`, plus attributes `last_error`
 /// (truncated) and `original_target`; `headers` entries that would pass the attribute
-/// limit are left out rather than refusing the dead letter.
+/// limit or that the service would refuse are left out rather than refusing the dead
+/// letter.
 pub fn dead_letter_entry(
     m: &Message,
     target: &str,
@@ -70,7 +71,7 @@ fn build(
     target: &str,
     service: &str,
     extra: &[(&str, &str)],
-    drop_excess_headers: bool,
+    lenient: bool,
 ) -> Result<Entry, String> {
     let event_id = m.event_id.to_string();
     let mut attributes: Vec<(String, String)> = vec![
@@ -86,8 +87,15 @@ fn build(
         if attributes[..fixed].iter().any(|(n, _)| n == k) {
             continue;
         }
-        if drop_excess_headers && attributes.len() >= MAX_ATTRIBUTES {
-            break;
+        if lenient {
+            let acceptable =
+                check_attribute_name(k).is_ok() && !v.is_empty() && v.chars().all(allowed_char);
+            if !acceptable {
+                continue;
+            }
+            if attributes.len() >= MAX_ATTRIBUTES {
+                break;
+            }
         }
         attributes.push((k.clone(), v.clone()));
     }
@@ -390,6 +398,9 @@ mod tests {
         assert_eq!(e.attributes[4].0, "last_error");
         assert_eq!(e.attributes[4].1.len(), 1024);
         assert_eq!(e.attributes[5], ("original_target".into(), QUEUE.into()));
+        m.headers = vec![("AWS.x".into(), "v".into()), ("ok".into(), String::new())];
+        let e = dead_letter_entry(&m, QUEUE, "SQS", "why", QUEUE).unwrap();
+        assert_eq!(e.attributes.len(), 6);
     }
 
     #[test]
