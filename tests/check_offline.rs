@@ -251,7 +251,36 @@ fn bad_cases(dir: &Dir) -> Vec<Bad> {
             "kafka.properties.no.such.property",
             false,
         ),
+        aws("sqs", &[], "sqs.queue_url"),
+        aws("sqs", &[("queue_url", "\"orders\"")], "sqs.queue_url"),
+        aws(
+            "sqs",
+            &[
+                (
+                    "queue_url",
+                    "\"https://sqs.eu-west-1.amazonaws.com/1/orders\"",
+                ),
+                ("endpoint_url", "\"localhost:5000\""),
+            ],
+            "sqs.endpoint_url",
+        ),
+        aws(
+            "sns",
+            &[("topic_arn", "\"arn:aws:sqs:eu-west-1:1:orders\"")],
+            "sns.topic_arn",
+        ),
     ]
+}
+
+/// `sink.kind = kind` with `[kind]` keys `kv`: a bad value found at load.
+fn aws(kind: &'static str, kv: &[(&'static str, &str)], key: &'static str) -> Bad {
+    let mut edits = vec![("sink", "kind", format!("{kind:?}"))];
+    edits.extend(kv.iter().map(|(k, v)| (kind, *k, v.to_string())));
+    Bad {
+        edits,
+        key,
+        at_load: true,
+    }
 }
 
 /// `topic` belongs to `[kafka]`, everything else here to `[kafka.properties]`.
