@@ -15,7 +15,16 @@ WAIT_SECS="${MOTO_WAIT_SECS:-60}"
 
 say() { echo "aws-emulator: $*"; }
 
-answers() { curl -s -o /dev/null -m 2 "http://${HOST}:${PORT}/moto-api/" ; }
+# An HTTP answer on the port (curl if present, else a bare request over /dev/tcp).
+answers() {
+    if command -v curl >/dev/null 2>&1; then
+        curl -s -o /dev/null -m 2 "http://${HOST}:${PORT}/moto-api/"
+    else
+        (exec 3<>"/dev/tcp/${HOST}/${PORT}" \
+            && printf 'GET /moto-api/ HTTP/1.0\r\nHost: %s\r\n\r\n' "${HOST}" >&3 \
+            && timeout 2 head -c 12 <&3 | grep -q '^HTTP/') 2>/dev/null
+    fi
+}
 
 if answers; then
     say "something already answers on http://${HOST}:${PORT}; leaving it as it is"
@@ -24,6 +33,12 @@ fi
 
 if ! command -v moto_server >/dev/null 2>&1; then
     PIP="$(command -v pip3 || command -v pip || true)"
+    if [[ -z "${PIP}" ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+        say "installing python3-pip (apt-get)"
+        apt-get install -y -qq python3-pip >/dev/null \
+            || { apt-get update -qq && apt-get install -y -qq python3-pip >/dev/null; } || true
+        PIP="$(command -v pip3 || command -v pip || true)"
+    fi
     if [[ -z "${PIP}" ]]; then
         say "neither moto_server nor pip is installed; install python3-pip (or moto[server]) first" >&2
         exit 1
