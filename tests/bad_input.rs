@@ -66,6 +66,18 @@ async fn insert(table: &str, pool: &sqlx::PgPool, c: &Case) -> i64 {
     .unwrap_or_else(|e| panic!("insert case {}: {e}", c.name))
 }
 
+/// `n` good rows over 7 aggregates, numbered on from `*g`.
+async fn insert_good(table: &TestTable, g: &mut usize, n: usize) {
+    for _ in 0..n {
+        let aggregate = format!("good-{}", *g % 7);
+        let payload = serde_json::json!({"k": "v"});
+        table
+            .insert(&aggregate, "order.created", None, payload)
+            .await;
+        *g += 1;
+    }
+}
+
 /// Insert good rows and the cases interleaved; returns (case, id) pairs.
 async fn load<'c>(
     table: &TestTable,
@@ -75,30 +87,10 @@ async fn load<'c>(
     let mut out = Vec::new();
     let mut g = 0;
     for c in cases {
-        for _ in 0..good_per_gap {
-            table
-                .insert(
-                    &format!("good-{}", g % 7),
-                    "order.created",
-                    None,
-                    serde_json::json!({"k": "v"}),
-                )
-                .await;
-            g += 1;
-        }
+        insert_good(table, &mut g, good_per_gap).await;
         out.push((c, insert(&table.name, &table.pool, c).await));
     }
-    for _ in 0..good_per_gap {
-        table
-            .insert(
-                &format!("good-{}", g % 7),
-                "order.created",
-                None,
-                serde_json::json!({}),
-            )
-            .await;
-        g += 1;
-    }
+    insert_good(table, &mut g, good_per_gap).await;
     out
 }
 
