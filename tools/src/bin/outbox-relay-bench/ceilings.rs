@@ -28,7 +28,8 @@ impl Bench {
     }
 
     pub async fn broker_ceiling(&self, kind: Kind) -> Result<(f64, CpuSplit)> {
-        let n = self.args.rows;
+        let n = self.rows_for(kind);
+        let (payload, aggregates, window) = (&self.payload, self.args.aggregates, self.args.window);
         let a = census();
         let secs = match kind {
             Kind::Rabbit => {
@@ -55,6 +56,13 @@ impl Bench {
                 )
                 .await?
             }
+            Kind::Nats => self.nats()?.ceiling(n, payload, aggregates, window).await?,
+            Kind::Redis => {
+                self.redis()?
+                    .ceiling(n, payload, aggregates, window)
+                    .await?
+            }
+            Kind::Sqs => self.sqs()?.ceiling(n, payload, aggregates, window).await?,
         };
         let split = CpuSplit::between(&a, &census(), None, &Default::default(), kind.component());
         Ok((n as f64 / secs, split))
