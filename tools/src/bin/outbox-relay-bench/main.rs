@@ -26,6 +26,7 @@ mod rabbit;
 mod redis;
 mod report;
 mod sqs;
+mod window;
 
 use std::path::PathBuf;
 use std::time::Duration;

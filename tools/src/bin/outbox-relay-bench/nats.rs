@@ -9,20 +9,20 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::{self, stream};
-use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::pg::TRACE_VALUE;
 use crate::rabbit::Arrivals;
+use crate::window::{sliding, Created, Load};
 
 pub struct Nats {
     url: String,
     prefix: String,
     client: async_nats::Client,
     js: jetstream::Context,
-    streams: std::sync::Mutex<Vec<String>>,
+    streams: Created,
 }
 
 impl Nats {
@@ -53,13 +53,7 @@ impl Nats {
             })
             .await
             .with_context(|| format!("create stream {name}"))?;
-        let mut streams = self
-            .streams
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !streams.contains(&name) {
-            streams.push(name.clone());
-        }
+        self.streams.add(&name);
         Ok((name, subjects))
     }
 
@@ -77,39 +71,27 @@ impl Nats {
 
     /// The raw broker ceiling: `n` messages shaped as the relay sends them, at most
     /// `window` unacknowledged. Returns seconds.
-    pub async fn ceiling(
-        &self,
-        n: u64,
-        payload: &str,
-        aggregates: u32,
-        window: usize,
-    ) -> Result<f64> {
+    pub async fn ceiling(&self, load: &Load<'_>) -> Result<f64> {
+        let Load {
+            n, payload, window, ..
+        } = *load;
         let (name, subjects) = self.stream("ceiling").await?;
         let subject = format!("{subjects}.order");
         let body = bytes::Bytes::copy_from_slice(payload.as_bytes());
-        let started = Instant::now();
-        let mut inflight = FuturesUnordered::new();
-        let (mut sent, mut acked) = (0u64, 0u64);
-        while acked < n {
-            while sent < n && inflight.len() < window {
-                let agg = format!("order-{}", sent % u64::from(aggregates));
-                let headers = headers_for(Uuid::new_v4(), &agg);
-                let ack = self
-                    .js
-                    .publish_with_headers(subject.clone(), headers, body.clone())
-                    .await?;
-                inflight.push(std::future::IntoFuture::into_future(ack));
-                sent += 1;
-            }
-            match inflight.next().await {
-                Some(r) => {
-                    r.context("raw publisher: not acknowledged")?;
-                    acked += 1;
-                }
-                None => break,
-            }
-        }
-        let secs = started.elapsed().as_secs_f64();
+        let (js, subject, body) = (&self.js, &subject, &body);
+        let secs = sliding(n, window, |i| async move {
+            let agg = load.aggregate(i);
+            let headers = headers_for(Uuid::new_v4(), &agg);
+            let ack = js
+                .publish_with_headers(subject.clone(), headers, body.clone())
+                .await?;
+            let answer = async move {
+                ack.await.context("raw publisher: not acknowledged")?;
+                Ok(1)
+            };
+            Ok((1, answer))
+        })
+        .await?;
         self.delete(&name).await;
         Ok(secs)
     }
@@ -148,19 +130,11 @@ impl Nats {
 
     async fn delete(&self, name: &str) {
         let _ = self.js.delete_stream(name).await;
-        self.streams
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|s| s != name);
+        self.streams.remove(name);
     }
 
     pub async fn teardown(&self) {
-        let names: Vec<String> = self
-            .streams
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        for name in names {
+        for name in self.streams.take() {
             self.delete(&name).await;
         }
     }

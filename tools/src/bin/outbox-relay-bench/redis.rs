@@ -8,8 +8,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
 use tokio::sync::Mutex;
@@ -17,13 +15,14 @@ use uuid::Uuid;
 
 use crate::pg::TRACE_VALUE;
 use crate::rabbit::Arrivals;
+use crate::window::{sliding, Created, Load};
 
 pub struct Redis {
     url: String,
     prefix: String,
     client: redis::Client,
     conn: MultiplexedConnection,
-    keys: std::sync::Mutex<Vec<String>>,
+    keys: Created,
 }
 
 impl Redis {
@@ -45,13 +44,7 @@ impl Redis {
     /// The stream key of `phase` (removed at teardown).
     fn key(&self, phase: &str) -> String {
         let key = format!("{}:{phase}", self.prefix);
-        let mut keys = self
-            .keys
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !keys.contains(&key) {
-            keys.push(key.clone());
-        }
+        self.keys.add(&key);
         key
     }
 
@@ -66,47 +59,38 @@ impl Redis {
 
     /// The raw broker ceiling: `n` entries shaped as the relay writes them, at most
     /// `window` unanswered. Returns seconds.
-    pub async fn ceiling(
-        &self,
-        n: u64,
-        payload: &str,
-        aggregates: u32,
-        window: usize,
-    ) -> Result<f64> {
+    pub async fn ceiling(&self, load: &Load<'_>) -> Result<f64> {
+        let Load {
+            n, payload, window, ..
+        } = *load;
         let key = self.key("ceiling");
         let headers = format!("{{\"traceparent\":\"{TRACE_VALUE}\"}}");
-        let started = Instant::now();
-        let mut inflight = FuturesUnordered::new();
-        let (mut sent, mut acked) = (0u64, 0u64);
-        while acked < n {
-            while sent < n && inflight.len() < window {
-                let agg = format!("order-{}", sent % u64::from(aggregates));
-                let mut cmd = redis::cmd("XADD");
-                cmd.arg(&key).arg("*");
-                for (f, v) in [
-                    ("event_id", Uuid::new_v4().to_string().as_str()),
-                    ("event_type", "order.created"),
-                    ("aggregate_type", "order"),
-                    ("aggregate_id", agg.as_str()),
-                    ("headers", headers.as_str()),
-                    ("payload", payload),
-                ] {
-                    cmd.arg(f).arg(v);
-                }
-                let mut conn = self.conn.clone();
-                inflight.push(async move { cmd.query_async::<String>(&mut conn).await });
-                sent += 1;
+        let (key, headers) = (&key, &headers);
+        let secs = sliding(n, window, |i| {
+            let agg = load.aggregate(i);
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(key).arg("*");
+            for (f, v) in [
+                ("event_id", Uuid::new_v4().to_string().as_str()),
+                ("event_type", "order.created"),
+                ("aggregate_type", "order"),
+                ("aggregate_id", agg.as_str()),
+                ("headers", headers.as_str()),
+                ("payload", payload),
+            ] {
+                cmd.arg(f).arg(v);
             }
-            match inflight.next().await {
-                Some(r) => {
-                    r.context("raw XADD")?;
-                    acked += 1;
-                }
-                None => break,
-            }
-        }
-        let secs = started.elapsed().as_secs_f64();
-        self.delete(&key).await;
+            let mut conn = self.conn.clone();
+            let answer = async move {
+                cmd.query_async::<String>(&mut conn)
+                    .await
+                    .context("raw XADD")?;
+                Ok(1)
+            };
+            std::future::ready(Ok((1, answer)))
+        })
+        .await?;
+        self.delete(key).await;
         Ok(secs)
     }
 
@@ -158,19 +142,11 @@ impl Redis {
     async fn delete(&self, key: &str) {
         let mut conn = self.conn.clone();
         let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(key).query_async(&mut conn).await;
-        self.keys
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|k| k != key);
+        self.keys.remove(key);
     }
 
     pub async fn teardown(&self) {
-        let keys: Vec<String> = self
-            .keys
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        for key in keys {
+        for key in self.keys.take() {
             self.delete(&key).await;
         }
     }

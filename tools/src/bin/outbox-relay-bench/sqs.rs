@@ -13,13 +13,12 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
 use aws_sdk_sqs::Client;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::pg::TRACE_VALUE;
 use crate::rabbit::Arrivals;
+use crate::window::{sliding, Load};
 
 /// Credentials the emulator accepts (it checks none); set for the relay too.
 const KEY: &str = "testing";
@@ -102,42 +101,35 @@ impl Sqs {
 
     /// The raw broker ceiling: `n` messages shaped as the relay sends them, in batches
     /// of 10, at most `window` messages unanswered. Returns seconds.
-    pub async fn ceiling(
-        &self,
-        n: u64,
-        payload: &str,
-        aggregates: u32,
-        window: usize,
-    ) -> Result<f64> {
+    pub async fn ceiling(&self, load: &Load<'_>) -> Result<f64> {
+        let Load {
+            n, payload, window, ..
+        } = *load;
         let url = self.queue("ceiling").await?;
-        let started = Instant::now();
-        let mut inflight = FuturesUnordered::new();
-        let (mut sent, mut acked) = (0u64, 0u64);
-        while acked < n {
-            while sent < n && inflight.len() * 10 < window.max(10) {
-                let batch: Vec<_> = (sent..n.min(sent + 10))
-                    .map(|i| entry(i, payload, &format!("order-{}", i % u64::from(aggregates))))
-                    .collect::<Result<_>>()?;
-                sent += batch.len() as u64;
-                let req = self
-                    .client
+        let url = &url;
+        let secs = sliding(n, window, |i| {
+            let batch: Result<Vec<_>> = (i..n.min(i + 10))
+                .map(|j| entry(j, payload, &load.aggregate(j)))
+                .collect();
+            let client = self.client.clone();
+            async move {
+                let batch = batch?;
+                let took = batch.len() as u64;
+                let req = client
                     .send_message_batch()
-                    .queue_url(&url)
+                    .queue_url(url)
                     .set_entries(Some(batch));
-                inflight.push(req.send());
-            }
-            match inflight.next().await {
-                Some(r) => {
-                    let out = r.context("raw SendMessageBatch")?;
+                let answer = async move {
+                    let out = req.send().await.context("raw SendMessageBatch")?;
                     if let Some(f) = out.failed.first() {
                         bail!("raw publisher: entry refused: {f:?}");
                     }
-                    acked += out.successful.len() as u64;
-                }
-                None => break,
+                    Ok(out.successful.len() as u64)
+                };
+                Ok((took, answer))
             }
-        }
-        let secs = started.elapsed().as_secs_f64();
+        })
+        .await?;
         self.delete("ceiling").await;
         Ok(secs)
     }
