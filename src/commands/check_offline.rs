@@ -11,6 +11,7 @@ use crate::config::{
     secret, Loaded, MissingFiles, OnFailed, SecretFile, Settings, SinkKind, ENV_PREFIX,
 };
 use crate::sink::kafka::KafkaSink;
+use crate::sink::nats::NatsSink;
 use crate::sink::rabbitmq::RabbitSink;
 use crate::wiring::AppError;
 
@@ -33,6 +34,7 @@ fn sink_config(settings: &Settings) -> Result<(), AppError> {
     match settings.sink.kind {
         SinkKind::Rabbitmq => drop(RabbitSink::new(&settings.rabbitmq, timeout)?),
         SinkKind::Kafka => KafkaSink::check_offline(&settings.kafka, timeout)?,
+        SinkKind::Nats => drop(NatsSink::new(&settings.nats, timeout)?),
     }
     Ok(())
 }
@@ -57,6 +59,7 @@ fn summary(settings: &Settings, files: &[SecretFile], file: Option<&Path>) -> Ve
     let target = match settings.sink.kind {
         SinkKind::Rabbitmq => format!("exchange {}", settings.rabbitmq.exchange),
         SinkKind::Kafka => format!("topic {}", settings.kafka.topic),
+        SinkKind::Nats => format!("subject {}", settings.nats.subject),
     };
     let relay = &settings.relay;
     let on_failed = match relay.on_failed {
@@ -77,6 +80,9 @@ fn summary(settings: &Settings, files: &[SecretFile], file: Option<&Path>) -> Ve
     let mut inline = vec!["database.url"];
     if settings.sink.kind == SinkKind::Rabbitmq {
         inline.push("rabbitmq.url");
+    }
+    if settings.sink.kind == SinkKind::Nats {
+        inline.push("nats.url");
     }
     for key in inline {
         if !files.iter().any(|f| f.supplies == key) {

@@ -65,6 +65,21 @@ pub async fn run(settings: &Settings, events: u32, force: bool) -> Result<(), Ap
             DemoTap::Rabbit(tap)
         }
         SinkKind::Kafka => DemoTap::Kafka(crate::sink::kafka::tap_for_demo(&settings.kafka).await?),
+        SinkKind::Nats => {
+            let subjects: Vec<String> = STEPS
+                .iter()
+                .map(|step| {
+                    crate::sink::nats::wire::subject_from_template(
+                        &settings.nats.subject,
+                        "order",
+                        step,
+                    )
+                })
+                .collect();
+            let tap = crate::sink::nats::tap::tap_for_demo(&settings.nats, &subjects).await?;
+            println!("reading back from JetStream: {}", subjects.join(", "));
+            DemoTap::Nats(tap)
+        }
     };
     let relay = spawn_relay(&store, sink, settings, &cancel);
 
@@ -279,6 +294,7 @@ async fn produce(
 enum DemoTap {
     Rabbit(crate::sink::rabbitmq::tap::Tap),
     Kafka(crate::sink::kafka::DemoTap),
+    Nats(crate::sink::nats::tap::DemoTap),
 }
 
 impl DemoTap {
@@ -287,6 +303,7 @@ impl DemoTap {
         match self {
             DemoTap::Rabbit(t) => t.close().await,
             DemoTap::Kafka(t) => t.close().await,
+            DemoTap::Nats(t) => t.close().await,
         }
     }
 
@@ -316,6 +333,7 @@ impl DemoTap {
                 })
             }
             DemoTap::Kafka(t) => t.next(timeout).await,
+            DemoTap::Nats(t) => t.next(timeout).await,
         }
     }
 }

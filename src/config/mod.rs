@@ -2,7 +2,7 @@
 //! validated once at start. Every error names the offending key; secrets never print.
 //!
 //! Secrets can come from files (the Kubernetes Secret-volume convention): `database.url_file`
-//! and `rabbitmq.url_file` replace their URL, and any `kafka.properties."<name>_file"`
+//! `rabbitmq.url_file` and `nats.url_file` replace their URL, and any `kafka.properties."<name>_file"`
 //! entry (e.g. `"sasl.password_file"`) sets property `<name>` to the file's content.
 
 mod defaults;
@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::sink::kafka::KafkaConfig;
+use crate::sink::nats::NatsConfig;
 use crate::sink::rabbitmq::RabbitmqConfig;
 use crate::table::TableName;
 use defaults::*;
@@ -40,6 +41,7 @@ pub enum OnFailed {
 pub enum SinkKind {
     Rabbitmq,
     Kafka,
+    Nats,
 }
 
 impl fmt::Display for SinkKind {
@@ -47,6 +49,7 @@ impl fmt::Display for SinkKind {
         f.write_str(match self {
             SinkKind::Rabbitmq => "rabbitmq",
             SinkKind::Kafka => "kafka",
+            SinkKind::Nats => "nats",
         })
     }
 }
@@ -147,11 +150,14 @@ pub struct Settings {
     pub sink: SinkConfig,
     pub rabbitmq: RabbitmqConfig,
     pub kafka: KafkaConfig,
+    pub nats: NatsConfig,
     pub http: HttpConfig,
 }
 
 /// The sections of `Settings`.
-const SECTIONS: [&str; 6] = ["database", "relay", "sink", "rabbitmq", "kafka", "http"];
+const SECTIONS: [&str; 7] = [
+    "database", "relay", "sink", "rabbitmq", "kafka", "nats", "http",
+];
 
 /// Prefix of the environment variables that override the file: `OUTBOX_RELAY__<SECTION>__<KEY>`.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY";
@@ -223,6 +229,7 @@ impl Settings {
     pub fn secret_values(&self) -> Vec<String> {
         let mut out = secret::url_secrets(self.database.url.expose());
         out.extend(secret::url_secrets(self.rabbitmq.url.expose()));
+        out.extend(self.nats.secret_values());
         out.extend(
             self.kafka
                 .properties
@@ -301,6 +308,7 @@ impl Settings {
         match self.sink.kind {
             SinkKind::Rabbitmq => self.rabbitmq.validate(unchecked)?,
             SinkKind::Kafka => self.kafka.validate()?,
+            SinkKind::Nats => self.nats.validate(unchecked)?,
         }
         self.http_listen()?;
         Ok(())

@@ -1,5 +1,5 @@
 //! The seam between the relay engine and a broker. The engine sees only the `Sink` trait,
-//! `Confirm` and `SinkError`; lapin and rdkafka types stay inside their own submodule,
+//! `Confirm` and `SinkError`; lapin, rdkafka and async-nats types stay inside their own submodule,
 //! and each broker's submodule owns its config section (`<broker>::config`: keys,
 //! defaults, validation).
 
@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::model::Message;
 
 pub mod kafka;
+pub mod nats;
 pub mod rabbitmq;
 mod tap;
 

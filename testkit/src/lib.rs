@@ -4,6 +4,7 @@
 //! - [`db`]: a unique migrated outbox table per test (`TestTable`) and its rows;
 //! - [`rabbit`]: a unique exchange and queue per test (`TestBroker`), consumed messages;
 //! - [`kafka`]: the Kafka reader, a background collector, topics, a private tansu broker;
+//! - [`nats`]: NATS JetStream: a unique stream per test, its messages, the server's stop/start;
 //! - [`relay_proc`]: the relay binary as a child process (`RelayProc`) and its env;
 //! - [`inproc`]: the relay loop in a task (`Running`) and a counting sink wrapper;
 //! - [`wait`]: the one polling wait with a deadline;
@@ -18,6 +19,7 @@ pub mod db;
 pub mod faults;
 pub mod inproc;
 pub mod kafka;
+pub mod nats;
 pub mod order;
 pub mod rabbit;
 pub mod recording;
