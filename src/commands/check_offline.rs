@@ -12,6 +12,7 @@ use crate::config::{
 };
 use crate::sink::kafka::KafkaSink;
 use crate::sink::rabbitmq::RabbitSink;
+use crate::sink::redis::RedisSink;
 use crate::wiring::AppError;
 
 /// `outbox-relay [--config FILE] check --offline`.
@@ -33,6 +34,7 @@ fn sink_config(settings: &Settings) -> Result<(), AppError> {
     match settings.sink.kind {
         SinkKind::Rabbitmq => drop(RabbitSink::new(&settings.rabbitmq, timeout)?),
         SinkKind::Kafka => KafkaSink::check_offline(&settings.kafka, timeout)?,
+        SinkKind::Redis => drop(RedisSink::new(&settings.redis, timeout)?),
     }
     Ok(())
 }
@@ -57,6 +59,14 @@ fn summary(settings: &Settings, files: &[SecretFile], file: Option<&Path>) -> Ve
     let target = match settings.sink.kind {
         SinkKind::Rabbitmq => format!("exchange {}", settings.rabbitmq.exchange),
         SinkKind::Kafka => format!("topic {}", settings.kafka.topic),
+        SinkKind::Redis => format!(
+            "{} {}",
+            match settings.redis.mode {
+                crate::sink::redis::RedisMode::Stream => "stream key",
+                crate::sink::redis::RedisMode::Pubsub => "channel",
+            },
+            settings.redis.key
+        ),
     };
     let relay = &settings.relay;
     let on_failed = match relay.on_failed {
@@ -77,6 +87,9 @@ fn summary(settings: &Settings, files: &[SecretFile], file: Option<&Path>) -> Ve
     let mut inline = vec!["database.url"];
     if settings.sink.kind == SinkKind::Rabbitmq {
         inline.push("rabbitmq.url");
+    }
+    if settings.sink.kind == SinkKind::Redis {
+        inline.push("redis.url");
     }
     for key in inline {
         if !files.iter().any(|f| f.supplies == key) {

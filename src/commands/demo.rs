@@ -65,6 +65,13 @@ pub async fn run(settings: &Settings, events: u32, force: bool) -> Result<(), Ap
             DemoTap::Rabbit(tap)
         }
         SinkKind::Kafka => DemoTap::Kafka(crate::sink::kafka::tap_for_demo(&settings.kafka).await?),
+        SinkKind::Redis => {
+            let r = &settings.redis;
+            let key = crate::sink::redis::wire::key_from_template(&r.key, "order");
+            let tap = crate::sink::redis::tap::Tap::open(&r.url, r.mode, &key).await?;
+            println!("reading {} {key:?} ({})", r.mode, r.url);
+            DemoTap::Redis(tap)
+        }
     };
     let relay = spawn_relay(&store, sink, settings, &cancel);
 
@@ -279,6 +286,7 @@ async fn produce(
 enum DemoTap {
     Rabbit(crate::sink::rabbitmq::tap::Tap),
     Kafka(crate::sink::kafka::DemoTap),
+    Redis(crate::sink::redis::tap::Tap),
 }
 
 impl DemoTap {
@@ -287,6 +295,7 @@ impl DemoTap {
         match self {
             DemoTap::Rabbit(t) => t.close().await,
             DemoTap::Kafka(t) => t.close().await,
+            DemoTap::Redis(t) => drop(t),
         }
     }
 
@@ -316,6 +325,7 @@ impl DemoTap {
                 })
             }
             DemoTap::Kafka(t) => t.next(timeout).await,
+            DemoTap::Redis(t) => t.next(timeout).await.map(|r| r.arrival()),
         }
     }
 }

@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::sink::kafka::KafkaConfig;
 use crate::sink::rabbitmq::RabbitmqConfig;
+use crate::sink::redis::RedisConfig;
 use crate::table::TableName;
 use defaults::*;
 pub use error::ConfigError;
@@ -40,6 +41,7 @@ pub enum OnFailed {
 pub enum SinkKind {
     Rabbitmq,
     Kafka,
+    Redis,
 }
 
 impl fmt::Display for SinkKind {
@@ -47,6 +49,7 @@ impl fmt::Display for SinkKind {
         f.write_str(match self {
             SinkKind::Rabbitmq => "rabbitmq",
             SinkKind::Kafka => "kafka",
+            SinkKind::Redis => "redis",
         })
     }
 }
@@ -147,11 +150,14 @@ pub struct Settings {
     pub sink: SinkConfig,
     pub rabbitmq: RabbitmqConfig,
     pub kafka: KafkaConfig,
+    pub redis: RedisConfig,
     pub http: HttpConfig,
 }
 
 /// The sections of `Settings`.
-const SECTIONS: [&str; 6] = ["database", "relay", "sink", "rabbitmq", "kafka", "http"];
+const SECTIONS: [&str; 7] = [
+    "database", "relay", "sink", "rabbitmq", "kafka", "redis", "http",
+];
 
 /// Prefix of the environment variables that override the file: `OUTBOX_RELAY__<SECTION>__<KEY>`.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY";
@@ -223,6 +229,7 @@ impl Settings {
     pub fn secret_values(&self) -> Vec<String> {
         let mut out = secret::url_secrets(self.database.url.expose());
         out.extend(secret::url_secrets(self.rabbitmq.url.expose()));
+        out.extend(secret::url_secrets(self.redis.url.expose()));
         out.extend(
             self.kafka
                 .properties
@@ -301,6 +308,7 @@ impl Settings {
         match self.sink.kind {
             SinkKind::Rabbitmq => self.rabbitmq.validate(unchecked)?,
             SinkKind::Kafka => self.kafka.validate()?,
+            SinkKind::Redis => self.redis.validate()?,
         }
         self.http_listen()?;
         Ok(())

@@ -11,6 +11,7 @@ use crate::model::Message;
 
 pub mod kafka;
 pub mod rabbitmq;
+pub mod redis;
 mod tap;
 
 pub use tap::Arrival;

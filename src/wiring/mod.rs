@@ -12,6 +12,7 @@ use crate::config::{Settings, SinkKind};
 use crate::model::Message;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::rabbitmq::RabbitSink;
+use crate::sink::redis::RedisSink;
 use crate::sink::{Confirm, Sink, SinkError};
 
 /// The configured sink: one of the concrete ones, dispatched here once so the engine
@@ -21,6 +22,7 @@ use crate::sink::{Confirm, Sink, SinkError};
 pub enum AnySink {
     Rabbit(RabbitSink),
     Kafka(KafkaSink),
+    Redis(RedisSink),
 }
 
 /// Build the configured sink (not connected yet).
@@ -29,6 +31,7 @@ pub fn build_sink(settings: &Settings) -> Result<AnySink, SinkError> {
     Ok(match settings.sink.kind {
         SinkKind::Rabbitmq => AnySink::Rabbit(RabbitSink::new(&settings.rabbitmq, timeout)?),
         SinkKind::Kafka => AnySink::Kafka(KafkaSink::new(&settings.kafka, timeout)?),
+        SinkKind::Redis => AnySink::Redis(RedisSink::new(&settings.redis, timeout)?),
     })
 }
 
@@ -37,6 +40,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.connect().await,
             AnySink::Kafka(s) => s.connect().await,
+            AnySink::Redis(s) => s.connect().await,
         }
     }
 
@@ -44,6 +48,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.send(message).await,
             AnySink::Kafka(s) => s.send(message).await,
+            AnySink::Redis(s) => s.send(message).await,
         }
     }
 
@@ -55,6 +60,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.dead_letter(message, error).await,
             AnySink::Kafka(s) => s.dead_letter(message, error).await,
+            AnySink::Redis(s) => s.dead_letter(message, error).await,
         }
     }
 
@@ -62,6 +68,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.is_connected(),
             AnySink::Kafka(s) => s.is_connected(),
+            AnySink::Redis(s) => s.is_connected(),
         }
     }
 
@@ -69,6 +76,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.probe(within),
             AnySink::Kafka(s) => s.probe(within),
+            AnySink::Redis(s) => s.probe(within),
         }
     }
 
@@ -76,6 +84,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.confirm_timeout(publish_timeout),
             AnySink::Kafka(s) => s.confirm_timeout(publish_timeout),
+            AnySink::Redis(s) => s.confirm_timeout(publish_timeout),
         }
     }
 
@@ -83,6 +92,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.close().await,
             AnySink::Kafka(s) => s.close().await,
+            AnySink::Redis(s) => s.close().await,
         }
     }
 }
