@@ -1,6 +1,7 @@
 //! A reader for `demo` and the tests: a stream read with `XREAD` from the entries added
-//! after the tap was made (mode `stream`), or a channel subscription made before
-//! anything is published (mode `pubsub`). Both hand back what arrived as `Received`.
+//! after the tap was made (mode `stream`; after a lost connection it reconnects and goes
+//! on from the last entry it read), or a channel subscription made before anything is
+//! published (mode `pubsub`). Both hand back what arrived as `Received`.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -64,9 +65,13 @@ impl Received {
     }
 }
 
+/// One per tap: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Source {
     Stream {
-        conn: MultiplexedConnection,
+        client: redis::Client,
+        /// `None` after a failed read, until a reconnect succeeds.
+        conn: Option<MultiplexedConnection>,
         key: String,
         last_id: String,
     },
@@ -77,6 +82,9 @@ pub struct Tap {
     source: Source,
     buffered: VecDeque<Received>,
 }
+
+/// How long a stream tap waits before it reconnects after a failed read.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
 fn err(e: redis::RedisError) -> SinkError {
     unavailable(e.to_string())
@@ -97,7 +105,8 @@ impl Tap {
                     conn.xrevrange_count(key, "+", "-", 1).await.map_err(err)?;
                 let last_id = last.ids.first().map_or("0-0".to_string(), |e| e.id.clone());
                 Source::Stream {
-                    conn,
+                    client,
+                    conn: Some(conn),
                     key: key.to_string(),
                     last_id,
                 }
@@ -114,21 +123,51 @@ impl Tap {
         })
     }
 
-    /// The next entry or message, or `None` after `timeout` without one.
+    /// The next entry or message, or `None` after `timeout` without one (or after a
+    /// failed read: see `try_next`).
     pub async fn next(&mut self, timeout: Duration) -> Option<Received> {
+        self.try_next(timeout).await.ok().flatten()
+    }
+
+    /// The next entry or message, `Ok(None)` after `timeout` without one, or why the
+    /// read failed (a stream tap then reconnects on the next call, after a short pause).
+    pub async fn try_next(&mut self, timeout: Duration) -> Result<Option<Received>, SinkError> {
         if let Some(r) = self.buffered.pop_front() {
-            return Some(r);
+            return Ok(Some(r));
         }
         match &mut self.source {
-            Source::Stream { conn, key, last_id } => {
+            Source::Stream {
+                client,
+                conn,
+                key,
+                last_id,
+            } => {
+                let c = match conn {
+                    Some(c) => c,
+                    None => {
+                        tokio::time::sleep(RECONNECT_PAUSE.min(timeout)).await;
+                        conn.insert(
+                            client
+                                .get_multiplexed_async_connection()
+                                .await
+                                .map_err(err)?,
+                        )
+                    }
+                };
                 let block = usize::try_from(timeout.as_millis())
                     .unwrap_or(usize::MAX)
                     .max(1);
                 let opts = StreamReadOptions::default().block(block).count(1000);
-                let reply: StreamReadReply = conn
+                let reply: StreamReadReply = match c
                     .xread_options(&[key.as_str()], &[last_id.as_str()], &opts)
                     .await
-                    .ok()?;
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        *conn = None;
+                        return Err(err(e));
+                    }
+                };
                 for sk in reply.keys {
                     for entry in sk.ids {
                         *last_id = entry.id.clone();
@@ -148,15 +187,16 @@ impl Tap {
                         });
                     }
                 }
-                self.buffered.pop_front()
+                Ok(self.buffered.pop_front())
             }
-            Source::Channel(stream) => {
-                let msg = tokio::time::timeout(timeout, stream.next()).await.ok()??;
-                Some(Received::Message {
+            Source::Channel(stream) => match tokio::time::timeout(timeout, stream.next()).await {
+                Err(_) => Ok(None),
+                Ok(None) => Err(unavailable("the subscription's connection closed")),
+                Ok(Some(msg)) => Ok(Some(Received::Message {
                     channel: msg.get_channel_name().to_string(),
                     body: msg.get_payload::<String>().unwrap_or_default(),
-                })
-            }
+                })),
+            },
         }
     }
 }
