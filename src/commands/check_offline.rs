@@ -13,6 +13,7 @@ use crate::config::{
 use crate::sink::kafka::KafkaSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::rabbitmq::RabbitSink;
+use crate::sink::redis::RedisSink;
 use crate::wiring::AppError;
 
 /// `outbox-relay [--config FILE] check --offline`.
@@ -35,6 +36,7 @@ fn sink_config(settings: &Settings) -> Result<(), AppError> {
         SinkKind::Rabbitmq => drop(RabbitSink::new(&settings.rabbitmq, timeout)?),
         SinkKind::Kafka => KafkaSink::check_offline(&settings.kafka, timeout)?,
         SinkKind::Nats => drop(NatsSink::new(&settings.nats, timeout)?),
+        SinkKind::Redis => drop(RedisSink::new(&settings.redis, timeout)?),
     }
     Ok(())
 }
@@ -60,6 +62,14 @@ fn summary(settings: &Settings, files: &[SecretFile], file: Option<&Path>) -> Ve
         SinkKind::Rabbitmq => format!("exchange {}", settings.rabbitmq.exchange),
         SinkKind::Kafka => format!("topic {}", settings.kafka.topic),
         SinkKind::Nats => format!("subject {}", settings.nats.subject),
+        SinkKind::Redis => format!(
+            "{} {}",
+            match settings.redis.mode {
+                crate::sink::redis::RedisMode::Stream => "stream key",
+                crate::sink::redis::RedisMode::Pubsub => "channel",
+            },
+            settings.redis.key
+        ),
     };
     let relay = &settings.relay;
     let on_failed = match relay.on_failed {
@@ -83,6 +93,9 @@ fn summary(settings: &Settings, files: &[SecretFile], file: Option<&Path>) -> Ve
     }
     if settings.sink.kind == SinkKind::Nats {
         inline.push("nats.url");
+    }
+    if settings.sink.kind == SinkKind::Redis {
+        inline.push("redis.url");
     }
     for key in inline {
         if !files.iter().any(|f| f.supplies == key) {

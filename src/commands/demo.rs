@@ -80,6 +80,13 @@ pub async fn run(settings: &Settings, events: u32, force: bool) -> Result<(), Ap
             println!("reading back from JetStream: {}", subjects.join(", "));
             DemoTap::Nats(tap)
         }
+        SinkKind::Redis => {
+            let r = &settings.redis;
+            let key = crate::sink::redis::wire::key_from_template(&r.key, "order");
+            let tap = crate::sink::redis::tap::Tap::open(&r.url, r.mode, &key).await?;
+            println!("reading {} {key:?} ({})", r.mode, r.url);
+            DemoTap::Redis(tap)
+        }
     };
     let relay = spawn_relay(&store, sink, settings, &cancel);
 
@@ -295,6 +302,7 @@ enum DemoTap {
     Rabbit(crate::sink::rabbitmq::tap::Tap),
     Kafka(crate::sink::kafka::DemoTap),
     Nats(crate::sink::nats::tap::DemoTap),
+    Redis(crate::sink::redis::tap::Tap),
 }
 
 impl DemoTap {
@@ -304,6 +312,7 @@ impl DemoTap {
             DemoTap::Rabbit(t) => t.close().await,
             DemoTap::Kafka(t) => t.close().await,
             DemoTap::Nats(t) => t.close().await,
+            DemoTap::Redis(t) => drop(t),
         }
     }
 
@@ -334,6 +343,7 @@ impl DemoTap {
             }
             DemoTap::Kafka(t) => t.next(timeout).await,
             DemoTap::Nats(t) => t.next(timeout).await,
+            DemoTap::Redis(t) => t.next(timeout).await.map(|r| r.arrival()),
         }
     }
 }

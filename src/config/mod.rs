@@ -20,6 +20,7 @@ use serde::Deserialize;
 use crate::sink::kafka::KafkaConfig;
 use crate::sink::nats::NatsConfig;
 use crate::sink::rabbitmq::RabbitmqConfig;
+use crate::sink::redis::RedisConfig;
 use crate::table::TableName;
 use defaults::*;
 pub use error::ConfigError;
@@ -42,6 +43,7 @@ pub enum SinkKind {
     Rabbitmq,
     Kafka,
     Nats,
+    Redis,
 }
 
 impl fmt::Display for SinkKind {
@@ -50,6 +52,7 @@ impl fmt::Display for SinkKind {
             SinkKind::Rabbitmq => "rabbitmq",
             SinkKind::Kafka => "kafka",
             SinkKind::Nats => "nats",
+            SinkKind::Redis => "redis",
         })
     }
 }
@@ -151,12 +154,13 @@ pub struct Settings {
     pub rabbitmq: RabbitmqConfig,
     pub kafka: KafkaConfig,
     pub nats: NatsConfig,
+    pub redis: RedisConfig,
     pub http: HttpConfig,
 }
 
 /// The sections of `Settings`.
-const SECTIONS: [&str; 7] = [
-    "database", "relay", "sink", "rabbitmq", "kafka", "nats", "http",
+const SECTIONS: [&str; 8] = [
+    "database", "relay", "sink", "rabbitmq", "kafka", "nats", "redis", "http",
 ];
 
 /// Prefix of the environment variables that override the file: `OUTBOX_RELAY__<SECTION>__<KEY>`.
@@ -230,6 +234,7 @@ impl Settings {
         let mut out = secret::url_secrets(self.database.url.expose());
         out.extend(secret::url_secrets(self.rabbitmq.url.expose()));
         out.extend(self.nats.secret_values());
+        out.extend(secret::url_secrets(self.redis.url.expose()));
         out.extend(
             self.kafka
                 .properties
@@ -309,6 +314,7 @@ impl Settings {
             SinkKind::Rabbitmq => self.rabbitmq.validate(unchecked)?,
             SinkKind::Kafka => self.kafka.validate()?,
             SinkKind::Nats => self.nats.validate(unchecked)?,
+            SinkKind::Redis => self.redis.validate()?,
         }
         self.http_listen()?;
         Ok(())

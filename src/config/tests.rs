@@ -210,3 +210,28 @@ fn toml_from(text: &str) -> Settings {
         .try_deserialize()
         .unwrap()
 }
+
+#[test]
+fn redis_section_parses_and_its_password_is_a_secret() {
+    let toml = r#"
+[sink]
+kind = "redis"
+[redis]
+url = "redis://default:s3cr3t-redis@cache:6379/0"
+mode = "pubsub"
+key = "events.{aggregate_type}"
+"#;
+    let s: Settings = toml_from(toml);
+    s.validate().unwrap();
+    assert_eq!(s.sink.kind.to_string(), "redis");
+    assert_eq!(s.redis.mode, crate::sink::redis::RedisMode::Pubsub);
+    assert!(s.secret_values().contains(&"s3cr3t-redis".to_string()));
+    assert!(!format!("{s:?}").contains("s3cr3t-redis"));
+    let mut bad = s.clone();
+    bad.redis.url = Secret::new("amqp://h");
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("redis.url"));
+}

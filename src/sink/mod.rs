@@ -12,6 +12,7 @@ use crate::model::Message;
 pub mod kafka;
 pub mod nats;
 pub mod rabbitmq;
+pub mod redis;
 mod tap;
 
 pub use tap::Arrival;

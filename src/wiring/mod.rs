@@ -13,6 +13,7 @@ use crate::model::Message;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::rabbitmq::RabbitSink;
+use crate::sink::redis::RedisSink;
 use crate::sink::{Confirm, Sink, SinkError};
 
 /// The configured sink: one of the concrete ones, dispatched here once so the engine
@@ -23,6 +24,7 @@ pub enum AnySink {
     Rabbit(RabbitSink),
     Kafka(KafkaSink),
     Nats(NatsSink),
+    Redis(RedisSink),
 }
 
 /// Build the configured sink (not connected yet).
@@ -32,6 +34,7 @@ pub fn build_sink(settings: &Settings) -> Result<AnySink, SinkError> {
         SinkKind::Rabbitmq => AnySink::Rabbit(RabbitSink::new(&settings.rabbitmq, timeout)?),
         SinkKind::Kafka => AnySink::Kafka(KafkaSink::new(&settings.kafka, timeout)?),
         SinkKind::Nats => AnySink::Nats(NatsSink::new(&settings.nats, timeout)?),
+        SinkKind::Redis => AnySink::Redis(RedisSink::new(&settings.redis, timeout)?),
     })
 }
 
@@ -41,6 +44,7 @@ impl Sink for AnySink {
             AnySink::Rabbit(s) => s.connect().await,
             AnySink::Kafka(s) => s.connect().await,
             AnySink::Nats(s) => s.connect().await,
+            AnySink::Redis(s) => s.connect().await,
         }
     }
 
@@ -49,6 +53,7 @@ impl Sink for AnySink {
             AnySink::Rabbit(s) => s.send(message).await,
             AnySink::Kafka(s) => s.send(message).await,
             AnySink::Nats(s) => s.send(message).await,
+            AnySink::Redis(s) => s.send(message).await,
         }
     }
 
@@ -61,6 +66,7 @@ impl Sink for AnySink {
             AnySink::Rabbit(s) => s.dead_letter(message, error).await,
             AnySink::Kafka(s) => s.dead_letter(message, error).await,
             AnySink::Nats(s) => s.dead_letter(message, error).await,
+            AnySink::Redis(s) => s.dead_letter(message, error).await,
         }
     }
 
@@ -69,6 +75,7 @@ impl Sink for AnySink {
             AnySink::Rabbit(s) => s.is_connected(),
             AnySink::Kafka(s) => s.is_connected(),
             AnySink::Nats(s) => s.is_connected(),
+            AnySink::Redis(s) => s.is_connected(),
         }
     }
 
@@ -77,6 +84,7 @@ impl Sink for AnySink {
             AnySink::Rabbit(s) => s.probe(within),
             AnySink::Kafka(s) => s.probe(within),
             AnySink::Nats(s) => s.probe(within),
+            AnySink::Redis(s) => s.probe(within),
         }
     }
 
@@ -85,6 +93,7 @@ impl Sink for AnySink {
             AnySink::Rabbit(s) => s.confirm_timeout(publish_timeout),
             AnySink::Kafka(s) => s.confirm_timeout(publish_timeout),
             AnySink::Nats(s) => s.confirm_timeout(publish_timeout),
+            AnySink::Redis(s) => s.confirm_timeout(publish_timeout),
         }
     }
 
@@ -93,6 +102,7 @@ impl Sink for AnySink {
             AnySink::Rabbit(s) => s.close().await,
             AnySink::Kafka(s) => s.close().await,
             AnySink::Nats(s) => s.close().await,
+            AnySink::Redis(s) => s.close().await,
         }
     }
 }

@@ -10,7 +10,8 @@
 //! - [`wait`]: the one polling wait with a deadline;
 //! - [`order`]: the one per-aggregate order check of first deliveries;
 //! - [`faults`]: the ledger of an attack, producers, a TCP proxy, service guards;
-//! - [`recording`]: a scriptable in-process sink that records every send.
+//! - [`recording`]: a scriptable in-process sink that records every send;
+//! - [`redis`]: the test Redis, unique keys per test, stream and channel readers.
 //!
 //! Services are the machine's own (see `scripts/services.sh`); tests isolate themselves
 //! by unique names, never by owning a service.
@@ -23,6 +24,7 @@ pub mod nats;
 pub mod order;
 pub mod rabbit;
 pub mod recording;
+pub mod redis;
 pub mod relay_proc;
 pub mod wait;
 
