@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 scripts/services.sh
 if [[ -x scripts/kafka-broker.sh ]]; then scripts/kafka-broker.sh; fi
+if [[ -x scripts/aws-emulator.sh ]]; then scripts/aws-emulator.sh; fi
 
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 export DATABASE_URL="${DATABASE_URL:-$TEST_DATABASE_URL}"

@@ -3,14 +3,16 @@
 //! aggregates — are delivered. One test per broker; each row of the matrix is its own
 //! aggregate. Not disruptive (parallel phase). The NATS part runs against the local
 //! nats-server on a stream of its own (its `max_payload`, 1 MiB by default, is the
-//! size limit). The Kafka half runs against librdkafka's
-//! mock cluster with a small `message.max.bytes` (RabbitMQ's max message size is a
-//! node-wide setting, 128 MiB by default, not changeable per test); the relay binary is
-//! the child process in both.
+//! size limit). The Kafka part runs against librdkafka's mock cluster with a small
+//! `message.max.bytes` (RabbitMQ's max message size is a node-wide setting, 128 MiB by
+//! default, not changeable per test); the SQS part against the AWS emulator (moto,
+//! `scripts/aws-emulator.sh`). The relay binary is the child process in each.
 
 use std::time::Duration;
 
-use outbox_relay_testkit::{db::*, faults::*, hex_id, nats::*, rabbit::*, relay_proc::*, unique};
+use outbox_relay_testkit::{
+    aws::*, db::*, faults::*, hex_id, nats::*, rabbit::*, relay_proc::*, unique,
+};
 
 /// One bad row of the matrix: its aggregate, what to insert, and what `last_error` must say.
 struct Case {
@@ -348,5 +350,73 @@ async fn nats_bad_rows_fail_alone_with_readable_errors() {
     );
     drop(relay);
     stream.delete().await;
+    table.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqs_bad_rows_fail_alone_with_readable_errors() {
+    require_emulator();
+    let queue = TestQueue::new("badin-s", false).await;
+    let missing = queue.missing_sibling();
+    let table = TestTable::new("badin_s").await;
+    let eleven: serde_json::Map<String, serde_json::Value> =
+        (0..7).map(|i| (format!("h{i}"), "v".into())).collect();
+    let mut cases = common_cases(3);
+    cases.extend([
+        Case::new("unknown_queue", &[missing.as_str(), "does not exist"], 3).dest(&missing),
+        Case::new("destination_not_a_queue_url", &["not a queue URL"], 3).dest("orders"),
+        {
+            let mut c = Case::new("payload_over_256_kib", &["256 KiB", "SQS"], 3);
+            c.payload = serde_json::json!({ "blob": "x".repeat(300 * 1024) });
+            c
+        },
+        Case::new(
+            "eleven_attributes",
+            &["11 message attributes", "at most 10"],
+            3,
+        )
+        .headers(serde_json::Value::Object(eleven)),
+        Case::new("reserved_attribute_name", &["\"AWS.trace\"", "reserved"], 3)
+            .headers(serde_json::json!({"AWS.trace": "1"})),
+        Case::new(
+            "attribute_name_with_space",
+            &["\"has space\"", "only letters"],
+            3,
+        )
+        .headers(serde_json::json!({"has space": "1"})),
+        Case::new("empty_attribute_value", &["\"tenant\" is empty"], 3)
+            .headers(serde_json::json!({"tenant": ""})),
+        {
+            let fifo = format!("{}.fifo", queue.url);
+            let mut c =
+                Case::new("group_id_over_128", &["MessageGroupId", "limit is 128"], 3).dest(fifo);
+            c.aggregate_id = "g".repeat(200);
+            c
+        },
+    ]);
+    let loaded = load(&table, &cases, 5).await;
+    let mut env = relay_env(&table.name, "unused");
+    env.extend(sqs_env(&aws_endpoint(), &queue.url));
+    let relay = RelayProc::start(&env);
+    table
+        .wait_no_pending(Duration::from_secs(60), "every row settled")
+        .await;
+    check_cases(&table, &loaded).await;
+    let mut ledger = Ledger::load("bad input matrix (SQS)", &table.pool, &table.name).await;
+    let good = table.count("PROCESSED").await as usize;
+    let got = queue.read(good, Duration::from_secs(30)).await;
+    ledger.delivered(
+        got.iter()
+            .filter_map(|m| m.attribute("event_id").map(str::to_string)),
+    );
+    let t = ledger.settle();
+    assert_eq!(t.failed, cases.len(), "only the bad rows failed");
+    assert_eq!(
+        relay.get("/livez").await.map(|r| r.0),
+        Some(200),
+        "bad input never wedges the relay"
+    );
+    drop(relay);
+    queue.delete().await;
     table.cleanup().await;
 }

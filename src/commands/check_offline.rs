@@ -10,6 +10,7 @@ use std::path::Path;
 use crate::config::{
     secret, Loaded, MissingFiles, OnFailed, SecretFile, Settings, SinkKind, ENV_PREFIX,
 };
+use crate::sink::aws::{SnsSink, SqsSink};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::rabbitmq::RabbitSink;
@@ -37,6 +38,8 @@ fn sink_config(settings: &Settings) -> Result<(), AppError> {
         SinkKind::Kafka => KafkaSink::check_offline(&settings.kafka, timeout)?,
         SinkKind::Nats => drop(NatsSink::new(&settings.nats, timeout)?),
         SinkKind::Redis => drop(RedisSink::new(&settings.redis, timeout)?),
+        SinkKind::Sqs => drop(SqsSink::new(&settings.sqs, timeout)?),
+        SinkKind::Sns => drop(SnsSink::new(&settings.sns, timeout)?),
     }
     Ok(())
 }
@@ -70,6 +73,8 @@ fn summary(settings: &Settings, files: &[SecretFile], file: Option<&Path>) -> Ve
             },
             settings.redis.key
         ),
+        SinkKind::Sqs => format!("queue {}", settings.sqs.queue_url),
+        SinkKind::Sns => format!("topic {}", settings.sns.topic_arn),
     };
     let relay = &settings.relay;
     let on_failed = match relay.on_failed {

@@ -87,6 +87,8 @@ pub async fn run(settings: &Settings, events: u32, force: bool) -> Result<(), Ap
             println!("reading {} {key:?} ({})", r.mode, r.url);
             DemoTap::Redis(tap)
         }
+        SinkKind::Sqs => DemoTap::Aws(crate::sink::aws::tap::DemoTap::sqs(&settings.sqs).await?),
+        SinkKind::Sns => DemoTap::Aws(crate::sink::aws::tap::DemoTap::sns(&settings.sns).await?),
     };
     let relay = spawn_relay(&store, sink, settings, &cancel);
 
@@ -303,6 +305,7 @@ enum DemoTap {
     Kafka(crate::sink::kafka::DemoTap),
     Nats(crate::sink::nats::tap::DemoTap),
     Redis(crate::sink::redis::tap::Tap),
+    Aws(crate::sink::aws::tap::DemoTap),
 }
 
 impl DemoTap {
@@ -313,6 +316,7 @@ impl DemoTap {
             DemoTap::Kafka(t) => t.close().await,
             DemoTap::Nats(t) => t.close().await,
             DemoTap::Redis(t) => drop(t),
+            DemoTap::Aws(t) => t.close().await,
         }
     }
 
@@ -344,6 +348,7 @@ impl DemoTap {
             DemoTap::Kafka(t) => t.next(timeout).await,
             DemoTap::Nats(t) => t.next(timeout).await,
             DemoTap::Redis(t) => t.next(timeout).await.map(|r| r.arrival()),
+            DemoTap::Aws(t) => t.next(timeout).await,
         }
     }
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::sink::aws::{SnsConfig, SqsConfig};
 use crate::sink::kafka::KafkaConfig;
 use crate::sink::nats::NatsConfig;
 use crate::sink::rabbitmq::RabbitmqConfig;
@@ -44,6 +45,8 @@ pub enum SinkKind {
     Kafka,
     Nats,
     Redis,
+    Sqs,
+    Sns,
 }
 
 impl fmt::Display for SinkKind {
@@ -53,6 +56,8 @@ impl fmt::Display for SinkKind {
             SinkKind::Kafka => "kafka",
             SinkKind::Nats => "nats",
             SinkKind::Redis => "redis",
+            SinkKind::Sqs => "sqs",
+            SinkKind::Sns => "sns",
         })
     }
 }
@@ -155,12 +160,14 @@ pub struct Settings {
     pub kafka: KafkaConfig,
     pub nats: NatsConfig,
     pub redis: RedisConfig,
+    pub sqs: SqsConfig,
+    pub sns: SnsConfig,
     pub http: HttpConfig,
 }
 
 /// The sections of `Settings`.
-const SECTIONS: [&str; 8] = [
-    "database", "relay", "sink", "rabbitmq", "kafka", "nats", "redis", "http",
+const SECTIONS: [&str; 10] = [
+    "database", "relay", "sink", "rabbitmq", "kafka", "nats", "redis", "sqs", "sns", "http",
 ];
 
 /// Prefix of the environment variables that override the file: `OUTBOX_RELAY__<SECTION>__<KEY>`.
@@ -315,6 +322,8 @@ impl Settings {
             SinkKind::Kafka => self.kafka.validate()?,
             SinkKind::Nats => self.nats.validate(unchecked)?,
             SinkKind::Redis => self.redis.validate()?,
+            SinkKind::Sqs => self.sqs.validate()?,
+            SinkKind::Sns => self.sns.validate()?,
         }
         self.http_listen()?;
         Ok(())

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::model::Message;
 
+pub mod aws;
 pub mod kafka;
 pub mod nats;
 pub mod rabbitmq;

@@ -10,6 +10,7 @@ pub use error::AppError;
 
 use crate::config::{Settings, SinkKind};
 use crate::model::Message;
+use crate::sink::aws::{SnsSink, SqsSink};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::rabbitmq::RabbitSink;
@@ -25,6 +26,8 @@ pub enum AnySink {
     Kafka(KafkaSink),
     Nats(NatsSink),
     Redis(RedisSink),
+    Sqs(SqsSink),
+    Sns(SnsSink),
 }
 
 /// Build the configured sink (not connected yet).
@@ -35,6 +38,8 @@ pub fn build_sink(settings: &Settings) -> Result<AnySink, SinkError> {
         SinkKind::Kafka => AnySink::Kafka(KafkaSink::new(&settings.kafka, timeout)?),
         SinkKind::Nats => AnySink::Nats(NatsSink::new(&settings.nats, timeout)?),
         SinkKind::Redis => AnySink::Redis(RedisSink::new(&settings.redis, timeout)?),
+        SinkKind::Sqs => AnySink::Sqs(SqsSink::new(&settings.sqs, timeout)?),
+        SinkKind::Sns => AnySink::Sns(SnsSink::new(&settings.sns, timeout)?),
     })
 }
 
@@ -45,6 +50,8 @@ impl Sink for AnySink {
             AnySink::Kafka(s) => s.connect().await,
             AnySink::Nats(s) => s.connect().await,
             AnySink::Redis(s) => s.connect().await,
+            AnySink::Sqs(s) => s.connect().await,
+            AnySink::Sns(s) => s.connect().await,
         }
     }
 
@@ -54,6 +61,8 @@ impl Sink for AnySink {
             AnySink::Kafka(s) => s.send(message).await,
             AnySink::Nats(s) => s.send(message).await,
             AnySink::Redis(s) => s.send(message).await,
+            AnySink::Sqs(s) => s.send(message).await,
+            AnySink::Sns(s) => s.send(message).await,
         }
     }
 
@@ -67,6 +76,8 @@ impl Sink for AnySink {
             AnySink::Kafka(s) => s.dead_letter(message, error).await,
             AnySink::Nats(s) => s.dead_letter(message, error).await,
             AnySink::Redis(s) => s.dead_letter(message, error).await,
+            AnySink::Sqs(s) => s.dead_letter(message, error).await,
+            AnySink::Sns(s) => s.dead_letter(message, error).await,
         }
     }
 
@@ -76,6 +87,8 @@ impl Sink for AnySink {
             AnySink::Kafka(s) => s.is_connected(),
             AnySink::Nats(s) => s.is_connected(),
             AnySink::Redis(s) => s.is_connected(),
+            AnySink::Sqs(s) => s.is_connected(),
+            AnySink::Sns(s) => s.is_connected(),
         }
     }
 
@@ -85,6 +98,8 @@ impl Sink for AnySink {
             AnySink::Kafka(s) => s.probe(within),
             AnySink::Nats(s) => s.probe(within),
             AnySink::Redis(s) => s.probe(within),
+            AnySink::Sqs(s) => s.probe(within),
+            AnySink::Sns(s) => s.probe(within),
         }
     }
 
@@ -94,6 +109,8 @@ impl Sink for AnySink {
             AnySink::Kafka(s) => s.confirm_timeout(publish_timeout),
             AnySink::Nats(s) => s.confirm_timeout(publish_timeout),
             AnySink::Redis(s) => s.confirm_timeout(publish_timeout),
+            AnySink::Sqs(s) => s.confirm_timeout(publish_timeout),
+            AnySink::Sns(s) => s.confirm_timeout(publish_timeout),
         }
     }
 
@@ -103,6 +120,8 @@ impl Sink for AnySink {
             AnySink::Kafka(s) => s.close().await,
             AnySink::Nats(s) => s.close().await,
             AnySink::Redis(s) => s.close().await,
+            AnySink::Sqs(s) => s.close().await,
+            AnySink::Sns(s) => s.close().await,
         }
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`db`]: a unique migrated outbox table per test (`TestTable`) and its rows;
 //! - [`rabbit`]: a unique exchange and queue per test (`TestBroker`), consumed messages;
+//! - [`aws`]: the AWS emulator (moto): unique queues and topics, reading them back;
 //! - [`kafka`]: the Kafka reader, a background collector, topics, a private tansu broker;
 //! - [`nats`]: NATS JetStream: a unique stream per test, its messages, the server's stop/start;
 //! - [`relay_proc`]: the relay binary as a child process (`RelayProc`) and its env;
@@ -16,6 +17,7 @@
 //! Services are the machine's own (see `scripts/services.sh`); tests isolate themselves
 //! by unique names, never by owning a service.
 
+pub mod aws;
 pub mod db;
 pub mod faults;
 pub mod inproc;

@@ -1,0 +1,86 @@
+//! The AWS side unavailable in the middle of a run: a TCP proxy between the relay (the
+//! binary, `sink.kind = sqs`, a FIFO queue) and the emulator first freezes (requests
+//! time out), then drops every connection while frozen, then thaws. moto keeps its state
+//! in memory, so it is never restarted: the proxy is the outage. Nothing is lost, no row
+//! spends an attempt, `outbox_relay_broker_up` drops to 0 and comes back, and each
+//! aggregate's first deliveries stay in order. Serial phase (`faults_*`), though it
+//! disturbs only its own proxy.
+
+use std::time::Duration;
+
+use outbox_relay_testkit::{aws::*, db::*, faults::*, relay_proc::*, wait::*};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn emulator_unreachable_mid_run_loses_nothing_and_spends_no_attempts() {
+    require_emulator();
+    let upstream = aws_endpoint()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let proxy = Proxy::start(&upstream).await;
+    let via_proxy = format!("http://127.0.0.1:{}", proxy.port);
+    let queue = TestQueue::new("faws", true).await;
+    let table = TestTable::new("faws").await;
+    let mut env = relay_env(&table.name, "unused");
+    env.extend(sqs_env(&via_proxy, &queue.url));
+    let relay = RelayProc::start(&env);
+    let producer = Producer::start(&table.pool, &table.name, 30, 3, Duration::from_millis(5));
+    wait_for(Duration::from_secs(60), "relaying under way", || async {
+        (table.count("PROCESSED").await > 200).then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(10), "broker_up = 1", || async {
+        (relay.metric("outbox_relay_broker_up").await == Some(1.0)).then_some(())
+    })
+    .await;
+
+    proxy.freeze();
+    wait_for(
+        Duration::from_secs(60),
+        "broker_up = 0 while the proxy is frozen",
+        || async { (relay.metric("outbox_relay_broker_up").await == Some(0.0)).then_some(()) },
+    )
+    .await;
+    let stuck = table.count("PROCESSED").await;
+    assert_eq!(
+        relay.get("/livez").await.map(|r| r.0),
+        Some(200),
+        "alive while waiting for the service"
+    );
+    proxy.drop_all();
+    assert_eq!(
+        table.max_attempts_seen().await,
+        0,
+        "an outage spends no attempts"
+    );
+    proxy.thaw();
+
+    let (committed, errors) = producer.stop().await;
+    assert_eq!(errors, 0);
+    table
+        .wait_status("PROCESSED", committed as i64, Duration::from_secs(120))
+        .await;
+    wait_for(Duration::from_secs(30), "broker_up = 1 again", || async {
+        (relay.metric("outbox_relay_broker_up").await == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(table.max_attempts_seen().await, 0, "no row's attempts grew");
+    let got = queue
+        .read(committed as usize, Duration::from_secs(60))
+        .await;
+    let db = table.rows().await;
+    let mut ledger = Ledger::load("SQS unreachable mid-run", &table.pool, &table.name).await;
+    ledger.delivered(
+        got.iter()
+            .filter_map(|m| m.attribute("event_id").map(str::to_string)),
+    );
+    let t = ledger.settle();
+    assert_eq!(t.failed, 0);
+    let dups = assert_fifo_order(&db, &got);
+    println!(
+        "SQS outage at {stuck} processed: {committed} committed, all delivered, {dups} duplicates"
+    );
+    drop(relay);
+    queue.delete().await;
+    table.cleanup().await;
+}
