@@ -2,7 +2,7 @@
 //! validated once at start. Every error names the offending key; secrets never print.
 //!
 //! Secrets can come from files (the Kubernetes Secret-volume convention): `database.url_file`
-//! `rabbitmq.url_file` and `nats.url_file` replace their URL, and any `kafka.properties."<name>_file"`
+//! `rabbitmq.url_file`, `nats.url_file` and `redis.url_file` replace their URL, and any `kafka.properties."<name>_file"`
 //! entry (e.g. `"sasl.password_file"`) sets property `<name>` to the file's content.
 
 mod defaults;
@@ -321,7 +321,7 @@ impl Settings {
             SinkKind::Rabbitmq => self.rabbitmq.validate(unchecked)?,
             SinkKind::Kafka => self.kafka.validate()?,
             SinkKind::Nats => self.nats.validate(unchecked)?,
-            SinkKind::Redis => self.redis.validate()?,
+            SinkKind::Redis => self.redis.validate(unchecked)?,
             SinkKind::Sqs => self.sqs.validate()?,
             SinkKind::Sns => self.sns.validate()?,
         }

@@ -2,6 +2,7 @@
 //! validation (run by `Settings` when `sink.kind = "redis"`).
 
 use std::fmt;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
@@ -33,6 +34,9 @@ pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]` or `rediss://` (TLS).
     #[serde(default = "default_url")]
     pub url: Secret,
+    /// File holding the URL (Kubernetes Secret volume); wins over `url`.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
     #[serde(default = "default_mode")]
     pub mode: RedisMode,
     /// Stream key (mode `stream`) or channel (mode `pubsub`) of rows without a
@@ -65,8 +69,17 @@ fn default_key() -> String {
 }
 
 impl RedisConfig {
-    /// Check every value of the section, naming the key of the first bad one.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Check every value of the section, naming the key of the first bad one. A key in
+    /// `unchecked` (`redis.url`, when its `url_file` is not there: `check --offline`) is
+    /// not checked.
+    pub fn validate(&self, unchecked: &[&str]) -> Result<(), ConfigError> {
+        if !unchecked.contains(&"redis.url") {
+            self.validate_url()?;
+        }
+        self.validate_rest()
+    }
+
+    fn validate_url(&self) -> Result<(), ConfigError> {
         check_url(
             "redis.url",
             &self.url,
@@ -82,6 +95,10 @@ impl RedisConfig {
                 ),
             )
         })?;
+        Ok(())
+    }
+
+    fn validate_rest(&self) -> Result<(), ConfigError> {
         check_template("redis.key", &self.key)?;
         if let Some(dl) = &self.dead_letter_key {
             check_template("redis.dead_letter_key", dl)?;
@@ -126,6 +143,7 @@ mod tests {
     fn cfg() -> RedisConfig {
         RedisConfig {
             url: default_url(),
+            url_file: None,
             mode: RedisMode::Stream,
             key: default_key(),
             dead_letter_key: None,
@@ -134,17 +152,17 @@ mod tests {
     }
 
     fn err_of(c: &RedisConfig) -> String {
-        c.validate().unwrap_err().to_string()
+        c.validate(&[]).unwrap_err().to_string()
     }
 
     #[test]
     fn defaults_are_valid() {
-        cfg().validate().unwrap();
+        cfg().validate(&[]).unwrap();
         let mut c = cfg();
         c.url = Secret::new("rediss://user:pw@cache.example:6380/2");
         c.dead_letter_key = Some("outbox.dead.{aggregate_type}".into());
         c.max_len = Some(100_000);
-        c.validate().unwrap();
+        c.validate(&[]).unwrap();
     }
 
     #[test]
