@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Make sure the local services the tests use are up: PostgreSQL on 127.0.0.1:5432 and
-# RabbitMQ on 127.0.0.1:5672, NATS (JetStream) on 127.0.0.1:4222 (started the way this
-# machine kind starts them), and the
-# build prerequisites for rdkafka's bundled librdkafka. Idempotent.
+# Make sure the local services the tests use are up: PostgreSQL on 127.0.0.1:5432,
+# RabbitMQ on 127.0.0.1:5672 and NATS with JetStream on 127.0.0.1:4222 (started the way
+# this machine kind starts them), and the build prerequisites for rdkafka's bundled
+# librdkafka. Idempotent.
 set -euo pipefail
 
 wait_port() { # host port name seconds

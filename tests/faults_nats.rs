@@ -11,7 +11,6 @@ use outbox_relay_testkit::{db::*, nats::*, relay_proc::*, wait::*};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_stopped_mid_run_loses_nothing_and_spends_no_attempts() {
-    const BROKER_UP: &str = "outbox_relay_broker_up";
     let stream = TestStream::new("fnstop").await;
     let table = TestTable::new("fnstop").await;
     let relay = RelayProc::start(&nats_env(&table.name, &stream.template(), &[]));
@@ -26,19 +25,11 @@ async fn nats_stopped_mid_run_loses_nothing_and_spends_no_attempts() {
         (table.count("PROCESSED").await > 300).then_some(())
     })
     .await;
-    wait_for(Duration::from_secs(10), "broker_up = 1", || async {
-        (relay.metric(BROKER_UP).await == Some(1.0)).then_some(())
-    })
-    .await;
+    wait_broker_up(&relay, true, Duration::from_secs(10)).await;
 
     let guard = NatsStartOnDrop;
     stop_nats();
-    wait_for(
-        Duration::from_secs(30),
-        "broker_up = 0 while nats-server is stopped",
-        || async { (relay.metric(BROKER_UP).await == Some(0.0)).then_some(()) },
-    )
-    .await;
+    wait_broker_up(&relay, false, Duration::from_secs(30)).await;
     let stuck = table.count("PROCESSED").await;
     assert_eq!(
         relay.get("/readyz").await.map(|r| r.0),
@@ -50,21 +41,16 @@ async fn nats_stopped_mid_run_loses_nothing_and_spends_no_attempts() {
         Some(200),
         "alive while waiting for the broker"
     );
-    assert_eq!(
-        table.max_attempts_seen().await,
-        0,
-        "an outage spends no attempts"
-    );
+    table
+        .assert_no_attempts("an outage spends no attempts")
+        .await;
     drop(guard); // starts nats-server again and waits for its port
 
     producer.await.unwrap();
     table
         .wait_status("PROCESSED", 6_000, Duration::from_secs(180))
         .await;
-    wait_for(Duration::from_secs(30), "broker_up = 1 again", || async {
-        (relay.metric(BROKER_UP).await == Some(1.0)).then_some(())
-    })
-    .await;
+    wait_broker_up(&relay, true, Duration::from_secs(30)).await;
     assert_eq!(
         table
             .count_where("attempts <> 0 OR last_error IS NOT NULL")
@@ -93,29 +79,15 @@ async fn nats_stopped_mid_run_loses_nothing_and_spends_no_attempts() {
 /// the probe alone and is 1 again after the restart; a row written then is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_stopped_while_idle_shows_in_broker_up() {
-    const BROKER_UP: &str = "outbox_relay_broker_up";
     let stream = TestStream::new("fnidle").await;
     let table = TestTable::new("fnidle").await;
     let relay = RelayProc::start(&nats_env(&table.name, &stream.template(), &[]));
-    wait_for(
-        Duration::from_secs(20),
-        "broker_up = 1 at start",
-        || async { (relay.metric(BROKER_UP).await == Some(1.0)).then_some(()) },
-    )
-    .await;
+    wait_broker_up(&relay, true, Duration::from_secs(20)).await;
     let guard = NatsStartOnDrop;
     stop_nats();
-    wait_for(
-        Duration::from_secs(20),
-        "broker_up = 0 on an idle relay",
-        || async { (relay.metric(BROKER_UP).await == Some(0.0)).then_some(()) },
-    )
-    .await;
+    wait_broker_up(&relay, false, Duration::from_secs(20)).await;
     drop(guard);
-    wait_for(Duration::from_secs(30), "broker_up = 1 again", || async {
-        (relay.metric(BROKER_UP).await == Some(1.0)).then_some(())
-    })
-    .await;
+    wait_broker_up(&relay, true, Duration::from_secs(30)).await;
     table
         .insert("after", "order.created", None, serde_json::json!({}))
         .await;
