@@ -118,6 +118,43 @@ async fn subject_no_stream_captures_fails_its_row_only() {
     table.drop_all().await;
 }
 
+/// With `nats.dead_letter_subject` set, a row that ends FAILED is also published there,
+/// with the SPEC headers, `last_error` and `original_subject`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_row_is_dead_lettered() {
+    let stream = TestStream::new("ntdl").await;
+    let table = TestTable::new("ntdl").await;
+    let nowhere = format!("nt_nowhere_{}.events", hex_id());
+    table
+        .insert_rows(&[Row::new("ok", 0), Row::new("typo", 0).to(&nowhere)])
+        .await;
+    let mut cfg = nats_config(&stream.template());
+    cfg.dead_letter_subject = Some(format!("{}.dead", stream.name));
+    let sink = NatsSink::new(&cfg, Duration::from_secs(10)).unwrap();
+    let relay = Running::start(table.store(), sink, relay_config("10s"));
+    wait_until(Duration::from_secs(60), "1 PROCESSED, 1 FAILED", || async {
+        table.count_where("status = 'PROCESSED'").await == 1
+            && table.count_where("status = 'FAILED'").await == 1
+    })
+    .await;
+    stream.wait_count(2, Duration::from_secs(10)).await;
+    relay.stop(Duration::from_secs(30)).await;
+    let db = table.rows().await;
+    let got = stream.messages().await;
+    let dead = got
+        .iter()
+        .find(|m| m.subject == format!("{}.dead", stream.name))
+        .expect("dead-lettered message");
+    assert_eq!(dead.header("event_id"), Some(db[1].event_id.as_str()));
+    assert_eq!(dead.header("original_subject"), Some(nowhere.as_str()));
+    assert!(dead
+        .header("last_error")
+        .is_some_and(|e| e.contains("no JetStream stream captures subject")));
+    assert_eq!(dead.payload, db[1].payload);
+    stream.delete().await;
+    table.drop_all().await;
+}
+
 /// The relay process SIGKILLed 6 times at random points (start-up, claim, publish, ack,
 /// mark) while producers keep committing, restarted each time, then one run drains
 /// everything: the stream holds every event exactly once, per aggregate in `id` order.
