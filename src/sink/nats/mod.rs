@@ -11,6 +11,9 @@
 //!   while JetStream not answering (down, restarting, recovering) is `Unavailable`;
 //! - a message the server could not take whole (over its `max_payload`, a bad subject or
 //!   header) is rejected before it is sent: the server would close the connection;
+//! - an ack not back within `relay.publish_timeout` is the engine's stall verdict (the
+//!   client's own ack timeout is a little longer): the engine closes the sink, so
+//!   nothing more goes out through a connection that stopped answering;
 //! - the client gives up after one failed reconnect, dropping what it still buffered;
 //!   the engine then reconnects with a new client. A copy still buffered by an old
 //!   client can only reach the stream with the same `Nats-Msg-Id`, which JetStream drops
@@ -44,8 +47,9 @@ const CAPTURED_TTL: Duration = Duration::from_secs(30);
 const CAPTURED_MAX: usize = 10_000;
 /// Publish acks outstanding at once (above the engine's largest window).
 const MAX_ACKS: usize = 100_000;
-/// Slack past the ack timeout before the engine stops waiting for a confirm.
-const CONFIRM_GRACE: Duration = Duration::from_secs(2);
+/// Slack of the client's own ack timeout past the engine's: a stalled connection is
+/// the engine's verdict (it closes the sink, so nothing is re-sent through it).
+const ACK_GRACE: Duration = Duration::from_secs(2);
 /// How often the client pings an idle connection (two unanswered pings break it).
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -112,8 +116,8 @@ impl NatsSink {
             )));
         }
         let js = jetstream::ContextBuilder::new()
-            .timeout(self.timeout)
-            .ack_timeout(self.timeout)
+            .timeout(self.timeout + ACK_GRACE)
+            .ack_timeout(self.timeout + ACK_GRACE)
             .max_ack_inflight(MAX_ACKS)
             .build(client.clone());
         self.client = Some(client);
@@ -178,7 +182,7 @@ impl NatsSink {
             )));
         }
         self.check_captured(&js, &subject).await?;
-        let timeout = self.timeout;
+        let timeout = self.timeout + ACK_GRACE;
         let ack = js
             .publish_with_headers(subject.clone(), h, body.to_string().into())
             .await
@@ -258,11 +262,6 @@ impl Sink for NatsSink {
                 ))),
             }
         })
-    }
-
-    fn confirm_timeout(&self, publish_timeout: Duration) -> Duration {
-        // The ack future times out by itself after `publish_timeout`: wait for its verdict.
-        publish_timeout.max(self.timeout) + CONFIRM_GRACE
     }
 
     async fn close(&mut self) {
