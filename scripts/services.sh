@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Make sure the local services the tests use are up: PostgreSQL on 127.0.0.1:5432 and
-# RabbitMQ on 127.0.0.1:5672 (started the way this machine kind starts them), and the
-# build prerequisites for rdkafka's bundled librdkafka. Idempotent.
+# Make sure the local services the tests use are up: PostgreSQL on 127.0.0.1:5432,
+# RabbitMQ on 127.0.0.1:5672 and NATS with JetStream on 127.0.0.1:4222 (started the way
+# this machine kind starts them), and the build prerequisites for rdkafka's bundled
+# librdkafka. Idempotent.
 set -euo pipefail
 
 wait_port() { # host port name seconds
@@ -29,6 +30,19 @@ wait_port 127.0.0.1 5672 RabbitMQ 120
 rabbitmqctl -q start_app >/dev/null 2>&1 || true
 rabbitmqctl -q set_vm_memory_high_watermark 0.4 >/dev/null 2>&1 || true
 rabbitmqctl -q await_startup >/dev/null 2>&1 || true
+
+# NATS with JetStream on 127.0.0.1:4222 (the nats sink's tests; Debian's nats-server).
+if ! (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+  if [[ ! -x /usr/sbin/nats-server ]]; then
+    echo "services: installing nats-server"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server
+  fi
+  echo "services: starting nats-server"
+  mkdir -p /var/lib/nats-server
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+fi
+wait_port 127.0.0.1 4222 nats-server 30
 
 # rdkafka builds librdkafka from source: it needs a C toolchain, make, pkg-config, zlib
 # and OpenSSL headers.

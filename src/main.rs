@@ -26,7 +26,7 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "outbox-relay",
     version,
-    about = "Transactional outbox relay: Postgres → RabbitMQ / Kafka / Amazon SQS / SNS"
+    about = "Transactional outbox relay: Postgres → RabbitMQ / Kafka / NATS JetStream / Redis / Amazon SQS / SNS"
 )]
 struct Cli {
     /// TOML config file (env vars OUTBOX_RELAY__SECTION__KEY override it).

@@ -1,15 +1,18 @@
 //! The bad-input matrix (SPEC §3.7): every row that cannot be published fails on its own,
 //! with a `last_error` a person can read, while good rows around it — same batch, other
 //! aggregates — are delivered. One test per broker; each row of the matrix is its own
-//! aggregate. Not disruptive (parallel phase). The Kafka half runs against librdkafka's
-//! mock cluster with a small `message.max.bytes` (RabbitMQ's max message size is a
-//! node-wide setting, 128 MiB by default, not changeable per test); the SQS half against
-//! the AWS emulator (moto, `scripts/aws-emulator.sh`); the relay binary is the child
-//! process in each.
+//! aggregate. Not disruptive (parallel phase). The NATS part runs against the local
+//! nats-server on a stream of its own (its `max_payload`, 1 MiB by default, is the
+//! size limit). The Kafka part runs against librdkafka's mock cluster with a small
+//! `message.max.bytes` (RabbitMQ's max message size is a node-wide setting, 128 MiB by
+//! default, not changeable per test); the SQS part against the AWS emulator (moto,
+//! `scripts/aws-emulator.sh`). The relay binary is the child process in each.
 
 use std::time::Duration;
 
-use outbox_relay_testkit::{aws::*, db::*, faults::*, rabbit::*, relay_proc::*, unique};
+use outbox_relay_testkit::{
+    aws::*, db::*, faults::*, hex_id, nats::*, rabbit::*, relay_proc::*, unique,
+};
 
 /// One bad row of the matrix: its aggregate, what to insert, and what `last_error` must say.
 struct Case {
@@ -67,6 +70,18 @@ async fn insert(table: &str, pool: &sqlx::PgPool, c: &Case) -> i64 {
     .unwrap_or_else(|e| panic!("insert case {}: {e}", c.name))
 }
 
+/// `n` good rows over 7 aggregates, numbered on from `*g`.
+async fn insert_good(table: &TestTable, g: &mut usize, n: usize) {
+    for _ in 0..n {
+        let aggregate = format!("good-{}", *g % 7);
+        let payload = serde_json::json!({"k": "v"});
+        table
+            .insert(&aggregate, "order.created", None, payload)
+            .await;
+        *g += 1;
+    }
+}
+
 /// Insert good rows and the cases interleaved; returns (case, id) pairs.
 async fn load<'c>(
     table: &TestTable,
@@ -76,30 +91,10 @@ async fn load<'c>(
     let mut out = Vec::new();
     let mut g = 0;
     for c in cases {
-        for _ in 0..good_per_gap {
-            table
-                .insert(
-                    &format!("good-{}", g % 7),
-                    "order.created",
-                    None,
-                    serde_json::json!({"k": "v"}),
-                )
-                .await;
-            g += 1;
-        }
+        insert_good(table, &mut g, good_per_gap).await;
         out.push((c, insert(&table.name, &table.pool, c).await));
     }
-    for _ in 0..good_per_gap {
-        table
-            .insert(
-                &format!("good-{}", g % 7),
-                "order.created",
-                None,
-                serde_json::json!({}),
-            )
-            .await;
-        g += 1;
-    }
+    insert_good(table, &mut g, good_per_gap).await;
     out
 }
 
@@ -292,6 +287,69 @@ async fn kafka_bad_rows_fail_alone_with_readable_errors() {
     .await;
     assert_eq!(t.failed, cases.len(), "only the bad rows failed");
     drop(relay);
+    table.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_bad_rows_fail_alone_with_readable_errors() {
+    let stream = TestStream::new("badin_n").await;
+    let table = TestTable::new("badin_n").await;
+    let nowhere = format!("badin_nowhere_{}.events", hex_id());
+    let inside = |rest: &str| format!("{}.{rest}", stream.name);
+    let mut cases = common_cases(3);
+    cases.extend([
+        Case::new(
+            "subject_no_stream_captures",
+            &["no JetStream stream captures subject", nowhere.as_str()],
+            3,
+        )
+        .dest(&nowhere),
+        Case::new("subject_wildcard_star", &["wildcard", "'*'"], 3).dest(inside("orders.*")),
+        Case::new("subject_wildcard_gt", &["wildcard", "'>'"], 3).dest(inside("orders.>")),
+        Case::new("subject_space", &["whitespace"], 3).dest(inside("orders events")),
+        Case::new("subject_empty_token", &["empty token"], 3).dest(inside("orders..v1")),
+        Case::new("subject_4000_bytes", &["4000 bytes", "max_control_line"], 3)
+            .dest(inside(&"s".repeat(4000 - stream.name.len() - 1))),
+        {
+            let mut c = Case::new("event_type_with_space", &["whitespace"], 3);
+            c.event_type = "order created".into();
+            c
+        },
+        {
+            let mut c = Case::new("payload_over_max_payload", &["max_payload", "1048576"], 3);
+            c.payload = serde_json::json!({ "blob": "x".repeat(1_100_000) });
+            c
+        },
+        Case::new("header_nats_rollup", &["Nats-Rollup", "reserved"], 3)
+            .headers(serde_json::json!({"Nats-Rollup": "all"})),
+        Case::new("header_name_space", &["not a valid NATS header name"], 3)
+            .headers(serde_json::json!({"trace parent": "1"})),
+        Case::new("header_value_newline", &["line break"], 3)
+            .headers(serde_json::json!({"traceparent": "1\r\nInjected: yes"})),
+    ]);
+    let loaded = load(&table, &cases, 5).await;
+    let relay = RelayProc::start(&nats_env(&table.name, &stream.template(), &[]));
+    table
+        .wait_no_pending(Duration::from_secs(60), "every row settled")
+        .await;
+    check_cases(&table, &loaded).await;
+    let mut ledger = Ledger::load("bad input matrix (NATS)", &table.pool, &table.name).await;
+    ledger.delivered(
+        stream
+            .messages()
+            .await
+            .iter()
+            .filter_map(|m| m.header("event_id").map(str::to_string)),
+    );
+    let t = ledger.settle();
+    assert_eq!(t.failed, cases.len(), "only the bad rows failed");
+    assert_eq!(
+        relay.get("/livez").await.map(|r| r.0),
+        Some(200),
+        "bad input never wedges the relay"
+    );
+    drop(relay);
+    stream.delete().await;
     table.cleanup().await;
 }
 

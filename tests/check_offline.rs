@@ -207,6 +207,11 @@ fn bad_cases(dir: &Dir) -> Vec<Bad> {
         key,
         at_load,
     };
+    let nats = |k: &'static str, v: &str, key: &'static str| Bad {
+        edits: vec![("sink", "kind", "\"nats\"".into()), ("nats", k, v.into())],
+        key,
+        at_load: true,
+    };
     vec![
         at_load("relay", "batch_size", "0", "relay.batch_size"),
         at_load("relay", "batch_sise", "5", "batch_sise"),
@@ -251,6 +256,19 @@ fn bad_cases(dir: &Dir) -> Vec<Bad> {
             "kafka.properties.no.such.property",
             false,
         ),
+        nats(
+            "url",
+            "\"amqp://relay:nats-Pw-1@nats.example:4222\"",
+            "nats.url",
+        ),
+        nats("subject", "\"outbox.*.{event_type}\"", "nats.subject"),
+        nats("subject", "\"outbox..{event_type}\"", "nats.subject"),
+        nats(
+            "dead_letter_subject",
+            "\"dead letters\"",
+            "nats.dead_letter_subject",
+        ),
+        nats("ca_file", "\"/nonexistent/ca.pem\"", "nats.ca_file"),
         aws("sqs", &[], "sqs.queue_url"),
         aws("sqs", &[("queue_url", "\"orders\"")], "sqs.queue_url"),
         aws(

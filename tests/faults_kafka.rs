@@ -29,7 +29,7 @@ async fn processed_ids(table: &TestTable) -> Vec<String> {
 /// re-created the way an operator would. Every row must be delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tansu_killed_with_requests_outstanding_loses_nothing() {
-    let mut tansu = Tansu::start(free_port());
+    let mut tansu = Tansu::start();
     let brokers = tansu.brokers();
     let topic = unique("fkafka-restart").replace('_', "-");
     kafka_create_topic(&brokers, &topic, 4, Duration::from_secs(30)).await;
@@ -79,13 +79,7 @@ async fn tansu_killed_with_requests_outstanding_loses_nothing() {
     tansu.kill();
     relay.signal("CONT");
     let t0 = Instant::now();
-    wait_metric(
-        &relay,
-        "outbox_relay_broker_up",
-        Duration::from_secs(60),
-        |v| v == 0.0,
-    )
-    .await;
+    wait_broker_up(&relay, false, Duration::from_secs(60)).await;
     assert_eq!(relay.get("/livez").await.map(|r| r.0), Some(200));
     let attempts_during_outage = table.max_attempts_seen().await;
     tansu.restart();
@@ -93,13 +87,7 @@ async fn tansu_killed_with_requests_outstanding_loses_nothing() {
     let outage = t0.elapsed();
     let collector = KafkaCollector::start(&brokers, &topic);
 
-    wait_metric(
-        &relay,
-        "outbox_relay_broker_up",
-        Duration::from_secs(60),
-        |v| v == 1.0,
-    )
-    .await;
+    wait_broker_up(&relay, true, Duration::from_secs(60)).await;
     table
         .wait_progress(100, Duration::from_secs(60), "progress after the restart")
         .await;
@@ -204,28 +192,16 @@ async fn kafka_request_errors_and_timeouts_lose_nothing() {
             "progress through the error burst",
         )
         .await;
-    assert_eq!(
-        table.max_attempts_seen().await,
-        0,
-        "retriable errors spend no attempt"
-    );
+    table
+        .assert_no_attempts("retriable errors spend no attempt")
+        .await;
 
     // 2. A broker slower than message.timeout.ms (2s): requests time out.
     cluster
         .broker_round_trip_time(1, Duration::from_secs(4))
         .unwrap();
-    wait_metric(
-        &relay,
-        "outbox_relay_broker_up",
-        Duration::from_secs(60),
-        |v| v == 0.0,
-    )
-    .await;
-    assert_eq!(
-        table.max_attempts_seen().await,
-        0,
-        "timeouts spend no attempt"
-    );
+    wait_broker_up(&relay, false, Duration::from_secs(60)).await;
+    table.assert_no_attempts("timeouts spend no attempt").await;
     cluster
         .broker_round_trip_time(1, Duration::from_millis(0))
         .unwrap();
@@ -241,7 +217,7 @@ async fn kafka_request_errors_and_timeouts_lose_nothing() {
     table
         .wait_no_pending(Duration::from_secs(90), "every committed row settled")
         .await;
-    assert_eq!(table.max_attempts_seen().await, 0, "no attempt spent");
+    table.assert_no_attempts("no attempt spent").await;
     let t = tally_kafka(
         "Kafka (mock) retriable Produce errors x20 + RTT 4s > message.timeout.ms",
         &table,

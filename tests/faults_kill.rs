@@ -52,20 +52,12 @@ async fn twenty_sigkills_at_random_points_lose_nothing() {
     );
 
     let relay = RelayProc::start(&env);
-    let (commits, _) = producer.stop().await;
-    let t = settle_and_tally(
-        "relay SIGKILL x20 at random points",
-        &table,
-        &broker,
-        Duration::from_secs(2),
-    )
-    .await;
-    assert_eq!(t.failed, 0);
+    let attack = "relay SIGKILL x20 at random points";
+    let quiet = Duration::from_secs(2);
+    let Outcome { tally, commits, .. } =
+        conclude(attack, relay, producer, table, broker, quiet).await;
     println!(
         "duplicates caused by 20 SIGKILLs: {} (producers committed {commits} + 2000 up front)",
-        t.duplicates
+        tally.duplicates
     );
-    drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
 }

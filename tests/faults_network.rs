@@ -15,9 +15,8 @@ fn proxied_amqp_url(port: u16) -> String {
         .replace("localhost:5672", &format!("127.0.0.1:{port}"))
 }
 
-async fn finish(attack: &str, table: &TestTable, broker: &TestBroker) -> Tally {
-    settle_and_tally(attack, table, broker, Duration::from_secs(3)).await
-}
+/// How long the queue must stay quiet before the ledger is read.
+const QUIET: Duration = Duration::from_secs(3);
 
 /// Freeze or cut the relay's path to RabbitMQ `rounds` times while rows keep coming.
 async fn proxy_attack(prefix: &str, attack: &str, cut: bool) {
@@ -46,19 +45,9 @@ async fn proxy_attack(prefix: &str, attack: &str, cut: bool) {
         } else {
             proxy.freeze();
             // The relay notices the stall only through publish_timeout (2s).
-            wait_metric(
-                &relay,
-                "outbox_relay_broker_up",
-                Duration::from_secs(30),
-                |v| v == 0.0,
-            )
-            .await;
+            wait_broker_up(&relay, false, Duration::from_secs(30)).await;
             assert_eq!(relay.get("/livez").await.map(|r| r.0), Some(200));
-            assert_eq!(
-                table.max_attempts_seen().await,
-                0,
-                "a stall spends no attempt"
-            );
+            table.assert_no_attempts("a stall spends no attempt").await;
             proxy.thaw();
         }
         let before = table.count("PROCESSED").await;
@@ -70,16 +59,11 @@ async fn proxy_attack(prefix: &str, attack: &str, cut: bool) {
         .await;
         println!("{attack} round {round}: recovered in {:?}", t0.elapsed());
     }
-    let (commits, _) = producer.stop().await;
-    let t = finish(attack, &table, &broker).await;
-    assert_eq!(t.failed, 0);
+    let Outcome { commits, .. } = conclude(attack, relay, producer, table, broker, QUIET).await;
     println!(
         "{attack}: producers committed {commits} (+3000 up front); proxy saw {} connections",
         proxy.connections.load(std::sync::atomic::Ordering::SeqCst)
     );
-    drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -121,13 +105,7 @@ async fn memory_alarm_blocks_then_releases_without_loss_or_attempts() {
     let guard = WatermarkOnDrop;
     rabbitmqctl(&["-q", "set_vm_memory_high_watermark", "0"]);
     // Publishing connections are blocked: confirms stop, the relay times out.
-    wait_metric(
-        &relay,
-        "outbox_relay_broker_up",
-        Duration::from_secs(30),
-        |v| v == 0.0,
-    )
-    .await;
+    wait_broker_up(&relay, false, Duration::from_secs(30)).await;
     let stuck = table.count("PROCESSED").await;
     // Stay blocked across a few publish timeouts and reconnects.
     let blocked_until = Instant::now() + Duration::from_secs(6);
@@ -136,34 +114,17 @@ async fn memory_alarm_blocks_then_releases_without_loss_or_attempts() {
     })
     .await;
     let moved = table.count("PROCESSED").await - stuck;
-    assert_eq!(
-        table.max_attempts_seen().await,
-        0,
-        "a blocked broker spends no attempt"
-    );
+    table
+        .assert_no_attempts("a blocked broker spends no attempt")
+        .await;
     assert_eq!(relay.get("/livez").await.map(|r| r.0), Some(200));
     rabbitmqctl(&["-q", "set_vm_memory_high_watermark", "0.4"]);
     drop(guard);
 
-    wait_metric(
-        &relay,
-        "outbox_relay_broker_up",
-        Duration::from_secs(60),
-        |v| v == 1.0,
-    )
-    .await;
-    let (commits, _) = producer.stop().await;
-    let t = finish(
-        "RabbitMQ memory alarm (watermark 0) for 6s",
-        &table,
-        &broker,
-    )
-    .await;
-    assert_eq!(t.failed, 0);
+    wait_broker_up(&relay, true, Duration::from_secs(60)).await;
+    let attack = "RabbitMQ memory alarm (watermark 0) for 6s";
+    let Outcome { commits, .. } = conclude(attack, relay, producer, table, broker, QUIET).await;
     println!("alarm at {stuck} processed ({moved} marked while blocked); producers committed {commits} (+3000)");
-    drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -187,34 +148,17 @@ async fn rabbitmq_stopped_with_confirms_outstanding_loses_nothing() {
         let guard = StartAppOnDrop;
         rabbitmqctl(&["-q", "stop_app"]);
         let stuck = table.count("PROCESSED").await;
-        wait_metric(
-            &relay,
-            "outbox_relay_broker_up",
-            Duration::from_secs(30),
-            |v| v == 0.0,
-        )
-        .await;
-        assert_eq!(
-            table.max_attempts_seen().await,
-            0,
-            "an outage spends no attempt"
-        );
+        wait_broker_up(&relay, false, Duration::from_secs(30)).await;
+        table
+            .assert_no_attempts("an outage spends no attempt")
+            .await;
         rabbitmqctl(&["-q", "start_app"]);
         rabbitmqctl(&["-q", "await_startup"]);
         drop(guard);
         println!("round {round}: RabbitMQ stopped at {stuck} processed");
         broker.reconnect().await;
     }
-    let (commits, _) = producer.stop().await;
-    let t = finish(
-        "RabbitMQ stop_app x2 with confirms outstanding",
-        &table,
-        &broker,
-    )
-    .await;
-    assert_eq!(t.failed, 0);
+    let attack = "RabbitMQ stop_app x2 with confirms outstanding";
+    let Outcome { commits, .. } = conclude(attack, relay, producer, table, broker, QUIET).await;
     println!("producers committed {commits} (+6000 up front)");
-    drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
 }

@@ -47,19 +47,12 @@ async fn backends_terminated_mid_batch_lose_nothing() {
     .await;
     assert_eq!(relay.get("/livez").await.map(|r| r.0), Some(200));
 
-    let (commits, retries) = producer.stop().await;
-    let t = settle_and_tally(
-        "pg_terminate_backend x12 mid-batch",
-        &table,
-        &broker,
-        Duration::from_secs(2),
-    )
-    .await;
-    assert_eq!(t.failed, 0);
+    let attack = "pg_terminate_backend x12 mid-batch";
+    let quiet = Duration::from_secs(2);
+    let Outcome {
+        commits, retries, ..
+    } = conclude(attack, relay, producer, table, broker, quiet).await;
     println!("terminated {killed} relay backends; producers committed {commits} (+4000 up front), {retries} producer retries");
-    drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -114,21 +107,14 @@ async fn postgres_restarted_mid_run_loses_nothing() {
     table
         .wait_progress(0, Duration::from_secs(60), "progress after the restart")
         .await;
-    let (commits, retries) = producer.stop().await;
-    let t = settle_and_tally(
-        "Postgres stop/start mid-run",
-        &table,
-        &broker,
-        Duration::from_secs(2),
-    )
-    .await;
-    assert_eq!(t.failed, 0);
+    let attack = "Postgres stop/start mid-run";
+    let quiet = Duration::from_secs(2);
+    let Outcome {
+        commits, retries, ..
+    } = conclude(attack, relay, producer, table, broker, quiet).await;
     println!(
         "Postgres down for {outage:?}; producers committed {commits} (+4000 up front), {retries} producer retries"
     );
-    drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
 }
 
 /// Wait until the relay reached the database and its loop holds leases: past start-up,

@@ -75,6 +75,24 @@ async fn blocked(prefix: &str, missing: &str) -> Blocked {
     }
 }
 
+/// A table, a broker, the name of an exchange that does not exist, and the env of a
+/// relay whose retries wait an hour (so a rejected row stays in backoff for the whole
+/// test), with the `relay.<key>` settings of `extra` on top.
+async fn hour_backoff(
+    prefix: &str,
+    extra: &[(&str, &str)],
+) -> (TestTable, TestBroker, String, Vec<(String, String)>) {
+    let table = TestTable::new(prefix).await;
+    let broker = TestBroker::new(prefix).await;
+    let missing = unique(&format!("{prefix}_exchange"));
+    let mut env = relay_env(&table.name, &broker.exchange);
+    let hour = [("BACKOFF_INITIAL", "1h"), ("BACKOFF_MAX", "1h")];
+    for (key, value) in hour.iter().chain(extra) {
+        env.push((format!("OUTBOX_RELAY__RELAY__{key}"), value.to_string()));
+    }
+    (table, broker, missing, env)
+}
+
 fn ids_of(got: &[Got], index: &std::collections::HashMap<String, (i64, String)>) -> Vec<i64> {
     got.iter().map(|g| index[&g.message_id].0).collect()
 }
@@ -196,15 +214,9 @@ async fn discard_releases_the_chain_and_keeps_the_row_for_audit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn skip_mode_lets_later_rows_flow_at_once() {
-    let table = TestTable::new("qskip").await;
-    let broker = TestBroker::new("qskip").await;
-    let missing = unique("skip_exchange");
+    let extra = [("ON_FAILED", "skip"), ("MAX_ATTEMPTS", "1")];
+    let (table, broker, missing, env) = hour_backoff("qskip", &extra).await;
     let (first, _chain, _free) = scenario(&table, &missing).await;
-    let mut env = relay_env(&table.name, &broker.exchange);
-    env.push(("OUTBOX_RELAY__RELAY__ON_FAILED".into(), "skip".into()));
-    env.push(("OUTBOX_RELAY__RELAY__BACKOFF_INITIAL".into(), "1h".into()));
-    env.push(("OUTBOX_RELAY__RELAY__BACKOFF_MAX".into(), "1h".into()));
-    env.push(("OUTBOX_RELAY__RELAY__MAX_ATTEMPTS".into(), "1".into()));
     let relay = RelayProc::start(&env);
     table
         .wait_status("PROCESSED", 8, Duration::from_secs(30))
@@ -217,13 +229,8 @@ async fn skip_mode_lets_later_rows_flow_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn row_in_backoff_holds_back_its_own_aggregate_only() {
-    let table = TestTable::new("qback").await;
-    let broker = TestBroker::new("qback").await;
-    let missing = unique("backoff_exchange");
+    let (table, broker, missing, env) = hour_backoff("qback", &[]).await;
     let (first, chain, free) = scenario(&table, &missing).await;
-    let mut env = relay_env(&table.name, &broker.exchange);
-    env.push(("OUTBOX_RELAY__RELAY__BACKOFF_INITIAL".into(), "1h".into()));
-    env.push(("OUTBOX_RELAY__RELAY__BACKOFF_MAX".into(), "1h".into()));
     let relay = RelayProc::start(&env);
     table
         .wait_status("PROCESSED", free.len() as i64, Duration::from_secs(30))

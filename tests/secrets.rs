@@ -5,12 +5,15 @@
 //! nor do Kafka SASL secrets (one read from a `*_file`) with librdkafka's `debug=all`;
 //! healthy one-shot commands print no ERROR or WARN line and a failing one prints its
 //! error once, as a plain line; a `kafka.properties.partitioner` override exits 2 naming
-//! the key. Not disruptive (parallel phase): the user and the role are the test's own.
+//! the key; a NATS password or token in `nats.url` never prints either. Not disruptive
+//! (parallel phase): the user and the role are the test's own.
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use outbox_relay_testkit::{db::*, faults::*, pg_url, rabbit::*, relay_proc::*, unique, wait::*};
+use outbox_relay_testkit::{
+    db::*, faults::*, nats::*, pg_url, rabbit::*, relay_proc::*, unique, wait::*,
+};
 
 /// A password nobody else uses, safe in a URL as it is.
 fn unique_password(prefix: &str) -> String {
@@ -281,6 +284,66 @@ async fn kafka_secrets_never_print_at_trace() {
         &format!("{out}{err}"),
         &[&sasl_password, &key_password],
     );
+    table.cleanup().await;
+}
+
+/// `nats.url` with `user:password@`, then with a lone `token@` (the local server has no
+/// auth and ignores both): neither prints from `run` (rows relayed) or `check` at
+/// `RUST_LOG=trace`, nor from a `check` that cannot reach the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_credentials_never_print_at_trace() {
+    let stream = TestStream::new("secrets_n").await;
+    let table = TestTable::new("secrets_n").await;
+    let password = unique_password("NatsPw");
+    let token = unique_password("NatsToken");
+    let secrets = [password.as_str(), token.as_str()];
+    let host = nats_url()
+        .split_once("://")
+        .map(|(_, h)| h.to_string())
+        .unwrap();
+    for (n, url) in [
+        format!("nats://relay:{password}@{host}"),
+        format!("nats://{token}@{host}"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut env = nats_env(&table.name, &stream.template(), &[]);
+        set(&mut env, "OUTBOX_RELAY__NATS__URL", url.clone());
+        set(&mut env, "RUST_LOG", "trace");
+        for i in 0..3 {
+            table
+                .insert(
+                    &format!("sec-{n}-{i}"),
+                    "order.created",
+                    None,
+                    serde_json::json!({}),
+                )
+                .await;
+        }
+        let want = 3 * (n as i64 + 1);
+        let (code, printed) = run_daemon_until(&env, || async {
+            (table.count("PROCESSED").await == want).then_some(())
+        })
+        .await;
+        assert_eq!(code, Some(0), "clean exit on SIGTERM: {printed}");
+        assert!(printed.contains("\"level\":\"TRACE\""), "logged at trace");
+        assert_clean("nats run at RUST_LOG=trace", &printed, &secrets);
+        let (code, out, err) = run_cmd(&env, &["check"]).await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert_clean("nats check at trace", &format!("{out}{err}"), &secrets);
+        let mut down = env.clone();
+        set(
+            &mut down,
+            "OUTBOX_RELAY__NATS__URL",
+            url.replace(&host, "127.0.0.1:1"),
+        );
+        let (code, out, err) = run_cmd(&down, &["check"]).await;
+        assert_eq!(code, 2, "{out}{err}");
+        assert_clean("nats check, server down", &format!("{out}{err}"), &secrets);
+    }
+    assert_eq!(stream.count().await, 6);
+    stream.delete().await;
     table.cleanup().await;
 }
 

@@ -12,7 +12,9 @@ use crate::config::{
 };
 use crate::sink::aws::{SnsSink, SqsSink};
 use crate::sink::kafka::KafkaSink;
+use crate::sink::nats::NatsSink;
 use crate::sink::rabbitmq::RabbitSink;
+use crate::sink::redis::RedisSink;
 use crate::wiring::AppError;
 
 /// `outbox-relay [--config FILE] check --offline`.
@@ -34,6 +36,8 @@ fn sink_config(settings: &Settings) -> Result<(), AppError> {
     match settings.sink.kind {
         SinkKind::Rabbitmq => drop(RabbitSink::new(&settings.rabbitmq, timeout)?),
         SinkKind::Kafka => KafkaSink::check_offline(&settings.kafka, timeout)?,
+        SinkKind::Nats => drop(NatsSink::new(&settings.nats, timeout)?),
+        SinkKind::Redis => drop(RedisSink::new(&settings.redis, timeout)?),
         SinkKind::Sqs => drop(SqsSink::new(&settings.sqs, timeout)?),
         SinkKind::Sns => drop(SnsSink::new(&settings.sns, timeout)?),
     }
@@ -60,6 +64,15 @@ fn summary(settings: &Settings, files: &[SecretFile], file: Option<&Path>) -> Ve
     let target = match settings.sink.kind {
         SinkKind::Rabbitmq => format!("exchange {}", settings.rabbitmq.exchange),
         SinkKind::Kafka => format!("topic {}", settings.kafka.topic),
+        SinkKind::Nats => format!("subject {}", settings.nats.subject),
+        SinkKind::Redis => format!(
+            "{} {}",
+            match settings.redis.mode {
+                crate::sink::redis::RedisMode::Stream => "stream key",
+                crate::sink::redis::RedisMode::Pubsub => "channel",
+            },
+            settings.redis.key
+        ),
         SinkKind::Sqs => format!("queue {}", settings.sqs.queue_url),
         SinkKind::Sns => format!("topic {}", settings.sns.topic_arn),
     };
@@ -82,6 +95,12 @@ fn summary(settings: &Settings, files: &[SecretFile], file: Option<&Path>) -> Ve
     let mut inline = vec!["database.url"];
     if settings.sink.kind == SinkKind::Rabbitmq {
         inline.push("rabbitmq.url");
+    }
+    if settings.sink.kind == SinkKind::Nats {
+        inline.push("nats.url");
+    }
+    if settings.sink.kind == SinkKind::Redis {
+        inline.push("redis.url");
     }
     for key in inline {
         if !files.iter().any(|f| f.supplies == key) {

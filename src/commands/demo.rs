@@ -65,6 +65,28 @@ pub async fn run(settings: &Settings, events: u32, force: bool) -> Result<(), Ap
             DemoTap::Rabbit(tap)
         }
         SinkKind::Kafka => DemoTap::Kafka(crate::sink::kafka::tap_for_demo(&settings.kafka).await?),
+        SinkKind::Nats => {
+            let subjects: Vec<String> = STEPS
+                .iter()
+                .map(|step| {
+                    crate::sink::nats::wire::subject_from_template(
+                        &settings.nats.subject,
+                        "order",
+                        step,
+                    )
+                })
+                .collect();
+            let tap = crate::sink::nats::tap::tap_for_demo(&settings.nats, &subjects).await?;
+            println!("reading back from JetStream: {}", subjects.join(", "));
+            DemoTap::Nats(tap)
+        }
+        SinkKind::Redis => {
+            let r = &settings.redis;
+            let key = crate::sink::redis::wire::key_from_template(&r.key, "order");
+            let tap = crate::sink::redis::tap::Tap::open(&r.url, r.mode, &key).await?;
+            println!("reading {} {key:?} ({})", r.mode, r.url);
+            DemoTap::Redis(tap)
+        }
         SinkKind::Sqs => DemoTap::Aws(crate::sink::aws::tap::DemoTap::sqs(&settings.sqs).await?),
         SinkKind::Sns => DemoTap::Aws(crate::sink::aws::tap::DemoTap::sns(&settings.sns).await?),
     };
@@ -281,6 +303,8 @@ async fn produce(
 enum DemoTap {
     Rabbit(crate::sink::rabbitmq::tap::Tap),
     Kafka(crate::sink::kafka::DemoTap),
+    Nats(crate::sink::nats::tap::DemoTap),
+    Redis(crate::sink::redis::tap::Tap),
     Aws(crate::sink::aws::tap::DemoTap),
 }
 
@@ -290,6 +314,8 @@ impl DemoTap {
         match self {
             DemoTap::Rabbit(t) => t.close().await,
             DemoTap::Kafka(t) => t.close().await,
+            DemoTap::Nats(t) => t.close().await,
+            DemoTap::Redis(t) => drop(t),
             DemoTap::Aws(t) => t.close().await,
         }
     }
@@ -320,6 +346,8 @@ impl DemoTap {
                 })
             }
             DemoTap::Kafka(t) => t.next(timeout).await,
+            DemoTap::Nats(t) => t.next(timeout).await,
+            DemoTap::Redis(t) => t.next(timeout).await.map(|r| r.arrival()),
             DemoTap::Aws(t) => t.next(timeout).await,
         }
     }

@@ -1,6 +1,6 @@
 //! Secrets read from files (`*_file` settings, the Kubernetes Secret-volume convention):
-//! `database.url_file`, `rabbitmq.url_file` and `kafka.properties."<name>_file"`. Every
-//! command needs them readable; `check --offline` lists a file that is not there as
+//! `database.url_file`, `rabbitmq.url_file`, `nats.url_file`, `redis.url_file` and
+//! `kafka.properties."<name>_file"`. Every command needs them readable; `check --offline` lists a file that is not there as
 //! unchecked instead (the Secret volume exists only in the pod), and the value it would
 //! have supplied goes unvalidated.
 
@@ -47,6 +47,14 @@ impl Settings {
         let mq = &self.rabbitmq.url_file;
         if let Some(url) = url_file(mq, "rabbitmq.url_file", "rabbitmq.url", missing, &mut out)? {
             self.rabbitmq.url = url;
+        }
+        let nats = &self.nats.url_file;
+        if let Some(url) = url_file(nats, "nats.url_file", "nats.url", missing, &mut out)? {
+            self.nats.url = url;
+        }
+        let redis = &self.redis.url_file;
+        if let Some(url) = url_file(redis, "redis.url_file", "redis.url", missing, &mut out)? {
+            self.redis.url = url;
         }
         let from_files: Vec<(String, String)> = self
             .kafka

@@ -2,7 +2,7 @@
 //! validated once at start. Every error names the offending key; secrets never print.
 //!
 //! Secrets can come from files (the Kubernetes Secret-volume convention): `database.url_file`
-//! and `rabbitmq.url_file` replace their URL, and any `kafka.properties."<name>_file"`
+//! `rabbitmq.url_file`, `nats.url_file` and `redis.url_file` replace their URL, and any `kafka.properties."<name>_file"`
 //! entry (e.g. `"sasl.password_file"`) sets property `<name>` to the file's content.
 
 mod defaults;
@@ -19,7 +19,9 @@ use serde::Deserialize;
 
 use crate::sink::aws::{SnsConfig, SqsConfig};
 use crate::sink::kafka::KafkaConfig;
+use crate::sink::nats::NatsConfig;
 use crate::sink::rabbitmq::RabbitmqConfig;
+use crate::sink::redis::RedisConfig;
 use crate::table::TableName;
 use defaults::*;
 pub use error::ConfigError;
@@ -41,6 +43,8 @@ pub enum OnFailed {
 pub enum SinkKind {
     Rabbitmq,
     Kafka,
+    Nats,
+    Redis,
     Sqs,
     Sns,
 }
@@ -50,6 +54,8 @@ impl fmt::Display for SinkKind {
         f.write_str(match self {
             SinkKind::Rabbitmq => "rabbitmq",
             SinkKind::Kafka => "kafka",
+            SinkKind::Nats => "nats",
+            SinkKind::Redis => "redis",
             SinkKind::Sqs => "sqs",
             SinkKind::Sns => "sns",
         })
@@ -152,14 +158,16 @@ pub struct Settings {
     pub sink: SinkConfig,
     pub rabbitmq: RabbitmqConfig,
     pub kafka: KafkaConfig,
+    pub nats: NatsConfig,
+    pub redis: RedisConfig,
     pub sqs: SqsConfig,
     pub sns: SnsConfig,
     pub http: HttpConfig,
 }
 
 /// The sections of `Settings`.
-const SECTIONS: [&str; 8] = [
-    "database", "relay", "sink", "rabbitmq", "kafka", "sqs", "sns", "http",
+const SECTIONS: [&str; 10] = [
+    "database", "relay", "sink", "rabbitmq", "kafka", "nats", "redis", "sqs", "sns", "http",
 ];
 
 /// Prefix of the environment variables that override the file: `OUTBOX_RELAY__<SECTION>__<KEY>`.
@@ -232,6 +240,8 @@ impl Settings {
     pub fn secret_values(&self) -> Vec<String> {
         let mut out = secret::url_secrets(self.database.url.expose());
         out.extend(secret::url_secrets(self.rabbitmq.url.expose()));
+        out.extend(self.nats.secret_values());
+        out.extend(secret::url_secrets(self.redis.url.expose()));
         out.extend(
             self.kafka
                 .properties
@@ -310,6 +320,8 @@ impl Settings {
         match self.sink.kind {
             SinkKind::Rabbitmq => self.rabbitmq.validate(unchecked)?,
             SinkKind::Kafka => self.kafka.validate()?,
+            SinkKind::Nats => self.nats.validate(unchecked)?,
+            SinkKind::Redis => self.redis.validate(unchecked)?,
             SinkKind::Sqs => self.sqs.validate()?,
             SinkKind::Sns => self.sns.validate()?,
         }

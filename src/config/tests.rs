@@ -210,3 +210,48 @@ fn toml_from(text: &str) -> Settings {
         .try_deserialize()
         .unwrap()
 }
+
+#[test]
+fn redis_section_parses_and_its_password_is_a_secret() {
+    let toml = r#"
+[sink]
+kind = "redis"
+[redis]
+url = "redis://default:s3cr3t-redis@cache:6379/0"
+mode = "pubsub"
+key = "events.{aggregate_type}"
+"#;
+    let s: Settings = toml_from(toml);
+    s.validate().unwrap();
+    assert_eq!(s.sink.kind.to_string(), "redis");
+    assert_eq!(s.redis.mode, crate::sink::redis::RedisMode::Pubsub);
+    assert!(s.secret_values().contains(&"s3cr3t-redis".to_string()));
+    assert!(!format!("{s:?}").contains("s3cr3t-redis"));
+    let mut bad = s.clone();
+    bad.redis.url = Secret::new("amqp://h");
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("redis.url"));
+}
+
+#[test]
+fn redis_and_nats_urls_come_from_their_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = dir.path().join("redis-url");
+    let nats = dir.path().join("nats-url");
+    std::fs::write(&redis, "rediss://:s3cret@redis.example:6380\n").unwrap();
+    std::fs::write(&nats, "tls://relay:n4ts@nats.example:4222\n").unwrap();
+    let mut s = empty_table();
+    s.redis.url_file = Some(redis);
+    s.nats.url_file = Some(nats);
+    let files = s.resolve_files(MissingFiles::Fail).unwrap();
+    let supplied: Vec<&str> = files.iter().map(|f| f.supplies.as_str()).collect();
+    assert_eq!(supplied, ["nats.url", "redis.url"]);
+    assert_eq!(s.redis.url.expose(), "rediss://:s3cret@redis.example:6380");
+    assert_eq!(s.nats.url.expose(), "tls://relay:n4ts@nats.example:4222");
+    assert!(!format!("{:?}", s.redis).contains("s3cret"));
+    s.sink.kind = SinkKind::Redis;
+    s.validate().unwrap();
+}

@@ -1,5 +1,5 @@
 //! The seam between the relay engine and a broker. The engine sees only the `Sink` trait,
-//! `Confirm` and `SinkError`; lapin and rdkafka types stay inside their own submodule,
+//! `Confirm` and `SinkError`; lapin, rdkafka and async-nats types stay inside their own submodule,
 //! and each broker's submodule owns its config section (`<broker>::config`: keys,
 //! defaults, validation).
 
@@ -11,7 +11,9 @@ use crate::model::Message;
 
 pub mod aws;
 pub mod kafka;
+pub mod nats;
 pub mod rabbitmq;
+pub mod redis;
 mod tap;
 
 pub use tap::Arrival;

@@ -12,7 +12,9 @@ use crate::config::{Settings, SinkKind};
 use crate::model::Message;
 use crate::sink::aws::{SnsSink, SqsSink};
 use crate::sink::kafka::KafkaSink;
+use crate::sink::nats::NatsSink;
 use crate::sink::rabbitmq::RabbitSink;
+use crate::sink::redis::RedisSink;
 use crate::sink::{Confirm, Sink, SinkError};
 
 /// The configured sink: one of the concrete ones, dispatched here once so the engine
@@ -22,6 +24,8 @@ use crate::sink::{Confirm, Sink, SinkError};
 pub enum AnySink {
     Rabbit(RabbitSink),
     Kafka(KafkaSink),
+    Nats(NatsSink),
+    Redis(RedisSink),
     Sqs(SqsSink),
     Sns(SnsSink),
 }
@@ -32,6 +36,8 @@ pub fn build_sink(settings: &Settings) -> Result<AnySink, SinkError> {
     Ok(match settings.sink.kind {
         SinkKind::Rabbitmq => AnySink::Rabbit(RabbitSink::new(&settings.rabbitmq, timeout)?),
         SinkKind::Kafka => AnySink::Kafka(KafkaSink::new(&settings.kafka, timeout)?),
+        SinkKind::Nats => AnySink::Nats(NatsSink::new(&settings.nats, timeout)?),
+        SinkKind::Redis => AnySink::Redis(RedisSink::new(&settings.redis, timeout)?),
         SinkKind::Sqs => AnySink::Sqs(SqsSink::new(&settings.sqs, timeout)?),
         SinkKind::Sns => AnySink::Sns(SnsSink::new(&settings.sns, timeout)?),
     })
@@ -42,6 +48,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.connect().await,
             AnySink::Kafka(s) => s.connect().await,
+            AnySink::Nats(s) => s.connect().await,
+            AnySink::Redis(s) => s.connect().await,
             AnySink::Sqs(s) => s.connect().await,
             AnySink::Sns(s) => s.connect().await,
         }
@@ -51,6 +59,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.send(message).await,
             AnySink::Kafka(s) => s.send(message).await,
+            AnySink::Nats(s) => s.send(message).await,
+            AnySink::Redis(s) => s.send(message).await,
             AnySink::Sqs(s) => s.send(message).await,
             AnySink::Sns(s) => s.send(message).await,
         }
@@ -64,6 +74,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.dead_letter(message, error).await,
             AnySink::Kafka(s) => s.dead_letter(message, error).await,
+            AnySink::Nats(s) => s.dead_letter(message, error).await,
+            AnySink::Redis(s) => s.dead_letter(message, error).await,
             AnySink::Sqs(s) => s.dead_letter(message, error).await,
             AnySink::Sns(s) => s.dead_letter(message, error).await,
         }
@@ -73,6 +85,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.is_connected(),
             AnySink::Kafka(s) => s.is_connected(),
+            AnySink::Nats(s) => s.is_connected(),
+            AnySink::Redis(s) => s.is_connected(),
             AnySink::Sqs(s) => s.is_connected(),
             AnySink::Sns(s) => s.is_connected(),
         }
@@ -82,6 +96,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.probe(within),
             AnySink::Kafka(s) => s.probe(within),
+            AnySink::Nats(s) => s.probe(within),
+            AnySink::Redis(s) => s.probe(within),
             AnySink::Sqs(s) => s.probe(within),
             AnySink::Sns(s) => s.probe(within),
         }
@@ -91,6 +107,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.confirm_timeout(publish_timeout),
             AnySink::Kafka(s) => s.confirm_timeout(publish_timeout),
+            AnySink::Nats(s) => s.confirm_timeout(publish_timeout),
+            AnySink::Redis(s) => s.confirm_timeout(publish_timeout),
             AnySink::Sqs(s) => s.confirm_timeout(publish_timeout),
             AnySink::Sns(s) => s.confirm_timeout(publish_timeout),
         }
@@ -100,6 +118,8 @@ impl Sink for AnySink {
         match self {
             AnySink::Rabbit(s) => s.close().await,
             AnySink::Kafka(s) => s.close().await,
+            AnySink::Nats(s) => s.close().await,
+            AnySink::Redis(s) => s.close().await,
             AnySink::Sqs(s) => s.close().await,
             AnySink::Sns(s) => s.close().await,
         }

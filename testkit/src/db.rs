@@ -203,6 +203,12 @@ impl TestTable {
         .expect("row")
     }
 
+    /// No row has spent an attempt (an outage, a stall or a timeout is not the row's
+    /// fault); `why` says which.
+    pub async fn assert_no_attempts(&self, why: &str) {
+        assert_eq!(self.max_attempts_seen().await, 0, "{why}");
+    }
+
     pub async fn max_attempts_seen(&self) -> i32 {
         sqlx::query_scalar(&format!(
             "SELECT coalesce(max(attempts), 0) FROM \"{}\"",

@@ -5,12 +5,14 @@
 //! - [`rabbit`]: a unique exchange and queue per test (`TestBroker`), consumed messages;
 //! - [`aws`]: the AWS emulator (moto): unique queues and topics, reading them back;
 //! - [`kafka`]: the Kafka reader, a background collector, topics, a private tansu broker;
+//! - [`nats`]: NATS JetStream: a unique stream per test, its messages, the server's stop/start;
 //! - [`relay_proc`]: the relay binary as a child process (`RelayProc`) and its env;
 //! - [`inproc`]: the relay loop in a task (`Running`) and a counting sink wrapper;
 //! - [`wait`]: the one polling wait with a deadline;
 //! - [`order`]: the one per-aggregate order check of first deliveries;
 //! - [`faults`]: the ledger of an attack, producers, a TCP proxy, service guards;
-//! - [`recording`]: a scriptable in-process sink that records every send.
+//! - [`recording`]: a scriptable in-process sink that records every send;
+//! - [`redis`]: the test Redis, unique keys per test, stream and channel readers.
 //!
 //! Services are the machine's own (see `scripts/services.sh`); tests isolate themselves
 //! by unique names, never by owning a service.
@@ -20,9 +22,11 @@ pub mod db;
 pub mod faults;
 pub mod inproc;
 pub mod kafka;
+pub mod nats;
 pub mod order;
 pub mod rabbit;
 pub mod recording;
+pub mod redis;
 pub mod relay_proc;
 pub mod wait;
 

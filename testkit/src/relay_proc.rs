@@ -19,16 +19,6 @@ pub struct RelayProc {
     pub log: PathBuf,
 }
 
-/// A port free now, for a server that must be told its port before it starts (tansu).
-/// The relay is never given one: it binds port 0 and logs the port it got.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The `outbox-relay` binary the tests run. `env!("CARGO_BIN_EXE_outbox-relay")` exists
 /// only inside the product's own test targets, so a library finds it at run time:
 /// `OUTBOX_RELAY_BIN` if set, else `NEXTEST_BIN_EXE_outbox-relay` (set by nextest), else
@@ -230,4 +220,11 @@ pub async fn wait_metric(
         relay.metric(name).await.filter(|v| pred(*v)).map(|_| ())
     })
     .await
+}
+
+/// Wait until the relay reports its broker up (`true`) or down (`false`) in
+/// `outbox_relay_broker_up`.
+pub async fn wait_broker_up(relay: &RelayProc, up: bool, within: Duration) {
+    let want = if up { 1.0 } else { 0.0 };
+    wait_metric(relay, "outbox_relay_broker_up", within, |v| v == want).await
 }

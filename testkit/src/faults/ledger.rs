@@ -7,9 +7,11 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use crate::db::TestTable;
+use crate::faults::Producer;
 use crate::kafka::kafka_drain;
 use crate::order::{self, Delivery};
 use crate::rabbit::{drain_queue, TestBroker};
+use crate::relay_proc::RelayProc;
 use crate::wait::wait_for;
 
 /// One committed row as the ledger sees it.
@@ -184,6 +186,39 @@ pub async fn settle_and_tally(
     let mut ledger = Ledger::load(attack, &table.pool, &table.name).await;
     ledger.delivered(drain_queue(&broker.queue, quiet, Duration::from_secs(60)).await);
     ledger.settle()
+}
+
+/// What an attack under load ended with: the settled ledger and the producers' counts.
+pub struct Outcome {
+    pub tally: Tally,
+    /// Transactions the producers committed while the attack ran.
+    pub commits: u64,
+    /// Transactions the producers had to retry (their database was away).
+    pub retries: u64,
+}
+
+/// The end of a RabbitMQ attack with producers running: stop the producers, settle and
+/// tally as `settle_and_tally`, require that no row ended `FAILED`, then stop the relay and
+/// remove the test's table and queue.
+pub async fn conclude(
+    attack: &str,
+    relay: RelayProc,
+    producer: Producer,
+    table: TestTable,
+    broker: TestBroker,
+    quiet: Duration,
+) -> Outcome {
+    let (commits, retries) = producer.stop().await;
+    let tally = settle_and_tally(attack, &table, &broker, quiet).await;
+    assert_eq!(tally.failed, 0, "[{attack}] no row FAILED");
+    drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+    Outcome {
+        tally,
+        commits,
+        retries,
+    }
 }
 
 /// The end of a Kafka attack: the ledger of `table` against `topic` on `brokers`, read

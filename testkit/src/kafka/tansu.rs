@@ -10,18 +10,34 @@ pub struct Tansu {
     child: Option<std::process::Child>,
 }
 
+/// Ports tried for a private broker: below Linux's ephemeral range (32768–60999), so
+/// the kernel never hands one out to an outgoing connection meanwhile.
+const PORTS: std::ops::Range<u16> = 20_000..30_000;
+
 impl Tansu {
-    pub fn start(port: u16) -> Tansu {
-        let mut t = Tansu { port, child: None };
-        t.spawn();
-        t
+    /// Start a broker on a port nothing listens on. No port is bound and released
+    /// beforehand (that races with parallel tests): a random port is tried, and if tansu
+    /// cannot take it (it exits), another.
+    pub fn start() -> Tansu {
+        for _ in 0..20 {
+            let port = rand::Rng::gen_range(&mut rand::thread_rng(), PORTS);
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                continue; // somebody listens there
+            }
+            let mut t = Tansu { port, child: None };
+            if t.spawn() {
+                return t;
+            }
+        }
+        panic!("tansu could not listen on any of 20 random ports in {PORTS:?}");
     }
 
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn spawn(&mut self) {
+    /// Start tansu on `self.port`; `false` if it exited (the port was taken).
+    fn spawn(&mut self) -> bool {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let log = std::fs::File::create(format!("/tmp/tansu-fault-{}.log", self.port)).unwrap();
         let child = std::process::Command::new("tansu")
@@ -41,7 +57,16 @@ impl Tansu {
             .expect("tansu on PATH (scripts/kafka-broker.sh installs it)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().unwrap().is_some() {
+                    self.child = None;
+                    return false;
+                }
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
             assert!(
                 Instant::now() < deadline,
                 "tansu did not listen on {}",
@@ -59,9 +84,14 @@ impl Tansu {
         }
     }
 
+    /// Kill and start again on the same port (the relay under test is configured with it).
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        assert!(
+            self.spawn(),
+            "tansu could not listen again on {}",
+            self.port
+        );
     }
 }
 

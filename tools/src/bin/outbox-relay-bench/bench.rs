@@ -11,7 +11,7 @@ use crate::cli::{has, Args, Phase};
 use crate::figures::{Figures, Kind, SinkFigures};
 use crate::procs::RelayChild;
 use crate::report::int;
-use crate::{kafka, pg, rabbit};
+use crate::{kafka, nats, pg, rabbit, redis, sqs};
 
 pub struct Bench {
     pub args: Args,
@@ -21,10 +21,53 @@ pub struct Bench {
     pub tables: std::sync::Mutex<Vec<pg::BenchTable>>,
     pub rabbit: Option<rabbit::Rabbit>,
     pub kafka: Option<kafka::Kafka>,
+    pub nats: Option<nats::Nats>,
+    pub redis: Option<redis::Redis>,
+    pub sqs: Option<sqs::Sqs>,
     pub payload: String,
 }
 
 impl Bench {
+    /// Set up the side of `kind` (its exchange, stream, queue, client); the reason it
+    /// cannot be benchmarked otherwise.
+    pub async fn connect(&mut self, kind: Kind) -> std::result::Result<(), String> {
+        let a = &self.args;
+        let why = |e: anyhow::Error| format!("{e:#}");
+        match kind {
+            Kind::Rabbit => {
+                let r = rabbit::Rabbit::setup(&a.amqp_url, &self.prefix).await;
+                self.rabbit = Some(r.map_err(why)?);
+            }
+            Kind::Kafka => {
+                crate::kafka_ready(&a.kafka_brokers)?;
+                self.kafka = Some(kafka::Kafka::new(&a.kafka_brokers));
+            }
+            Kind::Nats => {
+                let n = nats::Nats::setup(&a.nats_url, &self.prefix).await;
+                self.nats = Some(n.map_err(why)?);
+            }
+            Kind::Redis => {
+                let r = redis::Redis::setup(&a.redis_url, &self.prefix).await;
+                self.redis = Some(r.map_err(why)?);
+            }
+            Kind::Sqs => {
+                let q = sqs::Sqs::setup(&a.sqs_endpoint, &self.prefix).await;
+                self.sqs = Some(q.map_err(why)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn present(&self, kind: Kind) -> bool {
+        match kind {
+            Kind::Rabbit => self.rabbit.is_some(),
+            Kind::Kafka => self.kafka.is_some(),
+            Kind::Nats => self.nats.is_some(),
+            Kind::Redis => self.redis.is_some(),
+            Kind::Sqs => self.sqs.is_some(),
+        }
+    }
+
     /// The RabbitMQ side; set up before any RabbitMQ phase runs.
     pub fn rabbit(&self) -> Result<&rabbit::Rabbit> {
         self.rabbit
@@ -39,24 +82,40 @@ impl Bench {
             .context("Kafka phase without a Kafka client")
     }
 
+    pub fn nats(&self) -> Result<&nats::Nats> {
+        self.nats
+            .as_ref()
+            .context("NATS phase without a NATS client")
+    }
+
+    pub fn redis(&self) -> Result<&redis::Redis> {
+        self.redis
+            .as_ref()
+            .context("Redis phase without a Redis connection")
+    }
+
+    pub fn sqs(&self) -> Result<&sqs::Sqs> {
+        self.sqs.as_ref().context("SQS phase without an SQS client")
+    }
+
+    /// Rows of the drain and ceiling of `kind` (the emulated SQS takes fewer).
+    pub fn rows_for(&self, kind: Kind) -> u64 {
+        match kind {
+            Kind::Sqs => self.args.sqs_rows,
+            _ => self.args.rows,
+        }
+    }
+
     pub async fn all(&self, f: &mut Figures) -> Result<()> {
         if has(&self.args, Phase::Pg) {
             let (rate, split) = self.pg_ceiling().await?;
             f.pg_ceiling = Some(rate);
             f.pg_split = Some(split);
         }
-        for kind in [Kind::Rabbit, Kind::Kafka] {
-            let present = match kind {
-                Kind::Rabbit => self.rabbit.is_some(),
-                Kind::Kafka => self.kafka.is_some(),
-            };
-            if !present {
-                continue;
-            }
-            let figs = self.sink_phases(kind, f.pg_ceiling).await;
-            match kind {
-                Kind::Rabbit => f.rabbit = Some(figs),
-                Kind::Kafka => f.kafka = Some(figs),
+        for kind in Kind::ALL {
+            if self.present(kind) {
+                let figs = self.sink_phases(kind, f.pg_ceiling).await;
+                f.sinks.push((kind, figs));
             }
         }
         if has(&self.args, Phase::Producers) {
@@ -147,7 +206,7 @@ impl Bench {
                 Err(e) => self.fail(&mut s, "latency", e),
             }
         }
-        if has(&self.args, Phase::Naive) {
+        if has(&self.args, Phase::Naive) && matches!(kind, Kind::Rabbit | Kind::Kafka) {
             match self.naive(kind).await {
                 Ok((rows, secs)) => {
                     println!(
@@ -229,6 +288,15 @@ impl Bench {
         if let Some(k) = &self.kafka {
             k.teardown().await;
         }
+        if let Some(n) = &self.nats {
+            n.teardown().await;
+        }
+        if let Some(r) = &self.redis {
+            r.teardown().await;
+        }
+        if let Some(q) = &self.sqs {
+            q.teardown().await;
+        }
     }
 
     pub async fn preloaded(&self, suffix: &str, rows: u64) -> Result<pg::BenchTable> {
@@ -282,6 +350,9 @@ impl Bench {
                 ));
                 env.push(("OUTBOX_RELAY__KAFKA__TOPIC".into(), topic));
             }
+            Kind::Nats => env.extend(self.nats()?.relay_env(phase).await?),
+            Kind::Redis => env.extend(self.redis()?.relay_env(phase)),
+            Kind::Sqs => env.extend(self.sqs()?.relay_env(phase).await?),
         }
         for kv in &self.args.relay_env {
             let (k, v) = kv

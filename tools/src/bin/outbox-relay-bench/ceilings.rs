@@ -8,6 +8,7 @@ use crate::figures::Kind;
 use crate::pg;
 use crate::procs::{census, CpuSplit};
 use crate::report::int;
+use crate::window::Load;
 
 impl Bench {
     pub async fn pg_ceiling(&self) -> Result<(f64, CpuSplit)> {
@@ -28,35 +29,34 @@ impl Bench {
     }
 
     pub async fn broker_ceiling(&self, kind: Kind) -> Result<(f64, CpuSplit)> {
-        let n = self.args.rows;
+        let load = Load {
+            n: self.rows_for(kind),
+            payload: &self.payload,
+            aggregates: self.args.aggregates,
+            window: self.args.window,
+        };
         let a = census();
         let secs = match kind {
             Kind::Rabbit => {
                 let r = self.rabbit()?;
                 r.purge().await?;
                 let a2 = census();
-                let secs = r
-                    .ceiling(n, &self.payload, self.args.aggregates, self.args.window)
-                    .await?;
+                let secs = r.ceiling(&load).await?;
                 let split =
                     CpuSplit::between(&a2, &census(), None, &Default::default(), kind.component());
                 r.purge().await?;
-                return Ok((n as f64 / secs, split));
+                return Ok((load.n as f64 / secs, split));
             }
             Kind::Kafka => {
                 let k = self.kafka()?;
                 let topic = k.topic(&format!("{}_ceiling", self.prefix)).await?;
-                k.ceiling(
-                    &topic,
-                    n,
-                    &self.payload,
-                    self.args.aggregates,
-                    self.args.window,
-                )
-                .await?
+                k.ceiling(&topic, &load).await?
             }
+            Kind::Nats => self.nats()?.ceiling(&load).await?,
+            Kind::Redis => self.redis()?.ceiling(&load).await?,
+            Kind::Sqs => self.sqs()?.ceiling(&load).await?,
         };
         let split = CpuSplit::between(&a, &census(), None, &Default::default(), kind.component());
-        Ok((n as f64 / secs, split))
+        Ok((load.n as f64 / secs, split))
     }
 }

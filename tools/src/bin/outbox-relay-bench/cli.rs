@@ -4,11 +4,38 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+use crate::figures::Kind;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SinkArg {
     Rabbitmq,
     Kafka,
+    Nats,
+    Redis,
+    /// Amazon SQS, against the local emulator (`--sqs-endpoint`).
+    Sqs,
+    /// RabbitMQ and Kafka.
     Both,
+    /// Every sink above.
+    All,
+}
+
+/// The sinks `--sink` asks for, each once, in a fixed order.
+pub fn kinds(args: &Args) -> Vec<Kind> {
+    Kind::ALL
+        .into_iter()
+        .filter(|k| {
+            args.sink.iter().any(|s| match s {
+                SinkArg::All => true,
+                SinkArg::Both => matches!(k, Kind::Rabbit | Kind::Kafka),
+                SinkArg::Rabbitmq => *k == Kind::Rabbit,
+                SinkArg::Kafka => *k == Kind::Kafka,
+                SinkArg::Nats => *k == Kind::Nats,
+                SinkArg::Redis => *k == Kind::Redis,
+                SinkArg::Sqs => *k == Kind::Sqs,
+            })
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -34,8 +61,9 @@ pub enum Phase {
     about = "Benchmark outbox-relay against the local Postgres, RabbitMQ and Kafka"
 )]
 pub struct Args {
-    #[arg(long, value_enum, default_value = "both")]
-    pub sink: SinkArg,
+    /// Sinks to measure (comma separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "both")]
+    pub sink: Vec<SinkArg>,
     /// Rows preloaded for the drain and for the ceilings.
     #[arg(long, default_value_t = 200_000)]
     pub rows: u64,
@@ -102,6 +130,24 @@ pub struct Args {
     pub amqp_url: String,
     #[arg(long, env = "BENCH_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub kafka_brokers: String,
+    #[arg(long, env = "BENCH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    #[arg(
+        long,
+        env = "BENCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// The SQS endpoint (an emulator: `scripts/aws-emulator.sh` starts moto there).
+    #[arg(
+        long,
+        env = "BENCH_SQS_ENDPOINT",
+        default_value = "http://127.0.0.1:5000"
+    )]
+    pub sqs_endpoint: String,
+    /// Rows of the SQS drain and ceiling (an emulator is far slower than the others).
+    #[arg(long, default_value_t = 2_000)]
+    pub sqs_rows: u64,
 }
 
 pub fn has(args: &Args, p: Phase) -> bool {

@@ -12,8 +12,9 @@ use crate::procs::{census, CpuSplit};
 
 impl Bench {
     pub async fn drain(&self, kind: Kind) -> Result<Drain> {
-        let phase = format!("drain_{}", &kind.label()[..1]);
-        let t = self.preloaded(&phase, self.args.rows).await?;
+        let phase = format!("drain_{}", kind.tag());
+        let rows = self.rows_for(kind);
+        let t = self.preloaded(&phase, rows).await?;
         if let Some(r) = &self.rabbit {
             if kind == Kind::Rabbit {
                 r.purge().await?;
@@ -58,19 +59,14 @@ impl Bench {
         // Read after the statistics settled (hot_share_since waits for them).
         let fpi = pg::wal_fpi(&self.pool).await? - fpi0;
         let failed = t.count_status("FAILED").await?;
-        if failed > 0 || processed != self.args.rows {
-            bail!(
-                "drain ended with {processed} PROCESSED and {failed} FAILED of {} rows",
-                self.args.rows
-            );
+        if failed > 0 || processed != rows {
+            bail!("drain ended with {processed} PROCESSED and {failed} FAILED of {rows} rows");
         }
         self.drop_table(&t).await;
-        if let (Some(r), Kind::Rabbit) = (&self.rabbit, kind) {
-            // Every PROCESSED row must be in the queue (at least once).
-            let depth = r.depth().await?;
-            r.purge().await?;
-            if u64::from(depth) < processed {
-                bail!("only {depth} messages in the queue for {processed} PROCESSED rows");
+        // Every PROCESSED row must be at the broker (at least once).
+        if let Some(there) = self.delivered(kind, &phase).await? {
+            if there < processed {
+                bail!("only {there} messages at the broker for {processed} PROCESSED rows");
             }
         }
         let secs = (end - t0).to_std().unwrap_or_default().as_secs_f64();
@@ -85,8 +81,25 @@ impl Bench {
         })
     }
 
+    /// How many messages the broker holds for `phase` (emptied afterwards), where the
+    /// bench can count them.
+    async fn delivered(&self, kind: Kind, phase: &str) -> Result<Option<u64>> {
+        Ok(match kind {
+            Kind::Rabbit => {
+                let r = self.rabbit()?;
+                let depth = r.depth().await?;
+                r.purge().await?;
+                Some(u64::from(depth))
+            }
+            Kind::Kafka => None,
+            Kind::Nats => Some(self.nats()?.count(phase).await?),
+            Kind::Redis => Some(self.redis()?.count(phase).await?),
+            Kind::Sqs => Some(self.sqs()?.count(phase).await?),
+        })
+    }
+
     pub async fn naive(&self, kind: Kind) -> Result<(u64, f64)> {
-        let phase = format!("naive_{}", &kind.label()[..1]);
+        let phase = format!("naive_{}", kind.tag());
         let t = self.preloaded(&phase, self.args.naive_rows).await?;
         let out = match kind {
             Kind::Rabbit => {
@@ -103,6 +116,7 @@ impl Bench {
                 let mut p = k.naive(&topic)?;
                 pg::naive_relay(&t, &mut p).await?
             }
+            other => bail!("no textbook relay for {}", other.label()),
         };
         self.drop_table(&t).await;
         Ok(out)

@@ -74,24 +74,63 @@ pub struct Figures {
     pub producers: Option<Producers>,
     pub pg_version: String,
     pub load_start: String,
-    pub rabbit: Option<SinkFigures>,
-    pub kafka: Option<SinkFigures>,
+    /// One entry per sink asked for, in the order they ran.
+    pub sinks: Vec<(Kind, SinkFigures)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
     Rabbit,
     Kafka,
+    Nats,
+    Redis,
+    Sqs,
 }
 
 impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Rabbit,
+        Kind::Kafka,
+        Kind::Nats,
+        Kind::Redis,
+        Kind::Sqs,
+    ];
+
+    /// The `sink.kind` value (and the prefix of the bench's log lines).
     pub fn label(self) -> &'static str {
         match self {
             Kind::Rabbit => "rabbitmq",
             Kind::Kafka => "kafka",
+            Kind::Nats => "nats",
+            Kind::Redis => "redis",
+            Kind::Sqs => "sqs",
         }
     }
+
+    /// The column heading of the final table.
+    pub fn title(self) -> &'static str {
+        match self {
+            Kind::Rabbit => "RabbitMQ",
+            Kind::Kafka => "Kafka",
+            Kind::Nats => "NATS JetStream",
+            Kind::Redis => "Redis (stream)",
+            Kind::Sqs => "SQS (moto emulator)",
+        }
+    }
+
+    /// The broker's process name, for the CPU split.
     pub fn component(self) -> &'static str {
         self.label()
+    }
+
+    /// A short tag for the phase's table and target names.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Kind::Rabbit => "r",
+            Kind::Kafka => "k",
+            Kind::Nats => "n",
+            Kind::Redis => "d",
+            Kind::Sqs => "q",
+        }
     }
 }

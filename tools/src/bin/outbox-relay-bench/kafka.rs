@@ -8,8 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
 use outbox_relay::sink::kafka::KafkaConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -22,6 +20,7 @@ use uuid::Uuid;
 
 use crate::pg::{NaivePublisher, NaiveRow};
 use crate::rabbit::Arrivals;
+use crate::window::{sliding, Load};
 
 pub const PARTITIONS: i32 = 4;
 
@@ -103,41 +102,34 @@ impl Kafka {
 
     /// The raw broker ceiling: `n` messages of `payload` with the relay's producer
     /// settings, at most `window` awaiting their delivery report. Returns seconds.
-    pub async fn ceiling(
-        &self,
-        topic: &str,
-        n: u64,
-        payload: &str,
-        aggregates: u32,
-        window: usize,
-    ) -> Result<f64> {
-        let producer = self.producer(topic)?;
-        let started = Instant::now();
-        let mut inflight = FuturesUnordered::new();
-        let mut sent = 0u64;
-        let mut acked = 0u64;
-        while acked < n {
-            while sent < n && inflight.len() < window {
-                let agg = format!("order-{}", sent % u64::from(aggregates));
-                let id = Uuid::new_v4().to_string();
-                let rec = FutureRecord::to(topic)
-                    .key(agg.as_str())
-                    .payload(payload)
-                    .headers(headers(&id, &agg));
-                let fut = producer
-                    .send_result(rec)
-                    .map_err(|(e, _)| anyhow!("enqueue: {e}"))?;
-                inflight.push(fut);
-                sent += 1;
-            }
-            match inflight.next().await {
-                Some(Ok(Ok(_))) => acked += 1,
-                Some(Ok(Err((e, _)))) => bail!("raw producer: delivery failed: {e}"),
-                Some(Err(_)) => bail!("raw producer: delivery report dropped"),
-                None => break,
-            }
-        }
-        Ok(started.elapsed().as_secs_f64())
+    pub async fn ceiling(&self, topic: &str, load: &Load<'_>) -> Result<f64> {
+        let Load {
+            n, payload, window, ..
+        } = *load;
+        let producer = &self.producer(topic)?;
+        sliding(n, window, |i| {
+            let agg = load.aggregate(i);
+            let id = Uuid::new_v4().to_string();
+            let rec = FutureRecord::to(topic)
+                .key(agg.as_str())
+                .payload(payload)
+                .headers(headers(&id, &agg));
+            let queued = producer
+                .send_result(rec)
+                .map_err(|(e, _)| anyhow!("enqueue: {e}"))
+                .map(|fut| {
+                    let answer = async move {
+                        match fut.await {
+                            Ok(Ok(_)) => Ok(1),
+                            Ok(Err((e, _))) => bail!("raw producer: delivery failed: {e}"),
+                            Err(_) => bail!("raw producer: delivery report dropped"),
+                        }
+                    };
+                    (1, answer)
+                });
+            std::future::ready(queued)
+        })
+        .await
     }
 
     /// Read `topic` from the start and note when each `event_id` header arrived.

@@ -12,7 +12,7 @@ use crate::procs::{census, CpuSplit};
 
 impl Bench {
     pub async fn latency(&self, kind: Kind) -> Result<Latency> {
-        let phase = format!("lat_{}", &kind.label()[..1]);
+        let phase = format!("lat_{}", kind.tag());
         let t = self.table(&phase).await?;
         let mut env = self.relay_env(kind, &t.name, &phase).await?;
         if self.args.no_listen {
@@ -35,6 +35,9 @@ impl Bench {
                 k.warm(&topic, &seen).await?;
                 (seen, task)
             }
+            Kind::Nats => self.nats()?.arrivals(&phase).await?,
+            Kind::Redis => self.redis()?.arrivals(&phase).await?,
+            Kind::Sqs => self.sqs()?.arrivals(&phase).await?,
         };
         let mut relay = self.spawn_relay(&env, &phase)?;
         let ready_by = Instant::now() + Duration::from_secs(30);

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p outbox-relay-tools --bin outbox-relay-bench -- \
-//!     [--sink rabbitmq|kafka|both] [--rows 200000]
+//!     [--sink rabbitmq,kafka,nats,redis,sqs|both|all] [--rows 200000]
 //! ```
 //!
 //! Every phase works on its own uniquely named table / queue / topic, dropped afterwards.
@@ -18,11 +18,15 @@ mod drain;
 mod figures;
 mod kafka;
 mod latency;
+mod nats;
 mod pg;
 mod procs;
 mod producers;
 mod rabbit;
+mod redis;
 mod report;
+mod sqs;
+mod window;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,8 +34,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use bench::Bench;
 use clap::Parser;
-use cli::{Args, SinkArg};
-use figures::{Figures, SinkFigures};
+use cli::Args;
+use figures::{Figures, Kind, SinkFigures};
 use report::print_table;
 
 fn main() -> std::process::ExitCode {
@@ -82,75 +86,55 @@ async fn run(args: Args) -> Result<()> {
         payload.len()
     );
 
-    let want_rabbit = matches!(args.sink, SinkArg::Rabbitmq | SinkArg::Both);
-    let want_kafka = matches!(args.sink, SinkArg::Kafka | SinkArg::Both);
     let mut figures = Figures {
         payload_avg: payload.len() as f64,
         pg_version,
         load_start: procs::load_average(),
         ..Default::default()
     };
-    let mut rabbit_skip = None;
-    let rabbit = if want_rabbit {
-        match rabbit::Rabbit::setup(&args.amqp_url, &prefix).await {
-            Ok(r) => Some(r),
-            Err(e) => {
-                rabbit_skip = Some(format!("{e:#}"));
-                println!("rabbitmq: skipped ({e:#})");
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let mut kafka_skip = None;
-    let kafka = if want_kafka {
-        match kafka_ready(&args.kafka_brokers) {
-            Ok(()) => Some(kafka::Kafka::new(&args.kafka_brokers)),
-            Err(why) => {
-                println!("kafka: skipped ({why})");
-                kafka_skip = Some(why);
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let bench = Bench {
+    let mut bench = Bench {
         args,
         prefix,
         relay_bin,
         pool,
         tables: Default::default(),
-        rabbit,
-        kafka,
+        rabbit: None,
+        kafka: None,
+        nats: None,
+        redis: None,
+        sqs: None,
         payload,
     };
+    let mut skipped = Vec::new();
+    for kind in cli::kinds(&bench.args) {
+        if let Err(why) = bench.connect(kind).await {
+            println!("{}: skipped ({why})", kind.label());
+            skipped.push((kind, why));
+        }
+    }
 
     let outcome = tokio::select! {
         r = bench.all(&mut figures) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     bench.cleanup().await;
-    if want_rabbit && figures.rabbit.is_none() {
-        figures.rabbit = Some(SinkFigures {
-            skipped: rabbit_skip,
+    for (kind, why) in skipped {
+        let figs = SinkFigures {
+            skipped: Some(why),
             ..Default::default()
-        });
+        };
+        figures.sinks.push((kind, figs));
     }
-    if want_kafka && figures.kafka.is_none() {
-        figures.kafka = Some(SinkFigures {
-            skipped: kafka_skip,
-            ..Default::default()
-        });
-    }
+    figures
+        .sinks
+        .sort_by_key(|(k, _)| Kind::ALL.iter().position(|x| x == k));
     outcome?;
     print_table(&bench.args, &figures);
     Ok(())
 }
 
 /// Kafka is benchmarked when a broker answers and the sink is built in.
-fn kafka_ready(brokers: &str) -> std::result::Result<(), String> {
+pub fn kafka_ready(brokers: &str) -> std::result::Result<(), String> {
     kafka::reachable(brokers).map_err(|e| format!("no Kafka broker: {e}"))?;
     let cfg = kafka::config(brokers, "bench").map_err(|e| e.to_string())?;
     outbox_relay::sink::kafka::KafkaSink::new(&cfg, Duration::from_secs(10))

@@ -63,6 +63,9 @@ fn component(comm: &str) -> &'static str {
         "postgres" => "postgres",
         "beam.smp" | "erl_child_setup" | "inet_gethost" => "rabbitmq",
         c if c.starts_with("tansu") || c.starts_with("kafka") || c == "java" => "kafka",
+        "nats-server" => "nats",
+        "redis-server" => "redis",
+        c if c.starts_with("moto") => "sqs",
         "outbox-relay" => "relay",
         _ => "other",
     }

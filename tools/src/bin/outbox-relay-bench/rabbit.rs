@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::publisher_confirm::Confirmation;
@@ -17,6 +16,7 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::pg::{NaivePublisher, NaiveRow};
+use crate::window::{sliding, Load};
 
 pub struct Rabbit {
     pub conn: Connection,
@@ -144,44 +144,35 @@ impl Rabbit {
     /// The raw broker ceiling: `n` persistent messages of `payload`, mandatory, with
     /// publisher confirms, at most `window` unconfirmed at any time (a sliding window —
     /// the best a publisher with that window can do). Returns seconds.
-    pub async fn ceiling(
-        &self,
-        n: u64,
-        payload: &str,
-        aggregates: u32,
-        window: usize,
-    ) -> Result<f64> {
+    pub async fn ceiling(&self, load: &Load<'_>) -> Result<f64> {
+        let Load {
+            n, payload, window, ..
+        } = *load;
         let ch = confirm_channel(&self.conn).await?;
-        let body = payload.as_bytes();
-        let started = Instant::now();
-        let mut inflight = FuturesUnordered::new();
-        let mut sent = 0u64;
-        let mut acked = 0u64;
-        while acked < n {
-            while sent < n && inflight.len() < window {
-                let agg = format!("order-{}", sent % u64::from(aggregates));
-                let confirm = ch
-                    .basic_publish(
-                        &self.exchange,
-                        "order.created",
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        body,
-                        props_for(Uuid::new_v4(), &agg, crate::pg::TRACEPARENT),
-                    )
-                    .await?;
-                inflight.push(confirm);
-                sent += 1;
-            }
-            match inflight.next().await {
-                Some(Ok(Confirmation::Ack(None))) => acked += 1,
-                Some(other) => bail!("raw publisher: not confirmed: {other:?}"),
-                None => break,
-            }
-        }
-        let secs = started.elapsed().as_secs_f64();
+        let (ch_ref, exchange, body) = (&ch, &self.exchange, payload.as_bytes());
+        let secs = sliding(n, window, |i| async move {
+            let agg = load.aggregate(i);
+            let confirm = ch_ref
+                .basic_publish(
+                    exchange,
+                    "order.created",
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    body,
+                    props_for(Uuid::new_v4(), &agg, crate::pg::TRACEPARENT),
+                )
+                .await?;
+            let answer = async move {
+                match confirm.await {
+                    Ok(Confirmation::Ack(None)) => Ok(1),
+                    other => bail!("raw publisher: not confirmed: {other:?}"),
+                }
+            };
+            Ok((1, answer))
+        })
+        .await?;
         let _ = ch.close(200, "done").await;
         Ok(secs)
     }

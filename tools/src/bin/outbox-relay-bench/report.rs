@@ -23,10 +23,7 @@ fn pct(x: f64, of: f64) -> String {
 }
 
 pub fn print_table(args: &Args, f: &Figures) {
-    let sinks: Vec<(&str, &SinkFigures)> = [("RabbitMQ", &f.rabbit), ("Kafka", &f.kafka)]
-        .into_iter()
-        .filter_map(|(n, s)| s.as_ref().map(|s| (n, s)))
-        .collect();
+    let sinks: Vec<(&str, &SinkFigures)> = f.sinks.iter().map(|(k, s)| (k.title(), s)).collect();
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
     let cell = |s: &SinkFigures, v: Option<String>| -> String {
         match (&s.skipped, v) {
@@ -53,7 +50,12 @@ pub fn print_table(args: &Args, f: &Figures) {
             "**drain** {} preloaded rows (rows/s)",
             int(args.rows as f64)
         ),
-        &|s| s.drain.as_ref().map(|d| format!("**{}**", int(d.rate()))),
+        &|s| {
+            s.drain.as_ref().map(|d| match d.rows == args.rows {
+                true => format!("**{}**", int(d.rate())),
+                false => format!("**{}** ({} rows)", int(d.rate()), int(d.rows as f64)),
+            })
+        },
     );
     row("drain ÷ raw broker ceiling".into(), &|s| {
         Some(pct(s.drain.as_ref()?.rate(), s.ceiling?))

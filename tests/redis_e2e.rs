@@ -1,0 +1,246 @@
+//! The Redis sink end to end against the local Redis (`TEST_REDIS_URL`, default
+//! 127.0.0.1:6379) with the real relay loop: stream mode (SPEC fields, per-aggregate
+//! entry order, all PROCESSED), pub/sub with a subscriber (the JSON envelope), pub/sub
+//! with none (a rejection: rows FAILED, dead-lettered to a stream), and a key holding
+//! the wrong type (that row FAILED alone). Every key is unique to its test and deleted.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use outbox_relay::sink::redis::{RedisMode, RedisSink};
+use outbox_relay_testkit::{
+    db::*,
+    inproc::*,
+    order::{check, Delivery},
+    redis::*,
+    wait::*,
+};
+
+const SETTLE: Duration = Duration::from_secs(90);
+
+fn sink(cfg: &outbox_relay::sink::redis::RedisConfig) -> RedisSink {
+    RedisSink::new(cfg, Duration::from_secs(5)).expect("valid Redis config")
+}
+
+/// The row's `headers` as the map the relay writes into the `headers` field.
+fn headers_of(r: &DbRow) -> HashMap<String, String> {
+    r.headers
+        .as_object()
+        .expect("headers object")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().expect("string header").to_string()))
+        .collect()
+}
+
+/// 3 000 rows over 60 aggregates: one entry per row carrying the SPEC fields, each
+/// aggregate's entries in `id` order, every row PROCESSED with no attempt spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_mode_many_aggregates_in_order() {
+    let keys = TestKeys::new("stream");
+    let table = TestTable::new("rds").await;
+    let rows: Vec<Row> = (0..50)
+        .flat_map(|seq| (0..60).map(move |a| Row::new(&format!("order-{a}"), seq)))
+        .collect();
+    table.insert_rows(&rows).await;
+
+    let relay = Running::start(
+        table.store(),
+        sink(&keys.config(RedisMode::Stream)),
+        relay_config("5s"),
+    );
+    wait_until(SETTLE, "3 000 rows PROCESSED", || async {
+        table.count("PROCESSED").await == 3_000
+    })
+    .await;
+    relay.stop(Duration::from_secs(30)).await;
+    assert_eq!(
+        table
+            .count_where("processed_at IS NULL OR attempts <> 0 OR last_error IS NOT NULL")
+            .await,
+        0
+    );
+
+    let got = stream_entries(&keys.key("order")).await;
+    assert_eq!(got.len(), 3_000, "one entry per row");
+    let db = table.rows().await;
+    let by_event: HashMap<String, HashMap<String, String>> =
+        got.iter().map(|e| (event_id(e), fields(e))).collect();
+    for r in &db {
+        let f = by_event
+            .get(&r.event_id)
+            .unwrap_or_else(|| panic!("lost: {r:?}"));
+        assert_eq!(f.len(), 6, "exactly the SPEC fields: {f:?}");
+        assert_eq!(f["event_type"], r.event_type);
+        assert_eq!(f["aggregate_type"], r.aggregate_type);
+        assert_eq!(f["aggregate_id"], r.aggregate_id);
+        assert_eq!(
+            f["payload"], r.payload,
+            "payload is the JSON text as stored"
+        );
+        let h: HashMap<String, String> = serde_json::from_str(&f["headers"]).unwrap();
+        assert_eq!(h, headers_of(r), "headers of row {}", r.id);
+    }
+    let id_of: HashMap<&str, (i64, &str)> = db
+        .iter()
+        .map(|r| (r.event_id.as_str(), (r.id, r.aggregate_id.as_str())))
+        .collect();
+    let events: Vec<String> = got.iter().map(event_id).collect();
+    let report = check(events.iter().map(|e| Delivery {
+        event: e,
+        row: id_of.get(e.as_str()).copied(),
+        partition: None,
+    }));
+    assert_eq!(
+        report.assert_clean("stream entry order: "),
+        0,
+        "no duplicates"
+    );
+    keys.cleanup().await;
+    table.drop_all().await;
+}
+
+/// Pub/sub with a subscriber: every event arrives once as one JSON object carrying
+/// `event_id`, `event_type`, `aggregate_type`, `aggregate_id`, `headers` and `payload`
+/// (as JSON, not a string).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_with_a_subscriber_gets_every_envelope() {
+    let keys = TestKeys::new("pubsub");
+    let channel = keys.key("order");
+    let table = TestTable::new("rdp").await;
+    let subscriber = Subscriber::start(&channel).await;
+    table.produce(400, 20, 4).await;
+
+    let relay = Running::start(
+        table.store(),
+        sink(&keys.config(RedisMode::Pubsub)),
+        relay_config("5s"),
+    );
+    wait_until(SETTLE, "400 rows PROCESSED", || async {
+        table.count("PROCESSED").await == 400
+    })
+    .await;
+    relay.stop(Duration::from_secs(30)).await;
+    wait_until(Duration::from_secs(10), "400 messages received", || async {
+        subscriber.len() >= 400
+    })
+    .await;
+    let got = subscriber.stop();
+    assert_eq!(got.len(), 400);
+    let db = table.rows().await;
+    let mut envelopes: HashMap<String, serde_json::Value> = HashMap::new();
+    for m in &got {
+        let outbox_relay::sink::redis::tap::Received::Message { channel: c, body } = m else {
+            panic!("not a pub/sub message: {m:?}")
+        };
+        assert_eq!(c, &channel);
+        let v: serde_json::Value = serde_json::from_str(body).expect("one JSON object");
+        let id = v["event_id"].as_str().expect("event_id").to_string();
+        assert!(envelopes.insert(id, v).is_none(), "delivered once");
+    }
+    for r in &db {
+        let v = envelopes
+            .get(&r.event_id)
+            .unwrap_or_else(|| panic!("lost: {r:?}"));
+        assert_eq!(v.as_object().unwrap().len(), 6, "{v}");
+        assert_eq!(v["event_type"], r.event_type.as_str());
+        assert_eq!(v["aggregate_type"], r.aggregate_type.as_str());
+        assert_eq!(v["aggregate_id"], r.aggregate_id.as_str());
+        assert_eq!(v["headers"], r.headers);
+        let payload: serde_json::Value = serde_json::from_str(&r.payload).unwrap();
+        assert_eq!(v["payload"], payload);
+    }
+    keys.cleanup().await;
+    table.drop_all().await;
+}
+
+/// Pub/sub with nobody subscribed: each PUBLISH reaches 0 receivers, a rejection, so
+/// the rows end FAILED after `max_attempts` (3) with a readable `last_error`, and each
+/// is dead-lettered to the `dead_letter_key` stream with that error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_without_a_subscriber_fails_the_rows() {
+    let keys = TestKeys::new("nosub");
+    let table = TestTable::new("rdn").await;
+    let ids = [
+        table
+            .insert("a", "order.created", None, serde_json::json!({}))
+            .await,
+        table
+            .insert("b", "order.created", None, serde_json::json!({}))
+            .await,
+    ];
+    let mut cfg = keys.config(RedisMode::Pubsub);
+    cfg.dead_letter_key = Some(keys.key("dead"));
+
+    let relay = Running::start(table.store(), sink(&cfg), relay_config("5s"));
+    wait_until(SETTLE, "both rows FAILED", || async {
+        table.count("FAILED").await == 2
+    })
+    .await;
+    relay.stop(Duration::from_secs(30)).await;
+    let channel = keys.key("order");
+    for id in ids {
+        let (status, attempts, last_error) = table.row(id).await;
+        assert_eq!((status.as_str(), attempts), ("FAILED", 3));
+        let e = last_error.expect("last_error");
+        assert!(
+            e.contains("no subscriber on channel") && e.contains(&channel),
+            "{e}"
+        );
+    }
+    let dead = stream_entries(&keys.key("dead")).await;
+    assert_eq!(dead.len(), 2, "both dead-lettered");
+    for d in &dead {
+        let f = fields(d);
+        assert!(f["last_error"].contains("no subscriber"), "{f:?}");
+        assert!(f.contains_key("event_id") && f.contains_key("payload"));
+    }
+    keys.cleanup().await;
+    table.drop_all().await;
+}
+
+/// A row whose destination key holds a plain string: Redis answers WRONGTYPE, the row
+/// is FAILED on its own with an error naming the key, and rows to other keys flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrongtype_key_fails_its_row_only() {
+    let keys = TestKeys::new("wrongtype");
+    let blocked = keys.key("blocked");
+    let mut conn = redis_conn().await;
+    let _: () = redis::AsyncCommands::set(&mut conn, &blocked, "not a stream")
+        .await
+        .expect("SET");
+    let table = TestTable::new("rdw").await;
+    table
+        .insert_rows(&[
+            Row::new("a", 0),
+            Row::new("typo", 0).to(&blocked),
+            Row::new("b", 0),
+            Row::new("a", 1),
+            Row::new("c", 0).to(&keys.key("other")),
+        ])
+        .await;
+
+    let relay = Running::start(
+        table.store(),
+        sink(&keys.config(RedisMode::Stream)),
+        relay_config("5s"),
+    );
+    wait_until(SETTLE, "4 PROCESSED, 1 FAILED", || async {
+        table.count("PROCESSED").await == 4 && table.count("FAILED").await == 1
+    })
+    .await;
+    relay.stop(Duration::from_secs(30)).await;
+    let failed = table
+        .rows()
+        .await
+        .into_iter()
+        .find(|r| r.status == "FAILED")
+        .expect("the failed row");
+    assert_eq!(failed.aggregate_id, "typo");
+    assert_eq!(failed.attempts, 3);
+    let e = failed.last_error.expect("last_error");
+    assert!(e.contains("WRONGTYPE") && e.contains(&blocked), "{e}");
+    assert_eq!(stream_entries(&keys.key("order")).await.len(), 3);
+    assert_eq!(stream_entries(&keys.key("other")).await.len(), 1);
+    keys.cleanup().await;
+    table.drop_all().await;
+}

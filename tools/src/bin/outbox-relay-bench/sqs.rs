@@ -1,0 +1,259 @@
+//! The SQS side, against a local emulator (moto): one standard queue per phase, the raw
+//! broker ceiling (a bare `SendMessageBatch` publisher of the relay's attributes, batches
+//! of 10 with a sliding window of unanswered batches), a `ReceiveMessage` reader that
+//! timestamps arrivals, and the queue's message count after a drain. An emulator's
+//! figures say what the relay adds on top of the service, not what AWS does.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::Client;
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::pg::TRACE_VALUE;
+use crate::rabbit::Arrivals;
+use crate::window::{sliding, Load};
+
+/// Credentials the emulator accepts (it checks none); set for the relay too.
+const KEY: &str = "testing";
+const REGION: &str = "us-east-1";
+
+pub struct Sqs {
+    endpoint: String,
+    prefix: String,
+    client: Client,
+    queues: std::sync::Mutex<HashMap<String, String>>,
+}
+
+impl Sqs {
+    pub async fn setup(endpoint: &str, prefix: &str) -> Result<Self> {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let creds = aws_sdk_sqs::config::Credentials::new(KEY, KEY, None, None, "bench");
+        let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(REGION))
+            .http_client(http)
+            .credentials_provider(creds)
+            .endpoint_url(endpoint)
+            .load()
+            .await;
+        let client = Client::new(&sdk);
+        client
+            .list_queues()
+            .send()
+            .await
+            .with_context(|| format!("no SQS endpoint at {endpoint} (scripts/aws-emulator.sh)"))?;
+        Ok(Self {
+            endpoint: endpoint.to_string(),
+            prefix: prefix.to_string(),
+            client,
+            queues: Default::default(),
+        })
+    }
+
+    /// The URL of `phase`'s queue (created on first use).
+    async fn queue(&self, phase: &str) -> Result<String> {
+        let name = format!("{}_{phase}", self.prefix);
+        if let Some(url) = self.known(&name) {
+            return Ok(url);
+        }
+        let out = self.client.create_queue().queue_name(&name).send().await;
+        let url = out
+            .with_context(|| format!("create queue {name}"))?
+            .queue_url
+            .context("CreateQueue returned no URL")?;
+        self.queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name, url.clone());
+        Ok(url)
+    }
+
+    fn known(&self, name: &str) -> Option<String> {
+        let queues = self.queues.lock();
+        queues
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
+    /// The relay's `[sqs]` settings for `phase`, and the emulator's credentials.
+    pub async fn relay_env(&self, phase: &str) -> Result<Vec<(String, String)>> {
+        let url = self.queue(phase).await?;
+        Ok(vec![
+            ("OUTBOX_RELAY__SQS__QUEUE_URL".into(), url),
+            ("OUTBOX_RELAY__SQS__REGION".into(), REGION.into()),
+            (
+                "OUTBOX_RELAY__SQS__ENDPOINT_URL".into(),
+                self.endpoint.clone(),
+            ),
+            ("AWS_ACCESS_KEY_ID".into(), KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), KEY.into()),
+        ])
+    }
+
+    /// The raw broker ceiling: `n` messages shaped as the relay sends them, in batches
+    /// of 10, at most `window` messages unanswered. Returns seconds.
+    pub async fn ceiling(&self, load: &Load<'_>) -> Result<f64> {
+        let Load {
+            n, payload, window, ..
+        } = *load;
+        let url = self.queue("ceiling").await?;
+        let url = &url;
+        let secs = sliding(n, window, |i| {
+            let batch: Result<Vec<_>> = (i..n.min(i + 10))
+                .map(|j| entry(j, payload, &load.aggregate(j)))
+                .collect();
+            let client = self.client.clone();
+            async move {
+                let batch = batch?;
+                let took = batch.len() as u64;
+                let req = client
+                    .send_message_batch()
+                    .queue_url(url)
+                    .set_entries(Some(batch));
+                let answer = async move {
+                    let out = req.send().await.context("raw SendMessageBatch")?;
+                    if let Some(f) = out.failed.first() {
+                        bail!("raw publisher: entry refused: {f:?}");
+                    }
+                    Ok(out.successful.len() as u64)
+                };
+                Ok((took, answer))
+            }
+        })
+        .await?;
+        self.delete("ceiling").await;
+        Ok(secs)
+    }
+
+    /// Receive from `phase`'s queue (long polls, deleting what arrived) and note when
+    /// each `event_id` arrived.
+    pub async fn arrivals(&self, phase: &str) -> Result<(Arrivals, tokio::task::JoinHandle<()>)> {
+        let url = self.queue(phase).await?;
+        let client = self.client.clone();
+        let seen: Arrivals = Arc::new(Mutex::new(HashMap::new()));
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let got = client
+                    .receive_message()
+                    .queue_url(&url)
+                    .max_number_of_messages(10)
+                    .wait_time_seconds(1)
+                    .message_attribute_names("event_id")
+                    .send()
+                    .await;
+                let Ok(got) = got else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let at = Instant::now();
+                let mut delete = client.delete_message_batch().queue_url(&url);
+                let mut any = false;
+                for (i, m) in got.messages.unwrap_or_default().into_iter().enumerate() {
+                    let id = m
+                        .message_attributes
+                        .as_ref()
+                        .and_then(|a| a.get("event_id"))
+                        .and_then(|v| v.string_value.as_deref())
+                        .and_then(|v| Uuid::parse_str(v).ok());
+                    if let Some(id) = id {
+                        s.lock().await.entry(id).or_insert(at);
+                    }
+                    if let Some(handle) = m.receipt_handle {
+                        let e = aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(handle)
+                            .build();
+                        if let Ok(e) = e {
+                            delete = delete.entries(e);
+                            any = true;
+                        }
+                    }
+                }
+                if any {
+                    let _ = delete.send().await;
+                }
+            }
+        });
+        Ok((seen, task))
+    }
+
+    /// Messages in `phase`'s queue; the queue is deleted afterwards.
+    pub async fn count(&self, phase: &str) -> Result<u64> {
+        let url = self.queue(phase).await?;
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .send()
+            .await?;
+        let n = out
+            .attributes
+            .and_then(|a| {
+                a.get(&QueueAttributeName::ApproximateNumberOfMessages)
+                    .cloned()
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        self.delete(phase).await;
+        Ok(n)
+    }
+
+    async fn delete(&self, phase: &str) {
+        let name = format!("{}_{phase}", self.prefix);
+        let url = self
+            .queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&name);
+        if let Some(url) = url {
+            let _ = self.client.delete_queue().queue_url(url).send().await;
+        }
+    }
+
+    pub async fn teardown(&self) {
+        let urls: Vec<String> = self
+            .queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain()
+            .map(|(_, u)| u)
+            .collect();
+        for url in urls {
+            let _ = self.client.delete_queue().queue_url(url).send().await;
+        }
+    }
+}
+
+/// One batch entry with the relay's attributes (SPEC §2, SQS column).
+fn entry(i: u64, payload: &str, agg: &str) -> Result<SendMessageBatchRequestEntry> {
+    let attr = |v: &str| {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+    };
+    let mut e = SendMessageBatchRequestEntry::builder()
+        .id(format!("m{}", i % 10))
+        .message_body(payload);
+    for (k, v) in [
+        ("event_id", Uuid::new_v4().to_string().as_str()),
+        ("event_type", "order.created"),
+        ("aggregate_type", "order"),
+        ("aggregate_id", agg),
+        ("traceparent", TRACE_VALUE),
+    ] {
+        e = e.message_attributes(k, attr(v)?);
+    }
+    Ok(e.build()?)
+}
