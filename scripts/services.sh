@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Make sure the local services the tests use are up: PostgreSQL on 127.0.0.1:5432 and
-# RabbitMQ on 127.0.0.1:5672 (started the way this machine kind starts them), and the
+# Make sure the local services the tests use are up: PostgreSQL on 127.0.0.1:5432,
+# RabbitMQ on 127.0.0.1:5672, Redis on 127.0.0.1:6379 (started the way this machine kind starts them), and the
 # build prerequisites for rdkafka's bundled librdkafka. Idempotent.
 set -euo pipefail
 
@@ -29,6 +29,20 @@ wait_port 127.0.0.1 5672 RabbitMQ 120
 rabbitmqctl -q start_app >/dev/null 2>&1 || true
 rabbitmqctl -q set_vm_memory_high_watermark 0.4 >/dev/null 2>&1 || true
 rabbitmqctl -q await_startup >/dev/null 2>&1 || true
+
+# Redis on 127.0.0.1:6379 without persistence (the Redis sink's tests; the fault suite
+# restarts it with this same command).
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  if ! command -v redis-server >/dev/null; then
+    echo "services: installing redis-server"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
+  fi
+  echo "services: starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+fi
+wait_port 127.0.0.1 6379 Redis 30
 
 # rdkafka builds librdkafka from source: it needs a C toolchain, make, pkg-config, zlib
 # and OpenSSL headers.
