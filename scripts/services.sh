@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the local services the tests use are up: PostgreSQL on 127.0.0.1:5432,
-# RabbitMQ on 127.0.0.1:5672, Redis on 127.0.0.1:6379 (started the way this machine kind starts them), and the
-# build prerequisites for rdkafka's bundled librdkafka. Idempotent.
+# RabbitMQ on 127.0.0.1:5672 and Redis on 127.0.0.1:6379 (started the way this machine
+# kind starts them), and the build prerequisites for rdkafka's bundled librdkafka.
+# Idempotent.
 set -euo pipefail
 
 wait_port() { # host port name seconds
