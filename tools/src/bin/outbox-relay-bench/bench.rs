@@ -11,7 +11,7 @@ use crate::cli::{has, Args, Phase};
 use crate::figures::{Figures, Kind, SinkFigures};
 use crate::procs::RelayChild;
 use crate::report::int;
-use crate::{kafka, pg, rabbit};
+use crate::{kafka, pg, rabbit, redis_stream};
 
 pub struct Bench {
     pub args: Args,
@@ -21,6 +21,7 @@ pub struct Bench {
     pub tables: std::sync::Mutex<Vec<pg::BenchTable>>,
     pub rabbit: Option<rabbit::Rabbit>,
     pub kafka: Option<kafka::Kafka>,
+    pub redis: Option<redis_stream::Redis>,
     pub payload: String,
 }
 
@@ -39,16 +40,24 @@ impl Bench {
             .context("Kafka phase without a Kafka client")
     }
 
+    /// The Redis side; set up before any Redis phase runs.
+    pub fn redis(&self) -> Result<&redis_stream::Redis> {
+        self.redis
+            .as_ref()
+            .context("Redis phase without a Redis connection")
+    }
+
     pub async fn all(&self, f: &mut Figures) -> Result<()> {
         if has(&self.args, Phase::Pg) {
             let (rate, split) = self.pg_ceiling().await?;
             f.pg_ceiling = Some(rate);
             f.pg_split = Some(split);
         }
-        for kind in [Kind::Rabbit, Kind::Kafka] {
+        for kind in [Kind::Rabbit, Kind::Kafka, Kind::Redis] {
             let present = match kind {
                 Kind::Rabbit => self.rabbit.is_some(),
                 Kind::Kafka => self.kafka.is_some(),
+                Kind::Redis => self.redis.is_some(),
             };
             if !present {
                 continue;
@@ -57,6 +66,7 @@ impl Bench {
             match kind {
                 Kind::Rabbit => f.rabbit = Some(figs),
                 Kind::Kafka => f.kafka = Some(figs),
+                Kind::Redis => f.redis = Some(figs),
             }
         }
         if has(&self.args, Phase::Producers) {
@@ -229,6 +239,9 @@ impl Bench {
         if let Some(k) = &self.kafka {
             k.teardown().await;
         }
+        if let Some(r) = &self.redis {
+            r.teardown().await;
+        }
     }
 
     pub async fn preloaded(&self, suffix: &str, rows: u64) -> Result<pg::BenchTable> {
@@ -281,6 +294,12 @@ impl Bench {
                     self.args.kafka_brokers.clone(),
                 ));
                 env.push(("OUTBOX_RELAY__KAFKA__TOPIC".into(), topic));
+            }
+            Kind::Redis => {
+                let r = self.redis()?;
+                env.push(("OUTBOX_RELAY__REDIS__URL".into(), r.url.clone()));
+                env.push(("OUTBOX_RELAY__REDIS__MODE".into(), "stream".into()));
+                env.push(("OUTBOX_RELAY__REDIS__KEY".into(), r.key(phase)));
             }
         }
         for kv in &self.args.relay_env {

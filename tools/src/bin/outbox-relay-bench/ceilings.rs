@@ -55,6 +55,18 @@ impl Bench {
                 )
                 .await?
             }
+            Kind::Redis => {
+                let r = self.redis()?;
+                let key = r.key("ceiling");
+                r.ceiling(
+                    &key,
+                    n,
+                    &self.payload,
+                    self.args.aggregates,
+                    self.args.window,
+                )
+                .await?
+            }
         };
         let split = CpuSplit::between(&a, &census(), None, &Default::default(), kind.component());
         Ok((n as f64 / secs, split))

@@ -8,6 +8,9 @@ use clap::{Parser, ValueEnum};
 pub enum SinkArg {
     Rabbitmq,
     Kafka,
+    /// Redis, stream mode.
+    Redis,
+    /// RabbitMQ and Kafka.
     Both,
 }
 
@@ -31,7 +34,7 @@ pub enum Phase {
 #[derive(Parser, Debug)]
 #[command(
     name = "outbox-relay-bench",
-    about = "Benchmark outbox-relay against the local Postgres, RabbitMQ and Kafka"
+    about = "Benchmark outbox-relay against the local Postgres, RabbitMQ, Kafka and Redis"
 )]
 pub struct Args {
     #[arg(long, value_enum, default_value = "both")]
@@ -102,6 +105,12 @@ pub struct Args {
     pub amqp_url: String,
     #[arg(long, env = "BENCH_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub kafka_brokers: String,
+    #[arg(
+        long,
+        env = "BENCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
 }
 
 pub fn has(args: &Args, p: Phase) -> bool {

@@ -20,6 +20,10 @@ impl Bench {
             }
         }
         let env = self.relay_env(kind, &t.name, &phase).await?;
+        let redis_key = env
+            .iter()
+            .find(|(k, _)| k == "OUTBOX_RELAY__REDIS__KEY")
+            .map(|(_, v)| v.clone());
         let a = census();
         let (lsn0, upd0) = (pg::wal_lsn(&self.pool).await?, t.updates().await?);
         let fpi0 = pg::wal_fpi(&self.pool).await?;
@@ -73,6 +77,13 @@ impl Bench {
                 bail!("only {depth} messages in the queue for {processed} PROCESSED rows");
             }
         }
+        if let (Some(r), Some(key)) = (&self.redis, &redis_key) {
+            // Every PROCESSED row must be in the stream (at least once).
+            let len = r.len(key).await?;
+            if len < processed {
+                bail!("only {len} entries in stream {key} for {processed} PROCESSED rows");
+            }
+        }
         let secs = (end - t0).to_std().unwrap_or_default().as_secs_f64();
         Ok(Drain {
             rows: processed,
@@ -101,6 +112,11 @@ impl Bench {
                 let k = self.kafka()?;
                 let topic = k.topic(&format!("{}_{phase}", self.prefix)).await?;
                 let mut p = k.naive(&topic)?;
+                pg::naive_relay(&t, &mut p).await?
+            }
+            Kind::Redis => {
+                let r = self.redis()?;
+                let mut p = r.naive(&r.key(&phase));
                 pg::naive_relay(&t, &mut p).await?
             }
         };

@@ -76,12 +76,14 @@ pub struct Figures {
     pub load_start: String,
     pub rabbit: Option<SinkFigures>,
     pub kafka: Option<SinkFigures>,
+    pub redis: Option<SinkFigures>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
     Rabbit,
     Kafka,
+    Redis,
 }
 
 impl Kind {
@@ -89,6 +91,7 @@ impl Kind {
         match self {
             Kind::Rabbit => "rabbitmq",
             Kind::Kafka => "kafka",
+            Kind::Redis => "redis",
         }
     }
     pub fn component(self) -> &'static str {

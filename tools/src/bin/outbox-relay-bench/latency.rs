@@ -35,6 +35,14 @@ impl Bench {
                 k.warm(&topic, &seen).await?;
                 (seen, task)
             }
+            Kind::Redis => {
+                let key = env
+                    .iter()
+                    .find(|(k, _)| k == "OUTBOX_RELAY__REDIS__KEY")
+                    .map(|(_, v)| v.clone())
+                    .context("Redis relay env has no OUTBOX_RELAY__REDIS__KEY")?;
+                self.redis()?.arrivals(&key).await?
+            }
         };
         let mut relay = self.spawn_relay(&env, &phase)?;
         let ready_by = Instant::now() + Duration::from_secs(30);

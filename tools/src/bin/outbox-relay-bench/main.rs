@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p outbox-relay-tools --bin outbox-relay-bench -- \
-//!     [--sink rabbitmq|kafka|both] [--rows 200000]
+//!     [--sink rabbitmq|kafka|redis|both] [--rows 200000]
 //! ```
 //!
 //! Every phase works on its own uniquely named table / queue / topic, dropped afterwards.
@@ -22,6 +22,7 @@ mod pg;
 mod procs;
 mod producers;
 mod rabbit;
+mod redis_stream;
 mod report;
 
 use std::path::PathBuf;
@@ -84,6 +85,7 @@ async fn run(args: Args) -> Result<()> {
 
     let want_rabbit = matches!(args.sink, SinkArg::Rabbitmq | SinkArg::Both);
     let want_kafka = matches!(args.sink, SinkArg::Kafka | SinkArg::Both);
+    let want_redis = args.sink == SinkArg::Redis;
     let mut figures = Figures {
         payload_avg: payload.len() as f64,
         pg_version,
@@ -116,6 +118,19 @@ async fn run(args: Args) -> Result<()> {
     } else {
         None
     };
+    let mut redis_skip = None;
+    let redis = if want_redis {
+        match redis_stream::Redis::setup(&args.redis_url, &prefix).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                redis_skip = Some(format!("{e:#}"));
+                println!("redis: skipped ({e:#})");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let bench = Bench {
         args,
         prefix,
@@ -124,6 +139,7 @@ async fn run(args: Args) -> Result<()> {
         tables: Default::default(),
         rabbit,
         kafka,
+        redis,
         payload,
     };
 
@@ -141,6 +157,12 @@ async fn run(args: Args) -> Result<()> {
     if want_kafka && figures.kafka.is_none() {
         figures.kafka = Some(SinkFigures {
             skipped: kafka_skip,
+            ..Default::default()
+        });
+    }
+    if want_redis && figures.redis.is_none() {
+        figures.redis = Some(SinkFigures {
+            skipped: redis_skip,
             ..Default::default()
         });
     }

@@ -63,6 +63,7 @@ fn component(comm: &str) -> &'static str {
         "postgres" => "postgres",
         "beam.smp" | "erl_child_setup" | "inet_gethost" => "rabbitmq",
         c if c.starts_with("tansu") || c.starts_with("kafka") || c == "java" => "kafka",
+        "redis-server" => "redis",
         "outbox-relay" => "relay",
         _ => "other",
     }

@@ -23,10 +23,14 @@ fn pct(x: f64, of: f64) -> String {
 }
 
 pub fn print_table(args: &Args, f: &Figures) {
-    let sinks: Vec<(&str, &SinkFigures)> = [("RabbitMQ", &f.rabbit), ("Kafka", &f.kafka)]
-        .into_iter()
-        .filter_map(|(n, s)| s.as_ref().map(|s| (n, s)))
-        .collect();
+    let sinks: Vec<(&str, &SinkFigures)> = [
+        ("RabbitMQ", &f.rabbit),
+        ("Kafka", &f.kafka),
+        ("Redis (stream)", &f.redis),
+    ]
+    .into_iter()
+    .filter_map(|(n, s)| s.as_ref().map(|s| (n, s)))
+    .collect();
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
     let cell = |s: &SinkFigures, v: Option<String>| -> String {
         match (&s.skipped, v) {
