@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the local services the tests use are up: PostgreSQL on 127.0.0.1:5432,
-# RabbitMQ on 127.0.0.1:5672 and NATS with JetStream on 127.0.0.1:4222 (started the way
-# this machine kind starts them), and the build prerequisites for rdkafka's bundled
-# librdkafka. Idempotent.
+# RabbitMQ on 127.0.0.1:5672, NATS with JetStream on 127.0.0.1:4222 and Redis on
+# 127.0.0.1:6379 (started the way this machine kind starts them), and the build
+# prerequisites for rdkafka's bundled librdkafka. Idempotent.
 set -euo pipefail
 
 wait_port() { # host port name seconds
@@ -43,6 +43,19 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
     -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
 fi
 wait_port 127.0.0.1 4222 nats-server 30
+# Redis on 127.0.0.1:6379 without persistence (the Redis sink's tests; the fault suite
+# restarts it with this same command).
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  if ! command -v redis-server >/dev/null; then
+    echo "services: installing redis-server"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
+  fi
+  echo "services: starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+fi
+wait_port 127.0.0.1 6379 Redis 30
 
 # rdkafka builds librdkafka from source: it needs a C toolchain, make, pkg-config, zlib
 # and OpenSSL headers.

@@ -6,12 +6,15 @@
 //! size limit). The Kafka part runs against librdkafka's mock cluster with a small
 //! `message.max.bytes` (RabbitMQ's max message size is a node-wide setting, 128 MiB by
 //! default, not changeable per test); the SQS part against the AWS emulator (moto,
-//! `scripts/aws-emulator.sh`). The relay binary is the child process in each.
+//! `scripts/aws-emulator.sh`); Redis in stream mode against the local server (its
+//! `proto-max-bulk-len` is server-wide, so the size limit is attacked in
+//! `faults_redis.rs`, not here). The relay binary is the child process in each.
 
 use std::time::Duration;
 
+use outbox_relay::sink::redis::RedisMode;
 use outbox_relay_testkit::{
-    aws::*, db::*, faults::*, hex_id, nats::*, rabbit::*, relay_proc::*, unique,
+    aws::*, db::*, faults::*, hex_id, nats::*, rabbit::*, redis::*, relay_proc::*, unique,
 };
 
 /// One bad row of the matrix: its aggregate, what to insert, and what `last_error` must say.
@@ -418,5 +421,57 @@ async fn sqs_bad_rows_fail_alone_with_readable_errors() {
     );
     drop(relay);
     queue.delete().await;
+    table.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_bad_rows_fail_alone_with_readable_errors() {
+    let keys = TestKeys::new("badin");
+    let table = TestTable::new("badin_rd").await;
+    // Keys that exist with another type than a stream: XADD answers WRONGTYPE.
+    let string_key = keys.key("a_string");
+    let hash_key = keys.key("a_hash");
+    let mut conn = redis_conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(&string_key)
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&hash_key)
+        .arg("f")
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut cases = common_cases(3);
+    cases.extend([
+        Case::new("key_holds_a_string", &["WRONGTYPE", string_key.as_str()], 3).dest(&string_key),
+        Case::new("key_holds_a_hash", &["WRONGTYPE", hash_key.as_str()], 3).dest(&hash_key),
+    ]);
+    let loaded = load(&table, &cases, 5).await;
+    let relay = RelayProc::start(&keys.env(&table.name, RedisMode::Stream, &[]));
+    table
+        .wait_no_pending(Duration::from_secs(60), "every row settled")
+        .await;
+    check_cases(&table, &loaded).await;
+    let mut ledger =
+        Ledger::load("bad input matrix (Redis stream)", &table.pool, &table.name).await;
+    ledger.delivered(
+        stream_entries(&keys.key("order"))
+            .await
+            .iter()
+            .map(event_id),
+    );
+    let t = ledger.settle();
+    assert_eq!(t.failed, cases.len(), "only the bad rows failed");
+    assert_eq!(
+        relay.get("/livez").await.map(|r| r.0),
+        Some(200),
+        "bad input never wedges the relay"
+    );
+    drop(relay);
+    keys.cleanup().await;
     table.cleanup().await;
 }

@@ -212,7 +212,17 @@ fn bad_cases(dir: &Dir) -> Vec<Bad> {
         key,
         at_load: true,
     };
+    let redis = |k: &'static str, v: &str, key: &'static str| Bad {
+        edits: vec![("sink", "kind", "\"redis\"".into()), ("redis", k, v.into())],
+        key,
+        at_load: true,
+    };
     vec![
+        redis("url", "\"http://u:pw@h:6379\"", "redis.url"),
+        redis("mode", "\"list\"", "redis.mode"),
+        redis("key", "\"outbox.{event_type}\"", "redis.key"),
+        redis("dead_letter_key", "\"\"", "redis.dead_letter_key"),
+        redis("max_len", "0", "redis.max_len"),
         at_load("relay", "batch_size", "0", "relay.batch_size"),
         at_load("relay", "batch_sise", "5", "batch_sise"),
         at_load("relays", "batch_size", "5", "relays"),

@@ -1,15 +1,20 @@
 //! The Redis sink end to end against the local Redis (`TEST_REDIS_URL`, default
 //! 127.0.0.1:6379) with the real relay loop: stream mode (SPEC fields, per-aggregate
 //! entry order, all PROCESSED), pub/sub with a subscriber (the JSON envelope), pub/sub
-//! with none (a rejection: rows FAILED, dead-lettered to a stream), and a key holding
-//! the wrong type (that row FAILED alone). Every key is unique to its test and deleted.
+//! with none (a rejection: rows FAILED, dead-lettered to a stream), a key holding the
+//! wrong type (that row FAILED alone), and the sink's own contract: `close` ends every
+//! outstanding confirm, `probe` follows the connection. Every key is unique to its test
+//! and deleted.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use outbox_relay::model::Message;
 use outbox_relay::sink::redis::{RedisMode, RedisSink};
+use outbox_relay::sink::{Sink, SinkError};
 use outbox_relay_testkit::{
     db::*,
+    faults::Proxy,
     inproc::*,
     order::{check, Delivery},
     redis::*,
@@ -243,4 +248,71 @@ async fn wrongtype_key_fails_its_row_only() {
     assert_eq!(stream_entries(&keys.key("other")).await.len(), 1);
     keys.cleanup().await;
     table.drop_all().await;
+}
+
+fn message(id: i64, aggregate_id: &str) -> Message {
+    Message {
+        id,
+        event_id: uuid::Uuid::new_v4(),
+        aggregate_type: "order".into(),
+        aggregate_id: aggregate_id.into(),
+        event_type: "order.created".into(),
+        destination: None,
+        routing_key: None,
+        payload: r#"{"n": 1}"#.into(),
+        headers: vec![],
+        created_at: chrono::Utc::now(),
+        attempts: 0,
+    }
+}
+
+/// With the server unreachable behind a frozen proxy, `close` ends every outstanding
+/// confirm at once as `Unavailable` (none hangs, none is `Ok` or a rejection), `probe`
+/// then says "not connected"; once the path is back, `connect` and `probe` succeed and
+/// a send is confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_ends_outstanding_confirms_and_probe_follows_the_connection() {
+    let keys = TestKeys::new("close");
+    let proxy = Proxy::start("127.0.0.1:6379").await;
+    let mut cfg = keys.config(RedisMode::Stream);
+    cfg.url = outbox_relay::config::Secret::new(format!("redis://127.0.0.1:{}", proxy.port));
+    // A response timeout far longer than the waits below: only `close` can end them.
+    let mut sink = RedisSink::new(&cfg, Duration::from_secs(60)).expect("valid config");
+    sink.connect().await.expect("connect through the proxy");
+    sink.probe(Duration::from_secs(2)).await.expect("probe");
+
+    proxy.freeze();
+    let mut out = Vec::new();
+    for i in 0..50 {
+        let confirm = sink
+            .send(&message(i, &format!("a{i}")))
+            .await
+            .expect("send");
+        out.push(tokio::spawn(confirm));
+    }
+    let stalled = sink.probe(Duration::from_millis(300)).await;
+    assert!(
+        matches!(stalled, Err(SinkError::Unavailable(_))),
+        "{stalled:?}"
+    );
+    sink.close().await;
+    for c in out {
+        let r = tokio::time::timeout(Duration::from_secs(5), c)
+            .await
+            .expect("every confirm ends after close")
+            .expect("confirm task");
+        assert!(matches!(r, Err(SinkError::Unavailable(_))), "{r:?}");
+    }
+    assert!(!sink.is_connected());
+    assert!(sink.probe(Duration::from_secs(1)).await.is_err());
+
+    proxy.thaw();
+    sink.connect().await.expect("reconnect");
+    sink.probe(Duration::from_secs(2))
+        .await
+        .expect("probe after reconnect");
+    let c = sink.send(&message(99, "after")).await.expect("send");
+    c.await.expect("confirmed");
+    sink.close().await;
+    keys.cleanup().await;
 }

@@ -231,3 +231,79 @@ pub async fn stream_entries(key: &str) -> Vec<Received> {
         })
         .collect()
 }
+
+/// The local Redis' restart command (as `scripts/services.sh` starts it: no persistence).
+const REDIS_START: [&str; 15] = [
+    "--daemonize",
+    "yes",
+    "--bind",
+    "127.0.0.1",
+    "-::1",
+    "--port",
+    "6379",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--dir",
+    "/var/lib/redis",
+    "--logfile",
+    "/var/log/redis/ci.log",
+];
+
+/// Whether the local Redis answers `PING`.
+pub fn redis_up() -> bool {
+    std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", "6379", "ping"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+}
+
+/// Stop the local Redis at once (`SHUTDOWN NOSAVE`: it keeps nothing).
+pub fn redis_stop() {
+    let _ = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", "6379", "shutdown", "nosave"])
+        .output();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while redis_up() {
+        assert!(std::time::Instant::now() < deadline, "Redis did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Start the local Redis (if it is not up) and wait until it answers.
+pub fn redis_start() {
+    if redis_up() {
+        return;
+    }
+    let _ = std::fs::create_dir_all("/var/lib/redis");
+    let _ = std::fs::create_dir_all("/var/log/redis");
+    let _ = std::process::Command::new("redis-server")
+        .args(REDIS_START)
+        .status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !redis_up() {
+        assert!(std::time::Instant::now() < deadline, "Redis did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts the local Redis again if it is down, even if the test panics.
+pub struct RedisStartOnDrop;
+impl Drop for RedisStartOnDrop {
+    fn drop(&mut self) {
+        redis_start();
+    }
+}
+
+/// Sets the local Redis' `proto-max-bulk-len` back to its default (512 MB), even if the
+/// test panics.
+pub struct BulkLenOnDrop;
+impl Drop for BulkLenOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", "6379"])
+            .args(["config", "set", "proto-max-bulk-len", "536870912"])
+            .output();
+    }
+}

@@ -224,10 +224,10 @@ async fn max_bulk_len(conn: &mut MultiplexedConnection) -> Result<u64, SinkError
             .get("proto-max-bulk-len")
             .and_then(|v| v.parse().ok())
             .unwrap_or(wire::DEFAULT_MAX_BULK_LEN)),
-        Err(e) => match classify("CONFIG GET proto-max-bulk-len", &e) {
-            SinkError::Rejected(_) => Ok(wire::DEFAULT_MAX_BULK_LEN),
-            unavailable => Err(unavailable),
-        },
+        // Lost connection or timeout: the server is not there.
+        Err(e) if e.is_io_error() => Err(classify("CONFIG GET proto-max-bulk-len", &e)),
+        // Refused (NOPERM, unknown or renamed command) or an unexpected reply shape.
+        Err(_) => Ok(wire::DEFAULT_MAX_BULK_LEN),
     }
 }
 
