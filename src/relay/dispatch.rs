@@ -153,7 +153,11 @@ impl<S: Sink> Engine<S> {
                     .to_std()
                     .unwrap_or_default();
                 metrics::histogram!(m::PUBLISH_LATENCY).record(latency.as_secs_f64());
-                metrics::gauge!(m::BROKER_UP).set(1.0);
+                // A confirm of the connection an outage just broke may still come in after
+                // the outage was reported: only a reconnect says the broker is back.
+                if !self.broker.down {
+                    metrics::gauge!(m::BROKER_UP).set(1.0);
+                }
                 self.last_confirm = Some(Instant::now());
                 self.window.finish(&flight.key);
                 self.recording.insert(id, flight.hash);
@@ -318,6 +322,7 @@ impl<S: Sink> Engine<S> {
             Err(e) => {
                 if self.broker.down {
                     tracing::debug!(error = %e, "broker still not reachable");
+                    metrics::gauge!(m::BROKER_UP).set(0.0);
                     self.broker.retry_at =
                         Instant::now() + self.broker.pacer.next_pause().min(BROKER_RETRY_MAX);
                 } else {
