@@ -1,6 +1,7 @@
 //! outbox-relay: a transactional outbox relay. Producers commit an outbox row with their
-//! business rows; the relay publishes committed rows to RabbitMQ or Kafka with broker
-//! confirms and marks them `PROCESSED` (or `FAILED` after its retries).
+//! business rows; the relay publishes committed rows to RabbitMQ, Kafka, NATS JetStream,
+//! Redis, SQS or SNS with broker confirms and marks them `PROCESSED` (or `FAILED` after its
+//! retries).
 //!
 //! Layout (each stage is a module; brokers stay behind the `Sink` seam):
 //! - `config`   — typed settings: defaults → TOML → env, validated, secrets redacted;
@@ -12,8 +13,9 @@
 //! - `store`    — Postgres: claim, mark, parked rows, leases (`store::leases`), operator
 //!   queries (`store::admin`)
 //! - `sink`     — the `Sink` trait; `sink::rabbitmq` (lapin), `sink::kafka` (rdkafka),
-//!   each owning its config section (`[rabbitmq]`, `[kafka]`: `<broker>::config`) and a
-//!   demo reader (`tap`, giving `sink::Arrival`)
+//!   `sink::nats` (async-nats, JetStream), `sink::redis` (redis-rs: streams, pub/sub),
+//!   `sink::aws` (the AWS SDK: `sqs` and `sns` through one batcher), each owning its config
+//!   section(s) (`<broker>::config`) and a demo reader (`tap`, giving `sink::Arrival`)
 //! - `relay`    — the engine: claimer, per-aggregate window, dispatch, completer, leases
 //!   and the partitions they give, doorbell (when to ask for NOTIFY), idle probes,
 //!   backoff, wake-ups

@@ -1,7 +1,7 @@
 //! The seam between the relay engine and a broker. The engine sees only the `Sink` trait,
-//! `Confirm` and `SinkError`; lapin, rdkafka and async-nats types stay inside their own submodule,
-//! and each broker's submodule owns its config section (`<broker>::config`: keys,
-//! defaults, validation).
+//! `Confirm` and `SinkError`; lapin, rdkafka, async-nats, redis-rs and AWS SDK types stay
+//! inside their own submodule, and each broker's submodule owns its config section
+//! (`<broker>::config`: keys, defaults, validation).
 
 use std::future::Future;
 use std::pin::Pin;
