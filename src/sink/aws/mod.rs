@@ -1,8 +1,8 @@
 //! Amazon SQS and SNS sinks (AWS SDK for Rust): the SPEC §2 mapping (`wire`: body =
 //! payload JSON text, String message attributes, FIFO group / deduplication ids, limits
 //! checked before sending), a background `batcher` that sends `SendMessageBatch` /
-//! `PublishBatch` requests of up to 10 entries per target, and the two small sinks
-//! (`sqs`, `sns`) over them. SDK types stay inside this module.
+//! `PublishBatch` requests of up to 10 entries per target, and one sink (`AwsSink`) over
+//! them with a `Service` each for `sqs` and `sns`. SDK types stay inside this module.
 //!
 //! Invariants:
 //! - a message is `Ok(())` only from the service's success for its own batch entry;
@@ -15,6 +15,7 @@
 mod batcher;
 mod client;
 mod config;
+mod sink;
 mod sns;
 mod sqs;
 pub mod tap;
