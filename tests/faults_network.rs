@@ -38,27 +38,7 @@ async fn proxy_attack(prefix: &str, attack: &str, cut: bool) {
         (table.count("PROCESSED").await > 300).then_some(())
     })
     .await;
-    for round in 0..3 {
-        let t0 = Instant::now();
-        if cut {
-            proxy.drop_all();
-        } else {
-            proxy.freeze();
-            // The relay notices the stall only through publish_timeout (2s).
-            wait_broker_up(&relay, false, Duration::from_secs(30)).await;
-            assert_eq!(relay.get("/livez").await.map(|r| r.0), Some(200));
-            table.assert_no_attempts("a stall spends no attempt").await;
-            proxy.thaw();
-        }
-        let before = table.count("PROCESSED").await;
-        wait_for(
-            Duration::from_secs(60),
-            &format!("progress after {attack} round {round}"),
-            || async { (table.count("PROCESSED").await > before + 100).then_some(()) },
-        )
-        .await;
-        println!("{attack} round {round}: recovered in {:?}", t0.elapsed());
-    }
+    proxy_rounds(&proxy, &relay, &table, attack, cut).await;
     let Outcome { commits, .. } = conclude(attack, relay, producer, table, broker, QUIET).await;
     println!(
         "{attack}: producers committed {commits} (+3000 up front); proxy saw {} connections",

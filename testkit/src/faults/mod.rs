@@ -8,15 +8,18 @@
 //! - `Producer`: order-service-like writers that keep committing while the database is
 //!   attacked (a failed transaction is retried; only committed rows count);
 //! - `Proxy`: a TCP proxy on 127.0.0.1 that can freeze (sockets open, nothing forwarded)
-//!   or drop (close every connection) the traffic between the relay and a broker;
+//!   or drop (close every connection) the traffic between the relay and a broker, and
+//!   `proxy_rounds`, three such attacks in a row with progress required after each;
 //! - guards that restore a stopped or blocked service even when a test panics.
 
 mod ledger;
 mod producer;
 mod proxy;
+mod rounds;
 mod services;
 
 pub use ledger::*;
 pub use producer::*;
 pub use proxy::*;
+pub use rounds::*;
 pub use services::*;
