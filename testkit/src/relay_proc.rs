@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+use crate::db::TestTable;
 use crate::wait::wait_for;
 use crate::{amqp_url, pg_url, unique};
 
@@ -227,4 +228,24 @@ pub async fn wait_metric(
 pub async fn wait_broker_up(relay: &RelayProc, up: bool, within: Duration) {
     let want = if up { 1.0 } else { 0.0 };
     wait_metric(relay, "outbox_relay_broker_up", within, |v| v == want).await
+}
+
+/// Riding out a broker outage: the relay reports the broker down (within `within`),
+/// stays ready (a sidecar's readiness never follows the broker) and live, and no row has
+/// spent an attempt on it.
+pub async fn assert_outage_ridden_out(relay: &RelayProc, table: &TestTable, within: Duration) {
+    wait_broker_up(relay, false, within).await;
+    assert_eq!(
+        relay.get("/readyz").await.map(|r| r.0),
+        Some(200),
+        "readiness does not follow the broker"
+    );
+    assert_eq!(
+        relay.get("/livez").await.map(|r| r.0),
+        Some(200),
+        "alive while waiting for the broker"
+    );
+    table
+        .assert_no_attempts("an outage spends no attempts")
+        .await;
 }
