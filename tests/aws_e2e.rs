@@ -46,14 +46,11 @@ async fn standard_queue_receives_every_row_with_spec_attributes() {
         0
     );
     let got = queue.read(400, Duration::from_secs(60)).await;
-    let by_id = by_event_id(&got);
-    for row in table.rows().await {
-        let m = by_id
-            .get(&row.event_id)
-            .unwrap_or_else(|| panic!("lost: {row:?}"));
-        assert_spec_mapping(&row, m, false);
-        assert_eq!(m.group_id, None);
-    }
+    assert_all_delivered(&table.rows().await, &got, false);
+    assert!(
+        got.iter().all(|m| m.group_id.is_none()),
+        "no group id on a standard queue"
+    );
     queue.delete().await;
     table.drop_all().await;
 }
@@ -76,13 +73,7 @@ async fn fifo_queue_is_read_back_in_aggregate_order() {
     relay.stop(Duration::from_secs(10)).await;
     let got = queue.read(300, Duration::from_secs(60)).await;
     let db = table.rows().await;
-    let by_id = by_event_id(&got);
-    for row in &db {
-        let m = by_id
-            .get(&row.event_id)
-            .unwrap_or_else(|| panic!("lost: {row:?}"));
-        assert_spec_mapping(row, m, true);
-    }
+    assert_all_delivered(&db, &got, true);
     assert_fifo_order(&db, &got);
     queue.delete().await;
     table.drop_all().await;
@@ -177,13 +168,7 @@ async fn fifo_topic_delivers_everything_to_its_subscriber() {
     relay.stop(Duration::from_secs(10)).await;
     let got = topic.queue.read(120, Duration::from_secs(60)).await;
     let db = table.rows().await;
-    let by_id = by_event_id(&got);
-    for row in &db {
-        let m = by_id
-            .get(&row.event_id)
-            .unwrap_or_else(|| panic!("lost: {row:?}"));
-        assert_spec_mapping(row, m, true);
-    }
+    assert_all_delivered(&db, &got, true);
     assert_fifo_order(&db, &got);
     topic.delete().await;
     table.drop_all().await;

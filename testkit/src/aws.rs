@@ -223,6 +223,18 @@ pub fn by_event_id(got: &[Received]) -> HashMap<String, &Received> {
     out
 }
 
+/// Every row of `db` arrived in `got`, mapped as SPEC §2 says (`fifo`: with group and
+/// deduplication ids).
+pub fn assert_all_delivered(db: &[crate::db::DbRow], got: &[Received], fifo: bool) {
+    let by_id = by_event_id(got);
+    for row in db {
+        let m = by_id
+            .get(&row.event_id)
+            .unwrap_or_else(|| panic!("lost: {row:?}"));
+        assert_spec_mapping(row, m, fifo);
+    }
+}
+
 /// Assert the order of messages read from a FIFO queue against the table's rows: first
 /// arrivals of each aggregate in `id` order. Messages of other tables are skipped.
 pub fn assert_fifo_order(db: &[crate::db::DbRow], got: &[Received]) -> usize {
