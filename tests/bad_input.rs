@@ -5,8 +5,8 @@
 //! nats-server on a stream of its own (its `max_payload`, 1 MiB by default, is the
 //! size limit). The Kafka part runs against librdkafka's mock cluster with a small
 //! `message.max.bytes` (RabbitMQ's max message size is a node-wide setting, 128 MiB by
-//! default, not changeable per test); the SQS part against the AWS emulator (moto,
-//! `scripts/aws-emulator.sh`); Redis in stream mode against the local server (its
+//! default, not changeable per test); the SQS and SNS parts against the AWS emulator (moto,
+//! `scripts/aws-emulator.sh`; SNS rows read from a queue subscribed to the topic); Redis in stream mode against the local server (its
 //! `proto-max-bulk-len` is server-wide, so the size limit is attacked in
 //! `faults_redis.rs`, not here). The relay binary is the child process in each.
 
@@ -361,15 +361,41 @@ async fn sqs_bad_rows_fail_alone_with_readable_errors() {
     require_emulator();
     let queue = TestQueue::new("badin-s", false).await;
     let missing = queue.missing_sibling();
-    let table = TestTable::new("badin_s").await;
-    let eleven: serde_json::Map<String, serde_json::Value> =
-        (0..7).map(|i| (format!("h{i}"), "v".into())).collect();
-    let mut cases = common_cases(3);
+    let fifo = format!("{}.fifo", queue.url);
+    let mut cases = aws_cases("SQS", &fifo);
     cases.extend([
         Case::new("unknown_queue", &[missing.as_str(), "does not exist"], 3).dest(&missing),
         Case::new("destination_not_a_queue_url", &["not a queue URL"], 3).dest("orders"),
+    ]);
+    let env = sqs_env(&aws_endpoint(), &queue.url);
+    aws_bad_rows("SQS", "badin_s", &cases, env, &queue).await;
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sns_bad_rows_fail_alone_with_readable_errors() {
+    require_emulator();
+    let topic = TestTopic::new("badin-sn", false).await;
+    let missing = format!("{}-missing", topic.arn);
+    let fifo = format!("{}.fifo", topic.arn);
+    let mut cases = aws_cases("SNS", &fifo);
+    cases.extend([
+        Case::new("unknown_topic", &[missing.as_str(), "does not exist"], 3).dest(&missing),
+        Case::new("destination_not_a_topic_arn", &["not an SNS topic ARN"], 3).dest("orders"),
+    ]);
+    let env = sns_env(&aws_endpoint(), &topic.arn);
+    aws_bad_rows("SNS", "badin_sn", &cases, env, &topic.queue).await;
+    topic.delete().await;
+}
+
+/// The cases SQS and SNS share (the same message limits); `fifo` is a FIFO target.
+fn aws_cases(service: &str, fifo: &str) -> Vec<Case> {
+    let seven: serde_json::Map<String, serde_json::Value> =
+        (0..7).map(|i| (format!("h{i}"), "v".into())).collect();
+    let mut cases = common_cases(3);
+    cases.extend([
         {
-            let mut c = Case::new("payload_over_256_kib", &["256 KiB", "SQS"], 3);
+            let mut c = Case::new("payload_over_256_kib", &["256 KiB", service], 3);
             c.payload = serde_json::json!({ "blob": "x".repeat(300 * 1024) });
             c
         },
@@ -378,7 +404,7 @@ async fn sqs_bad_rows_fail_alone_with_readable_errors() {
             &["11 message attributes", "at most 10"],
             3,
         )
-        .headers(serde_json::Value::Object(eleven)),
+        .headers(serde_json::Value::Object(seven)),
         Case::new("reserved_attribute_name", &["\"AWS.trace\"", "reserved"], 3)
             .headers(serde_json::json!({"AWS.trace": "1"})),
         Case::new(
@@ -390,22 +416,35 @@ async fn sqs_bad_rows_fail_alone_with_readable_errors() {
         Case::new("empty_attribute_value", &["\"tenant\" is empty"], 3)
             .headers(serde_json::json!({"tenant": ""})),
         {
-            let fifo = format!("{}.fifo", queue.url);
             let mut c =
                 Case::new("group_id_over_128", &["MessageGroupId", "limit is 128"], 3).dest(fifo);
             c.aggregate_id = "g".repeat(200);
             c
         },
     ]);
-    let loaded = load(&table, &cases, 5).await;
-    let mut env = relay_env(&table.name, "unused");
-    env.extend(sqs_env(&aws_endpoint(), &queue.url));
-    let relay = RelayProc::start(&env);
+    cases
+}
+
+/// Run the relay (`env`: an SQS or SNS sink whose good rows land in `queue`) over
+/// `cases` between good rows: each case FAILED as expected, every good row delivered.
+async fn aws_bad_rows(
+    service: &str,
+    prefix: &str,
+    cases: &[Case],
+    env: Vec<(String, String)>,
+    queue: &TestQueue,
+) {
+    let table = TestTable::new(prefix).await;
+    let loaded = load(&table, cases, 5).await;
+    let mut full = relay_env(&table.name, "unused");
+    full.extend(env);
+    let relay = RelayProc::start(&full);
     table
         .wait_no_pending(Duration::from_secs(60), "every row settled")
         .await;
     check_cases(&table, &loaded).await;
-    let mut ledger = Ledger::load("bad input matrix (SQS)", &table.pool, &table.name).await;
+    let title = format!("bad input matrix ({service})");
+    let mut ledger = Ledger::load(&title, &table.pool, &table.name).await;
     let good = table.count("PROCESSED").await as usize;
     let got = queue.read(good, Duration::from_secs(30)).await;
     ledger.delivered(
@@ -420,7 +459,6 @@ async fn sqs_bad_rows_fail_alone_with_readable_errors() {
         "bad input never wedges the relay"
     );
     drop(relay);
-    queue.delete().await;
     table.cleanup().await;
 }
 

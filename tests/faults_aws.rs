@@ -1,5 +1,6 @@
-//! The AWS side unavailable in the middle of a run: a TCP proxy between the relay (the
-//! binary, `sink.kind = sqs`) and the emulator first freezes (requests
+//! The AWS side unavailable in the middle of a run, for SQS and for SNS (a topic with a
+//! queue subscribed): a TCP proxy between the relay (the binary, `sink.kind = sqs | sns`)
+//! and the emulator first freezes (requests
 //! time out), then drops every connection while frozen, then thaws. moto keeps its state
 //! in memory, so it is never restarted: the proxy is the outage. Nothing is lost, no row
 //! spends an attempt, `outbox_relay_broker_up` drops to 0 and comes back, and each
@@ -14,22 +15,46 @@ use std::time::Duration;
 use outbox_relay_testkit::{aws::*, db::*, faults::*, relay_proc::*, wait::*};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn emulator_unreachable_mid_run_loses_nothing_and_spends_no_attempts() {
+async fn sqs_unreachable_mid_run_loses_nothing_and_spends_no_attempts() {
     require_emulator();
+    let queue = TestQueue::new("faws", false).await;
+    let (proxy, via_proxy) = proxy().await;
+    let env = sqs_env(&via_proxy, &queue.url);
+    ride_out("SQS", &proxy, env, &queue).await;
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sns_unreachable_mid_run_loses_nothing_and_spends_no_attempts() {
+    require_emulator();
+    let topic = TestTopic::new("fawsn", false).await;
+    let (proxy, via_proxy) = proxy().await;
+    let env = sns_env(&via_proxy, &topic.arn);
+    ride_out("SNS", &proxy, env, &topic.queue).await;
+    topic.delete().await;
+}
+
+/// A proxy to the emulator, and the endpoint URL through it.
+async fn proxy() -> (Proxy, String) {
     let upstream = aws_endpoint()
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_string();
     let proxy = Proxy::start(&upstream).await;
     let via_proxy = format!("http://127.0.0.1:{}", proxy.port);
-    let queue = TestQueue::new("faws", false).await;
+    (proxy, via_proxy)
+}
+
+/// Relay a steady load through `proxy` (`sink`: the relay's env for the service, which
+/// delivers into `queue`), freeze it, cut it, thaw it: nothing lost, no attempts spent.
+async fn ride_out(service: &str, proxy: &Proxy, sink: Vec<(String, String)>, queue: &TestQueue) {
     let table = TestTable::new("faws").await;
     let mut env = relay_env(&table.name, "unused");
-    env.extend(sqs_env(&via_proxy, &queue.url));
+    env.extend(sink);
     env.push(("OUTBOX_RELAY__RELAY__LEASE_TIMEOUT".into(), "10s".into()));
     env.push(("OUTBOX_RELAY__RELAY__PUBLISH_TIMEOUT".into(), "5s".into()));
     // Consumed while it fills: moto slows down with queue depth.
-    let collector = Collector::start(&queue);
+    let collector = Collector::start(queue);
     let relay = RelayProc::start(&env);
     let producer = Producer::start(&table.pool, &table.name, 20, 2, Duration::from_millis(20));
     wait_for(Duration::from_secs(60), "relaying under way", || async {
@@ -76,7 +101,12 @@ async fn emulator_unreachable_mid_run_loses_nothing_and_spends_no_attempts() {
         .finish(committed as usize, Duration::from_secs(60))
         .await;
     let db = table.rows().await;
-    let mut ledger = Ledger::load("SQS unreachable mid-run", &table.pool, &table.name).await;
+    let mut ledger = Ledger::load(
+        &format!("{service} unreachable mid-run"),
+        &table.pool,
+        &table.name,
+    )
+    .await;
     ledger.delivered(
         got.iter()
             .filter_map(|m| m.attribute("event_id").map(str::to_string)),
@@ -85,9 +115,8 @@ async fn emulator_unreachable_mid_run_loses_nothing_and_spends_no_attempts() {
     assert_eq!(t.failed, 0);
     let dups = assert_fifo_order(&db, &got);
     println!(
-        "SQS outage at {stuck} processed: {committed} committed, all delivered, {dups} duplicates"
+        "{service} outage at {stuck} processed: {committed} committed, all delivered, {dups} duplicates"
     );
     drop(relay);
-    queue.delete().await;
     table.cleanup().await;
 }

@@ -1,9 +1,10 @@
 //! Parked rows cost nothing per claim (issue #11, schema 3): 200 000 PENDING rows behind
 //! 2 000 FAILED rows are parked by the relay and leave the claim's index; rows of other
-//! aggregates written at 100 rows/s meanwhile keep a low commit → PROCESSED latency, and
-//! `replay` of one blocker releases its parked rows in id order.
-//! In the serial phase of `scripts/test.sh` (a `faults_` binary): its latency bound is a
-//! timing guarantee, so nothing else runs beside it.
+//! aggregates written at 100 rows/s meanwhile are relayed while the claims read only them
+//! (the index entries the claims read, counted by Postgres, not a clock), and `replay` of
+//! one blocker releases its parked rows in id order. The latency of the other rows is
+//! printed for the record, not asserted.
+//! In the serial phase of `scripts/test.sh` (a `faults_` binary): it loads the database.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,18 @@ use outbox_relay_testkit::{db::*, rabbit::*, relay_proc::*, wait::*};
 const BLOCKERS: i64 = 2_000;
 const BEHIND: i64 = 100;
 const OTHERS: usize = 1_000;
+
+/// Index entries returned so far by scans of the claim's index (`<table>_pending_idx`).
+async fn claim_index_reads(table: &TestTable) -> i64 {
+    sqlx::query_scalar(
+        "SELECT idx_tup_read FROM pg_stat_user_indexes
+         WHERE relname = $1 AND indexrelname = $1 || '_pending_idx'",
+    )
+    .bind(&table.name)
+    .fetch_one(&table.pool)
+    .await
+    .unwrap()
+}
 
 /// Rows behind blockers that are not parked yet.
 async fn unparked_behind(table: &TestTable) -> i64 {
@@ -65,6 +78,14 @@ async fn parked_rows_cost_other_aggregates_nothing_and_replay_releases_them_in_o
         started.elapsed().as_secs_f64()
     );
 
+    // Dead index entries left by the parking updates are gone, as autovacuum would make
+    // them in time; what is left in the claim's index is what a claim can read.
+    sqlx::raw_sql(&format!("VACUUM \"{t}\""))
+        .execute(&table.pool)
+        .await
+        .unwrap();
+    let reads_before = claim_index_reads(&table).await;
+
     // Other aggregates at 100 rows/s for 10 s.
     let t0 = Instant::now();
     for i in 0..OTHERS {
@@ -92,7 +113,19 @@ async fn parked_rows_cost_other_aggregates_nothing_and_replay_releases_them_in_o
     .await
     .unwrap();
     eprintln!("other rows behind 200 000 parked ones: commit -> PROCESSED p50 {p50:.1} ms, p99 {p99:.1} ms");
-    assert!(p99 < 50.0, "p99 {p99:.1} ms with parked rows present");
+    // Every sweep claim scans the claim's index from the first id; were the parked rows in
+    // it, each claim would read 200 000 entries (hundreds of claims run in these 10 s).
+    // Statistics reach the view within seconds; a parking-phase remainder arriving late
+    // is far below the bound.
+    let reads = claim_index_reads(&table).await - reads_before;
+    eprintln!(
+        "claim index entries read while relaying {OTHERS} other rows: {reads} ({:.1} per row)",
+        reads as f64 / OTHERS as f64
+    );
+    assert!(
+        reads < (BLOCKERS * BEHIND) * 5,
+        "claims read {reads} index entries for {OTHERS} rows: parked rows are being scanned"
+    );
     assert_eq!(
         unparked_behind(&table).await,
         0,

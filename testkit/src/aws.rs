@@ -87,15 +87,31 @@ pub fn sns_config(endpoint: &str, topic_arn: &str) -> SnsConfig {
 
 /// The env of a relay child process publishing to SQS queue `queue_url`.
 pub fn sqs_env(endpoint: &str, queue_url: &str) -> Vec<(String, String)> {
+    aws_relay_env("sqs", ("QUEUE_URL", queue_url), endpoint)
+}
+
+/// The env of a relay child process publishing to `topic_arn` on the emulator.
+pub fn sns_env(endpoint: &str, topic_arn: &str) -> Vec<(String, String)> {
+    aws_relay_env("sns", ("TOPIC_ARN", topic_arn), endpoint)
+}
+
+fn aws_relay_env(kind: &str, target: (&str, &str), endpoint: &str) -> Vec<(String, String)> {
+    let section = kind.to_ascii_uppercase();
     let mut env: Vec<(String, String)> = aws_env_pairs()
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     env.extend([
-        ("OUTBOX_RELAY__SINK__KIND".to_string(), "sqs".to_string()),
-        ("OUTBOX_RELAY__SQS__QUEUE_URL".into(), queue_url.into()),
-        ("OUTBOX_RELAY__SQS__ENDPOINT_URL".into(), endpoint.into()),
-        ("OUTBOX_RELAY__SQS__REGION".into(), REGION.into()),
+        ("OUTBOX_RELAY__SINK__KIND".to_string(), kind.to_string()),
+        (
+            format!("OUTBOX_RELAY__{section}__{}", target.0),
+            target.1.into(),
+        ),
+        (
+            format!("OUTBOX_RELAY__{section}__ENDPOINT_URL"),
+            endpoint.into(),
+        ),
+        (format!("OUTBOX_RELAY__{section}__REGION"), REGION.into()),
     ]);
     env
 }

@@ -106,6 +106,14 @@ impl Bench {
         }
     }
 
+    /// Rows/s offered in the latency phase of `kind`.
+    pub fn rate_for(&self, kind: Kind) -> f64 {
+        match kind {
+            Kind::Sqs => self.args.sqs_latency_rate,
+            _ => self.args.latency_rate,
+        }
+    }
+
     pub async fn all(&self, f: &mut Figures) -> Result<()> {
         if has(&self.args, Phase::Pg) {
             let (rate, split) = self.pg_ceiling().await?;

@@ -148,6 +148,9 @@ pub struct Args {
     /// Rows of the SQS drain and ceiling (an emulator is far slower than the others).
     #[arg(long, default_value_t = 2_000)]
     pub sqs_rows: u64,
+    /// Rows/s offered in the SQS latency phase (the emulator takes a few hundred).
+    #[arg(long, default_value_t = 50.0)]
+    pub sqs_latency_rate: f64,
 }
 
 pub fn has(args: &Args, p: Phase) -> bool {

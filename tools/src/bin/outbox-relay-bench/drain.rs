@@ -21,6 +21,9 @@ impl Bench {
             }
         }
         let env = self.relay_env(kind, &t.name, &phase).await?;
+        if kind == Kind::Sqs {
+            self.sqs()?.consume(&phase).await?;
+        }
         let a = census();
         let (lsn0, upd0) = (pg::wal_lsn(&self.pool).await?, t.updates().await?);
         let fpi0 = pg::wal_fpi(&self.pool).await?;
@@ -94,7 +97,7 @@ impl Bench {
             Kind::Kafka => None,
             Kind::Nats => Some(self.nats()?.count(phase).await?),
             Kind::Redis => Some(self.redis()?.count(phase).await?),
-            Kind::Sqs => Some(self.sqs()?.count(phase).await?),
+            Kind::Sqs => Some(self.sqs()?.delivered(phase).await?),
         })
     }
 

@@ -58,7 +58,7 @@ impl Bench {
             &self.args.database_url,
             &t.name,
             self.args.producers,
-            Some(self.args.latency_rate),
+            Some(self.rate_for(kind)),
             self.args.latency_secs,
             self.args.aggregates,
             self.args.payload_bytes,
@@ -110,7 +110,7 @@ impl Bench {
         }
         let q = |p: f64| lat[((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1];
         Ok(Latency {
-            offered: self.args.latency_rate,
+            offered: self.rate_for(kind),
             achieved: commits.len() as f64 / produced_secs,
             committed: commits.len(),
             missing,

@@ -106,7 +106,13 @@ pub fn print_table(args: &Args, f: &Figures) {
         ),
         &|s| {
             let l = s.latency.as_ref()?;
-            Some(format!("**{:.1} / {:.1} / {:.0} ms**", l.p50, l.p99, l.max))
+            let lat = format!("**{:.1} / {:.1} / {:.0} ms**", l.p50, l.p99, l.max);
+            // The emulated SQS is offered less (`--sqs-latency-rate`): say so in its cell.
+            Some(if l.offered == args.latency_rate {
+                lat
+            } else {
+                format!("{lat} at {} rows/s offered", int(l.offered))
+            })
         },
     );
     row(

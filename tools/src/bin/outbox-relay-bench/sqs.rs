@@ -1,8 +1,11 @@
 //! The SQS side, against a local emulator (moto): one standard queue per phase, the raw
 //! broker ceiling (a bare `SendMessageBatch` publisher of the relay's attributes, batches
 //! of 10 with a sliding window of unanswered batches), a `ReceiveMessage` reader that
-//! timestamps arrivals, and the queue's message count after a drain. An emulator's
-//! figures say what the relay adds on top of the service, not what AWS does.
+//! timestamps arrivals and deletes what it read, and the count of messages delivered by a
+//! drain. moto answers ever more slowly as a queue deepens, so the reader consumes the
+//! ceiling's and the drain's queues while they are sent to: both measure the same shallow
+//! queue. An emulator's figures say what the relay adds on top of the service, not what
+//! AWS does.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +32,8 @@ pub struct Sqs {
     prefix: String,
     client: Client,
     queues: std::sync::Mutex<HashMap<String, String>>,
+    /// The reader of each phase that is being consumed while it fills.
+    readers: std::sync::Mutex<HashMap<String, (Arrivals, tokio::task::JoinHandle<()>)>>,
 }
 
 impl Sqs {
@@ -55,6 +60,7 @@ impl Sqs {
             prefix: prefix.to_string(),
             client,
             queues: Default::default(),
+            readers: Default::default(),
         })
     }
 
@@ -107,6 +113,7 @@ impl Sqs {
         } = *load;
         let url = self.queue("ceiling").await?;
         let url = &url;
+        let (_, reader) = self.arrivals("ceiling").await?;
         let secs = sliding(n, window, |i| {
             let batch: Result<Vec<_>> = (i..n.min(i + 10))
                 .map(|j| entry(j, payload, &load.aggregate(j)))
@@ -129,9 +136,10 @@ impl Sqs {
                 Ok((took, answer))
             }
         })
-        .await?;
+        .await;
+        reader.abort();
         self.delete("ceiling").await;
-        Ok(secs)
+        secs
     }
 
     /// Receive from `phase`'s queue (long polls, deleting what arrived) and note when
@@ -187,26 +195,51 @@ impl Sqs {
         Ok((seen, task))
     }
 
-    /// Messages in `phase`'s queue; the queue is deleted afterwards.
-    pub async fn count(&self, phase: &str) -> Result<u64> {
+    /// Start consuming `phase`'s queue before the relay sends to it (see `delivered`).
+    pub async fn consume(&self, phase: &str) -> Result<()> {
+        let reader = self.arrivals(phase).await?;
+        self.readers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(phase.to_string(), reader);
+        Ok(())
+    }
+
+    /// Distinct messages `phase`'s reader received plus what the queue still holds
+    /// (visible or received but not yet deleted); the queue is deleted afterwards.
+    pub async fn delivered(&self, phase: &str) -> Result<u64> {
         let url = self.queue(phase).await?;
         let out = self
             .client
             .get_queue_attributes()
             .queue_url(&url)
             .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
             .send()
             .await?;
-        let n = out
-            .attributes
-            .and_then(|a| {
-                a.get(&QueueAttributeName::ApproximateNumberOfMessages)
-                    .cloned()
-            })
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let attrs = out.attributes.unwrap_or_default();
+        let left: u64 = [
+            QueueAttributeName::ApproximateNumberOfMessages,
+            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        ]
+        .iter()
+        .filter_map(|k| attrs.get(k)?.parse::<u64>().ok())
+        .sum();
+        let reader = self
+            .readers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(phase);
+        let read = match reader {
+            Some((seen, task)) => {
+                task.abort();
+                let n = seen.lock().await.len() as u64;
+                n
+            }
+            None => 0,
+        };
         self.delete(phase).await;
-        Ok(n)
+        Ok(read + left)
     }
 
     async fn delete(&self, phase: &str) {
