@@ -106,6 +106,11 @@ impl Bench {
         }
     }
 
+    /// The aggregate of the `i`th message of a phase (as the producers spread them).
+    pub fn aggregate(&self, i: u64) -> String {
+        format!("order-{}", i % u64::from(self.args.aggregates.max(1)))
+    }
+
     /// Rows/s offered in the latency phase of `kind`.
     pub fn rate_for(&self, kind: Kind) -> f64 {
         match kind {
@@ -212,6 +217,17 @@ impl Bench {
                     s.latency = Some(l);
                 }
                 Err(e) => self.fail(&mut s, "latency", e),
+            }
+            match self.latency_floor(kind).await {
+                Ok(Some((p50, p99, max))) => {
+                    println!(
+                        "{k}: latency floor (bare publisher -> consumer at {} msg/s, no database, no relay): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+                        int(self.rate_for(kind))
+                    );
+                    s.floor = Some((p50, p99, max));
+                }
+                Ok(None) => {}
+                Err(e) => self.fail(&mut s, "latency floor", e),
             }
         }
         if has(&self.args, Phase::Naive) && matches!(kind, Kind::Rabbit | Kind::Kafka) {

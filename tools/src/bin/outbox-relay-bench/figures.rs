@@ -62,6 +62,9 @@ pub struct SinkFigures {
     pub ceiling_split: Option<CpuSplit>,
     pub drain: Option<Drain>,
     pub latency: Option<Latency>,
+    /// The broker's own latency at the same rate (bare publisher → consumer): p50, p99,
+    /// max ms.
+    pub floor: Option<(f64, f64, f64)>,
     pub naive: Option<(u64, f64)>,
     pub errors: Vec<String>,
 }

@@ -192,6 +192,14 @@ impl Kafka {
         Ok(())
     }
 
+    /// A bare producer for the latency floor, with the relay's producer settings.
+    pub fn floor_publisher(&self, topic: &str) -> Result<FloorKafka> {
+        Ok(FloorKafka {
+            producer: self.producer(topic)?,
+            topic: topic.to_string(),
+        })
+    }
+
     pub fn naive(&self, topic: &str) -> Result<NaiveKafka> {
         Ok(NaiveKafka {
             producer: self.producer(topic)?,
@@ -241,5 +249,26 @@ impl NaivePublisher for NaiveKafka {
             .await
             .map_err(|(e, _)| anyhow!("naive relay: delivery failed: {e}"))?;
         Ok(())
+    }
+}
+
+/// The latency floor's producer.
+pub struct FloorKafka {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl FloorKafka {
+    /// Hand record `id` over (its delivery report is not waited for).
+    pub fn send(&self, id: Uuid, agg: &str, payload: &str) -> Result<()> {
+        let ids = id.to_string();
+        let rec = FutureRecord::to(&self.topic)
+            .key(agg)
+            .payload(payload)
+            .headers(headers(&ids, agg));
+        self.producer
+            .send_result(rec)
+            .map(drop)
+            .map_err(|(e, _)| anyhow!("floor producer: enqueue: {e}"))
     }
 }

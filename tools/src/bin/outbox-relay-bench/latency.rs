@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::bench::Bench;
 use crate::figures::{Kind, Latency};
+use crate::floor::{percentiles, waited};
 use crate::pg;
 use crate::procs::{census, CpuSplit};
 
@@ -66,20 +67,8 @@ impl Bench {
         .await?;
         let produced_secs = started.elapsed().as_secs_f64();
         // Wait for the stragglers (bounded).
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let got = {
-                let s = seen.lock().await;
-                commits
-                    .iter()
-                    .filter(|c| s.contains_key(&c.event_id))
-                    .count()
-            };
-            if got == commits.len() || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let sent: Vec<_> = commits.iter().map(|c| (c.event_id, c.at)).collect();
+        let (lat, missing) = waited(&sent, &seen).await;
         let ours = self.backends(Some(&t)).await;
         eprintln!(
             "  producers ran {produced_secs:.1}s, stragglers waited for {:.1}s",
@@ -90,33 +79,19 @@ impl Bench {
         let db_side = t.latency_percentiles().await?;
         let usage = relay.stop().await;
         consumer.abort();
-        let s = seen.lock().await;
-        let mut lat: Vec<f64> = commits
-            .iter()
-            .filter_map(|c| {
-                s.get(&c.event_id)
-                    .map(|at| at.saturating_duration_since(c.at).as_secs_f64() * 1e3)
-            })
-            .collect();
-        drop(s);
-        lat.sort_by(f64::total_cmp);
-        let missing = commits.len() - lat.len();
         self.drop_table(&t).await;
         if let (Some(r), Kind::Rabbit) = (&self.rabbit, kind) {
             r.purge().await?;
         }
-        if lat.is_empty() {
-            bail!("no message arrived");
-        }
-        let q = |p: f64| lat[((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1];
+        let (p50, p99, max) = percentiles(&lat)?;
         Ok(Latency {
             offered: self.rate_for(kind),
             achieved: commits.len() as f64 / produced_secs,
             committed: commits.len(),
             missing,
-            p50: q(0.50),
-            p99: q(0.99),
-            max: q(1.0),
+            p50,
+            p99,
+            max,
             db_side,
             usage,
             split,

@@ -16,6 +16,7 @@ mod ceilings;
 mod cli;
 mod drain;
 mod figures;
+mod floor;
 mod kafka;
 mod latency;
 mod nats;

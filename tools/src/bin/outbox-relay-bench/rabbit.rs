@@ -177,6 +177,14 @@ impl Rabbit {
         Ok(secs)
     }
 
+    /// A bare publisher for the latency floor: a confirm channel, as the relay's.
+    pub async fn floor_publisher(&self) -> Result<FloorRabbit> {
+        Ok(FloorRabbit {
+            ch: confirm_channel(&self.conn).await?,
+            exchange: self.exchange.clone(),
+        })
+    }
+
     /// Consume the queue (auto-ack) and note when each `message_id` arrived.
     pub async fn arrivals(&self) -> Result<(Arrivals, tokio::task::JoinHandle<()>)> {
         let ch = self.conn.create_channel().await?;
@@ -247,5 +255,32 @@ impl NaivePublisher for NaiveRabbit {
             Confirmation::Ack(None) => Ok(()),
             other => bail!("naive relay: not confirmed: {other:?}"),
         }
+    }
+}
+
+/// The latency floor's publisher: the relay's message, persistent and mandatory.
+pub struct FloorRabbit {
+    ch: lapin::Channel,
+    exchange: String,
+}
+
+impl FloorRabbit {
+    /// Hand message `id` over; its confirm is awaited aside, not here.
+    pub async fn send(&self, id: Uuid, agg: String, payload: &str) -> Result<()> {
+        let confirm = self
+            .ch
+            .basic_publish(
+                &self.exchange,
+                "order.created",
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                payload.as_bytes(),
+                props_for(id, &agg, crate::pg::TRACEPARENT),
+            )
+            .await?;
+        tokio::spawn(confirm);
+        Ok(())
     }
 }

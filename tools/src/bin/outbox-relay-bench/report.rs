@@ -116,6 +116,14 @@ pub fn print_table(args: &Args, f: &Figures) {
         },
     );
     row(
+        "latency floor: a bare publisher → the same consumer at the same rate (no database, no relay): p50 / p99 / max"
+            .into(),
+        &|s| {
+            let (a, b, c) = s.floor?;
+            Some(format!("{a:.1} / {b:.1} / {c:.0} ms"))
+        },
+    );
+    row(
         "latency in the database: created_at → processed_at (confirm + mark): p50 / p99 / max"
             .into(),
         &|s| {
