@@ -94,10 +94,15 @@ impl Bench {
                 let (seen, consumer) = k.arrivals(&topic).await?;
                 k.warm(&topic, &seen).await?;
                 let publisher = k.floor_publisher(&topic)?;
+                // Its producer id and metadata first: the relay's producer has them
+                // long before a latency run's rows.
+                publisher.send(Uuid::new_v4(), "warm", "{}")?;
+                publisher.flush()?;
                 let sent = paced(rate, secs, |i, id| {
                     std::future::ready(publisher.send(id, &self.aggregate(i), &self.payload))
                 })
                 .await?;
+                publisher.flush()?;
                 (sent, seen, consumer)
             }
             _ => return Ok(None),

@@ -271,4 +271,13 @@ impl FloorKafka {
             .map(drop)
             .map_err(|(e, _)| anyhow!("floor producer: enqueue: {e}"))
     }
+
+    /// Wait until every record handed over was answered (dropping the producer
+    /// earlier would lose the ones still lingering).
+    pub fn flush(&self) -> Result<()> {
+        use rdkafka::producer::Producer as _;
+        self.producer
+            .flush(Duration::from_secs(15))
+            .map_err(|e| anyhow!("floor producer: flush: {e}"))
+    }
 }
