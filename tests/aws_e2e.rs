@@ -5,19 +5,20 @@
 
 use std::time::Duration;
 
-use outbox_relay::sink::aws::{SnsSink, SqsSink};
-use outbox_relay_testkit::{aws::*, db::*, inproc::*, wait::*};
+use outbox_relay::sink::aws::{SnsSink, SqsConfig, SqsSink};
+use outbox_relay_testkit::{aws::*, db::*, inproc::*};
 
-/// Relay until `processed` rows are PROCESSED and `failed` FAILED.
-async fn settle(table: &TestTable, processed: i64, failed: i64) {
-    wait_until(
-        Duration::from_secs(90),
-        &format!("{processed} PROCESSED, {failed} FAILED"),
-        || async {
-            table.count("PROCESSED").await == processed && table.count("FAILED").await == failed
-        },
-    )
-    .await;
+/// `relay_until` with the SQS sink of `cfg`.
+async fn relay_sqs(table: &TestTable, cfg: &SqsConfig, processed: i64, failed: i64) {
+    let sink = SqsSink::new(cfg, Duration::from_secs(5)).expect("valid [sqs]");
+    relay_until(table, sink, relay_config("5s"), processed, failed).await;
+}
+
+/// `relay_until` with the SNS sink publishing to `topic_arn`.
+async fn relay_sns(table: &TestTable, topic_arn: &str, processed: i64, failed: i64) {
+    let cfg = sns_config(&aws_endpoint(), topic_arn);
+    let sink = SnsSink::new(&cfg, Duration::from_secs(5)).expect("valid [sns]");
+    relay_until(table, sink, relay_config("5s"), processed, failed).await;
 }
 
 /// A standard queue gets every row, each with the SPEC §2 body and attributes, and no
@@ -31,14 +32,7 @@ async fn standard_queue_receives_every_row_with_spec_attributes() {
         .flat_map(|seq| (0..10).map(move |a| Row::new(&format!("order-{a}"), seq)))
         .collect();
     table.insert_rows(&rows).await;
-    let sink = SqsSink::new(
-        &sqs_config(&aws_endpoint(), &queue.url),
-        Duration::from_secs(5),
-    )
-    .expect("valid [sqs]");
-    let relay = Running::start(table.store(), sink, relay_config("5s"));
-    settle(&table, 400, 0).await;
-    relay.stop(Duration::from_secs(10)).await;
+    relay_sqs(&table, &sqs_config(&aws_endpoint(), &queue.url), 400, 0).await;
     assert_eq!(
         table
             .count_where("processed_at IS NULL OR attempts <> 0 OR last_error IS NOT NULL")
@@ -63,14 +57,7 @@ async fn fifo_queue_is_read_back_in_aggregate_order() {
     let queue = TestQueue::new("at-fifo", true).await;
     let table = TestTable::new("awsfifo").await;
     table.produce(300, 12, 4).await;
-    let sink = SqsSink::new(
-        &sqs_config(&aws_endpoint(), &queue.url),
-        Duration::from_secs(5),
-    )
-    .expect("valid [sqs]");
-    let relay = Running::start(table.store(), sink, relay_config("5s"));
-    settle(&table, 300, 0).await;
-    relay.stop(Duration::from_secs(10)).await;
+    relay_sqs(&table, &sqs_config(&aws_endpoint(), &queue.url), 300, 0).await;
     let got = queue.read(300, Duration::from_secs(60)).await;
     let db = table.rows().await;
     assert_all_delivered(&db, &got, true);
@@ -91,18 +78,9 @@ async fn too_large_message_fails_alone() {
     let mut rows: Vec<Row> = (0..10).map(|a| Row::new(&format!("o-{a}"), 0)).collect();
     rows.insert(5, big);
     table.insert_rows(&rows).await;
-    let sink = SqsSink::new(
-        &sqs_config(&aws_endpoint(), &queue.url),
-        Duration::from_secs(5),
-    )
-    .expect("valid [sqs]");
-    let relay = Running::start(table.store(), sink, relay_config("5s"));
-    settle(&table, 10, 1).await;
-    relay.stop(Duration::from_secs(10)).await;
-    let db = table.rows().await;
-    let failed = db.iter().find(|r| r.status == "FAILED").unwrap();
+    relay_sqs(&table, &sqs_config(&aws_endpoint(), &queue.url), 10, 1).await;
+    let (failed, why) = table.the_failed().await;
     assert_eq!(failed.aggregate_id, "big");
-    let why = failed.last_error.as_deref().unwrap();
     assert!(why.contains("256 KiB") && why.contains("SQS"), "{why}");
     let got = queue.read(10, Duration::from_secs(30)).await;
     assert!(got
@@ -128,24 +106,15 @@ async fn missing_queue_fails_its_row_only() {
             Row::new("typo", 1),
         ])
         .await;
-    let sink = SqsSink::new(
-        &sqs_config(&aws_endpoint(), &queue.url),
-        Duration::from_secs(5),
-    )
-    .expect("valid [sqs]");
-    let relay = Running::start(table.store(), sink, relay_config("5s"));
-    settle(&table, 2, 1).await;
-    relay.stop(Duration::from_secs(10)).await;
-    let db = table.rows().await;
-    let failed = db.iter().find(|r| r.status == "FAILED").unwrap();
+    relay_sqs(&table, &sqs_config(&aws_endpoint(), &queue.url), 2, 1).await;
+    let (failed, why) = table.the_failed().await;
     assert_eq!((failed.aggregate_id.as_str(), failed.attempts), ("typo", 3));
-    let why = failed.last_error.as_deref().unwrap();
     assert!(
         why.contains(&missing) && why.contains("does not exist"),
         "{why}"
     );
     // on_failed = block: the aggregate's later row waits.
-    assert_eq!(db[3].status, "PENDING");
+    assert_eq!(table.rows().await[3].status, "PENDING");
     queue.delete().await;
     table.drop_all().await;
 }
@@ -158,14 +127,7 @@ async fn fifo_topic_delivers_everything_to_its_subscriber() {
     let topic = TestTopic::new("at-sns", true).await;
     let table = TestTable::new("awssns").await;
     table.produce(120, 6, 3).await;
-    let sink = SnsSink::new(
-        &sns_config(&aws_endpoint(), &topic.arn),
-        Duration::from_secs(5),
-    )
-    .expect("valid [sns]");
-    let relay = Running::start(table.store(), sink, relay_config("5s"));
-    settle(&table, 120, 0).await;
-    relay.stop(Duration::from_secs(10)).await;
+    relay_sns(&table, &topic.arn, 120, 0).await;
     let got = topic.queue.read(120, Duration::from_secs(60)).await;
     let db = table.rows().await;
     assert_all_delivered(&db, &got, true);
@@ -184,14 +146,7 @@ async fn standard_topic_delivers_and_missing_topic_fails() {
     let mut rows: Vec<Row> = (0..20).map(|a| Row::new(&format!("o-{a}"), 0)).collect();
     rows.push(Row::new("typo", 0).to(&missing));
     table.insert_rows(&rows).await;
-    let sink = SnsSink::new(
-        &sns_config(&aws_endpoint(), &topic.arn),
-        Duration::from_secs(5),
-    )
-    .expect("valid [sns]");
-    let relay = Running::start(table.store(), sink, relay_config("5s"));
-    settle(&table, 20, 1).await;
-    relay.stop(Duration::from_secs(10)).await;
+    relay_sns(&table, &topic.arn, 20, 1).await;
     let got = topic.queue.read(20, Duration::from_secs(30)).await;
     let by_id = by_event_id(&got);
     for row in table.rows().await {
@@ -222,13 +177,9 @@ async fn failed_row_goes_to_the_dead_letter_queue() {
     table.insert_rows(&[Row::new("good", 0), bad]).await;
     let mut cfg = sqs_config(&aws_endpoint(), &queue.url);
     cfg.dead_letter_queue_url = Some(dlq.url.clone());
-    let sink = SqsSink::new(&cfg, Duration::from_secs(5)).expect("valid [sqs]");
-    let relay = Running::start(table.store(), sink, relay_config("5s"));
-    settle(&table, 1, 1).await;
+    relay_sqs(&table, &cfg, 1, 1).await;
     let dead = dlq.read(1, Duration::from_secs(30)).await;
-    relay.stop(Duration::from_secs(10)).await;
-    let db = table.rows().await;
-    let failed = db.iter().find(|r| r.status == "FAILED").unwrap();
+    let (failed, _) = table.the_failed().await;
     let m = &dead[0];
     assert_eq!(m.attribute("event_id"), Some(failed.event_id.as_str()));
     assert_eq!(m.body, failed.payload);

@@ -158,20 +158,9 @@ async fn payload_over_proto_max_bulk_len_fails_alone() {
 
     let sink = RedisSink::new(&keys.config(RedisMode::Stream), Duration::from_secs(5))
         .expect("valid Redis config");
-    let relay = Running::start(table.store(), sink, relay_config("5s"));
-    wait_until(Duration::from_secs(60), "3 PROCESSED, 1 FAILED", || async {
-        table.count("PROCESSED").await == 3 && table.count("FAILED").await == 1
-    })
-    .await;
-    relay.stop(Duration::from_secs(30)).await;
-    let failed = table
-        .rows()
-        .await
-        .into_iter()
-        .find(|r| r.status == "FAILED")
-        .expect("the failed row");
+    relay_until(&table, sink, relay_config("5s"), 3, 1).await;
+    let (failed, e) = table.the_failed().await;
     assert_eq!(failed.aggregate_id, "big");
-    let e = failed.last_error.expect("last_error");
     assert!(
         e.contains("payload is") && e.contains("proto-max-bulk-len = 1048576"),
         "{e}"

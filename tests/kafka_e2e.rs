@@ -112,23 +112,15 @@ async fn missing_topic_fails_its_row_only() {
         ])
         .await;
     let sink = KafkaSink::new(&cfg, Duration::from_secs(10)).unwrap();
-    let relay = Running::start(table.store(), sink, relay_config("10s"));
-    wait_until(Duration::from_secs(60), "2 PROCESSED, 1 FAILED", || async {
-        table.count_where("status = 'PROCESSED'").await == 2
-            && table.count_where("status = 'FAILED'").await == 1
-    })
-    .await;
-    relay.stop(Duration::from_secs(30)).await;
-    let db = table.rows().await;
-    let failed = db.iter().find(|r| r.status == "FAILED").unwrap();
+    relay_until(&table, sink, relay_config("10s"), 2, 1).await;
+    let (failed, why) = table.the_failed().await;
     assert_eq!((failed.aggregate_id.as_str(), failed.attempts), ("typo", 3));
-    let why = failed.last_error.as_deref().unwrap();
     assert!(
         why.contains(&missing) && why.contains("does not exist"),
         "{why}"
     );
     // on_failed = block: the aggregate's later row waits.
-    assert_eq!(db[3].status, "PENDING");
+    assert_eq!(table.rows().await[3].status, "PENDING");
     let admin_view = ensure_topic(&cfg, &missing, 1).await.unwrap();
     assert!(admin_view, "the relay must not have created {missing}");
     table.drop_all().await;

@@ -273,20 +273,10 @@ async fn failed_row_goes_to_dead_letter_topic() {
     cfg.dead_letter_topic = Some(dlt.clone());
     let (sink, _counts) = sink(&cfg);
     let relay = Running::start(table.store(), sink, relay_config("2s"));
-    wait_until(Duration::from_secs(30), "2 PROCESSED, 1 FAILED", || async {
-        table.count_where("status = 'PROCESSED'").await == 2
-            && table.count_where("status = 'FAILED'").await == 1
-    })
-    .await;
-    let failed = table
-        .rows()
-        .await
-        .into_iter()
-        .find(|r| r.status == "FAILED")
-        .unwrap();
+    table.wait_settled(2, 1, Duration::from_secs(30)).await;
+    let (failed, why) = table.the_failed().await;
     assert_eq!(failed.aggregate_id, "typo");
     assert_eq!(failed.attempts, 3);
-    let why = failed.last_error.clone().unwrap();
     assert!(
         why.contains(&missing) && why.contains("does not exist"),
         "{why}"

@@ -11,7 +11,6 @@ use outbox_relay::sink::nats::NatsSink;
 use outbox_relay_testkit::{
     db::*, faults::Producer, hex_id, inproc::*, nats::*, relay_proc::*, wait::*,
 };
-use rand::Rng;
 
 /// 3 000 rows over 60 aggregates: subject from the template, body = payload JSON,
 /// headers = the row's plus `Nats-Msg-Id`/`event_id` = event_id and the metadata; the
@@ -97,22 +96,18 @@ async fn subject_no_stream_captures_fails_its_row_only() {
         ])
         .await;
     let sink = NatsSink::new(&nats_config(&stream.template()), Duration::from_secs(10)).unwrap();
-    let relay = Running::start(table.store(), sink, relay_config("10s"));
-    wait_until(Duration::from_secs(60), "2 PROCESSED, 1 FAILED", || async {
-        table.count_where("status = 'PROCESSED'").await == 2
-            && table.count_where("status = 'FAILED'").await == 1
-    })
-    .await;
-    relay.stop(Duration::from_secs(30)).await;
-    let db = table.rows().await;
-    let failed = db.iter().find(|r| r.status == "FAILED").unwrap();
+    relay_until(&table, sink, relay_config("10s"), 2, 1).await;
+    let (failed, why) = table.the_failed().await;
     assert_eq!((failed.aggregate_id.as_str(), failed.attempts), ("typo", 3));
-    let why = failed.last_error.as_deref().unwrap();
     assert!(
         why.contains("no JetStream stream captures subject") && why.contains(&nowhere),
         "{why}"
     );
-    assert_eq!(db[3].status, "PENDING", "the aggregate's later row waits");
+    assert_eq!(
+        table.rows().await[3].status,
+        "PENDING",
+        "the aggregate's later row waits"
+    );
     assert_eq!(stream.count().await, 2);
     stream.delete().await;
     table.drop_all().await;
@@ -132,11 +127,7 @@ async fn failed_row_is_dead_lettered() {
     cfg.dead_letter_subject = Some(format!("{}.dead", stream.name));
     let sink = NatsSink::new(&cfg, Duration::from_secs(10)).unwrap();
     let relay = Running::start(table.store(), sink, relay_config("10s"));
-    wait_until(Duration::from_secs(60), "1 PROCESSED, 1 FAILED", || async {
-        table.count_where("status = 'PROCESSED'").await == 1
-            && table.count_where("status = 'FAILED'").await == 1
-    })
-    .await;
+    table.wait_settled(1, 1, Duration::from_secs(60)).await;
     stream.wait_count(2, Duration::from_secs(10)).await;
     relay.stop(Duration::from_secs(30)).await;
     let db = table.rows().await;
@@ -174,26 +165,8 @@ async fn sigkilled_relay_leaves_each_event_once_in_order() {
     );
     table.produce(2_000, 40, 4).await;
     let producer = Producer::start(&table.pool, &table.name, 40, 4, Duration::from_millis(2));
-    let mut progress = Vec::new();
-    for run in 0..6 {
-        let life = Duration::from_millis(rand::thread_rng().gen_range(300..=1500));
-        let mut relay = RelayProc::start(&env);
-        // The attack's schedule: the kill lands wherever the relay happens to be.
-        tokio::time::sleep(life).await;
-        relay.signal("KILL");
-        let status = relay.child.wait().await.unwrap();
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&status),
-            Some(9),
-            "run {run} was SIGKILLed"
-        );
-        progress.push((life.as_millis(), table.count("PROCESSED").await));
-    }
+    let progress = kill_repeatedly(&env, &table, 6, 300..=1500).await;
     println!("(lifetime ms, processed after) {progress:?}");
-    assert!(
-        progress.last().unwrap().1 > 0,
-        "the killed runs got work done"
-    );
 
     let relay = RelayProc::start(&env);
     let (commits, _) = producer.stop().await;

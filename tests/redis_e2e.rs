@@ -224,25 +224,11 @@ async fn wrongtype_key_fails_its_row_only() {
         ])
         .await;
 
-    let relay = Running::start(
-        table.store(),
-        sink(&keys.config(RedisMode::Stream)),
-        relay_config("5s"),
-    );
-    wait_until(SETTLE, "4 PROCESSED, 1 FAILED", || async {
-        table.count("PROCESSED").await == 4 && table.count("FAILED").await == 1
-    })
-    .await;
-    relay.stop(Duration::from_secs(30)).await;
-    let failed = table
-        .rows()
-        .await
-        .into_iter()
-        .find(|r| r.status == "FAILED")
-        .expect("the failed row");
+    let sink = sink(&keys.config(RedisMode::Stream));
+    relay_until(&table, sink, relay_config("5s"), 4, 1).await;
+    let (failed, e) = table.the_failed().await;
     assert_eq!(failed.aggregate_id, "typo");
     assert_eq!(failed.attempts, 3);
-    let e = failed.last_error.expect("last_error");
     assert!(e.contains("WRONGTYPE") && e.contains(&blocked), "{e}");
     assert_eq!(stream_entries(&keys.key("order")).await.len(), 3);
     assert_eq!(stream_entries(&keys.key("other")).await.len(), 1);

@@ -147,6 +147,30 @@ impl TestTable {
         }
     }
 
+    /// Wait until exactly `processed` rows are PROCESSED and `failed` FAILED.
+    pub async fn wait_settled(&self, processed: i64, failed: i64, within: Duration) {
+        crate::wait::wait_until(
+            within,
+            &format!("{processed} PROCESSED, {failed} FAILED"),
+            || async {
+                self.count("PROCESSED").await == processed && self.count("FAILED").await == failed
+            },
+        )
+        .await;
+    }
+
+    /// The first FAILED row (there must be one) and its `last_error`.
+    pub async fn the_failed(&self) -> (DbRow, String) {
+        let row = self
+            .rows()
+            .await
+            .into_iter()
+            .find(|r| r.status == "FAILED")
+            .expect("a FAILED row");
+        let why = row.last_error.clone().expect("the FAILED row's last_error");
+        (row, why)
+    }
+
     pub async fn count(&self, status: &str) -> i64 {
         sqlx::query_scalar(&format!(
             "SELECT count(*) FROM \"{}\" WHERE status = $1",

@@ -73,6 +73,22 @@ impl Running {
     }
 }
 
+/// Relay `table` in-process through `sink` until exactly `processed` rows are PROCESSED
+/// and `failed` FAILED (within a minute), then stop the relay.
+pub async fn relay_until<S: Sink>(
+    table: &crate::db::TestTable,
+    sink: S,
+    cfg: RelayConfig,
+    processed: i64,
+    failed: i64,
+) {
+    let relay = Running::start(table.store(), sink, cfg);
+    table
+        .wait_settled(processed, failed, Duration::from_secs(60))
+        .await;
+    relay.stop(Duration::from_secs(30)).await;
+}
+
 /// Outcome counts of a wrapped sink.
 #[derive(Default, Debug)]
 pub struct Counts {

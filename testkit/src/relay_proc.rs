@@ -249,3 +249,36 @@ pub async fn assert_outage_ridden_out(relay: &RelayProc, table: &TestTable, with
         .assert_no_attempts("an outage spends no attempts")
         .await;
 }
+
+/// The SIGKILL attack: start the relay binary with `env` `runs` times, each killed with
+/// SIGKILL after a random lifetime in `life_ms` (wherever it happens to be); returns
+/// (lifetime ms, PROCESSED rows of `table` after the kill) per run, and asserts the last
+/// run found work done.
+pub async fn kill_repeatedly(
+    env: &[(String, String)],
+    table: &TestTable,
+    runs: usize,
+    life_ms: std::ops::RangeInclusive<u64>,
+) -> Vec<(u64, i64)> {
+    use rand::Rng;
+    let mut progress = Vec::new();
+    for run in 0..runs {
+        let life = rand::thread_rng().gen_range(life_ms.clone());
+        let mut relay = RelayProc::start(env);
+        // The attack's schedule: the kill lands wherever the relay happens to be.
+        tokio::time::sleep(Duration::from_millis(life)).await;
+        relay.signal("KILL");
+        let status = relay.child.wait().await.expect("wait for the killed relay");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "run {run} was SIGKILLed"
+        );
+        progress.push((life, table.count("PROCESSED").await));
+    }
+    assert!(
+        progress.last().map_or(0, |p| p.1) > 0,
+        "the killed runs got work done: {progress:?}"
+    );
+    progress
+}
