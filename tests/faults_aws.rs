@@ -57,10 +57,9 @@ async fn ride_out(service: &str, proxy: &Proxy, sink: Vec<(String, String)>, que
     let collector = Collector::start(queue);
     let relay = RelayProc::start(&env);
     let producer = Producer::start(&table.pool, &table.name, 20, 2, Duration::from_millis(20));
-    wait_for(Duration::from_secs(60), "relaying under way", || async {
-        (table.count("PROCESSED").await > 200).then_some(())
-    })
-    .await;
+    table
+        .wait_processed_over(200, Duration::from_secs(60))
+        .await;
     wait_for(Duration::from_secs(10), "broker_up = 1", || async {
         (relay.metric("outbox_relay_broker_up").await == Some(1.0)).then_some(())
     })

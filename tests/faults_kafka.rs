@@ -50,10 +50,9 @@ async fn tansu_killed_with_requests_outstanding_loses_nothing() {
     let collector = KafkaCollector::start(&brokers, &topic);
     let relay = RelayProc::start_cmd(&env, &["run", "--config", file.path().to_str().unwrap()]);
     let producer = Producer::start(&table.pool, &table.name, 40, 2, Duration::from_millis(3));
-    wait_for(Duration::from_secs(60), "relaying under way", || async {
-        (table.count("PROCESSED").await > 500).then_some(())
-    })
-    .await;
+    table
+        .wait_processed_over(500, Duration::from_secs(60))
+        .await;
 
     relay.signal("STOP");
     let frozen_at = table.count("PROCESSED").await;
@@ -169,10 +168,9 @@ async fn kafka_request_errors_and_timeouts_lose_nothing() {
     );
     let relay = RelayProc::start_cmd(&env, &["run", "--config", file.path().to_str().unwrap()]);
     let producer = Producer::start(&table.pool, &table.name, 40, 2, Duration::from_millis(3));
-    wait_for(Duration::from_secs(60), "relaying under way", || async {
-        (table.count("PROCESSED").await > 300).then_some(())
-    })
-    .await;
+    table
+        .wait_processed_over(300, Duration::from_secs(60))
+        .await;
 
     // 1. Retriable broker errors on Produce.
     use RDKafkaRespErr::*;

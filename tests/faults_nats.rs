@@ -9,24 +9,17 @@
 
 use std::time::Duration;
 
-use outbox_relay_testkit::{db::*, faults::*, nats::*, relay_proc::*, wait::*};
+use outbox_relay_testkit::{db::*, faults::*, nats::*, relay_proc::*};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_stopped_mid_run_loses_nothing_and_spends_no_attempts() {
     let stream = TestStream::new("fnstop").await;
     let table = TestTable::new("fnstop").await;
     let relay = RelayProc::start(&nats_env(&table.name, &stream.template(), &[]));
-    let producer = {
-        let t = TestTable {
-            name: table.name.clone(),
-            pool: table.pool.clone(),
-        };
-        tokio::spawn(async move { t.produce(6_000, 60, 4).await })
-    };
-    wait_for(Duration::from_secs(30), "relaying under way", || async {
-        (table.count("PROCESSED").await > 300).then_some(())
-    })
-    .await;
+    let producer = table.produce_aside(6_000, 60, 4);
+    table
+        .wait_processed_over(300, Duration::from_secs(30))
+        .await;
     wait_broker_up(&relay, true, Duration::from_secs(10)).await;
 
     let guard = NatsStartOnDrop;
@@ -109,10 +102,9 @@ async fn proxy_attack(prefix: &str, attack: &str, cut: bool) {
     ));
     table.produce(3_000, 40, 4).await;
     let producer = Producer::start(&table.pool, &table.name, 40, 2, Duration::from_millis(3));
-    wait_for(Duration::from_secs(30), "relaying under way", || async {
-        (table.count("PROCESSED").await > 300).then_some(())
-    })
-    .await;
+    table
+        .wait_processed_over(300, Duration::from_secs(30))
+        .await;
     proxy_rounds(&proxy, &relay, &table, attack, cut).await;
     let (commits, _) = producer.stop().await;
     table

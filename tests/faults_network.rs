@@ -34,10 +34,9 @@ async fn proxy_attack(prefix: &str, attack: &str, cut: bool) {
     ));
     table.produce(3_000, 40, 4).await;
     let producer = Producer::start(&table.pool, &table.name, 40, 2, Duration::from_millis(3));
-    wait_for(Duration::from_secs(30), "relaying under way", || async {
-        (table.count("PROCESSED").await > 300).then_some(())
-    })
-    .await;
+    table
+        .wait_processed_over(300, Duration::from_secs(30))
+        .await;
     proxy_rounds(&proxy, &relay, &table, attack, cut).await;
     let Outcome { commits, .. } = conclude(attack, relay, producer, table, broker, QUIET).await;
     println!(
@@ -77,10 +76,9 @@ async fn memory_alarm_blocks_then_releases_without_loss_or_attempts() {
     ));
     table.produce(3_000, 40, 4).await;
     let producer = Producer::start(&table.pool, &table.name, 40, 2, Duration::from_millis(3));
-    wait_for(Duration::from_secs(30), "relaying under way", || async {
-        (table.count("PROCESSED").await > 300).then_some(())
-    })
-    .await;
+    table
+        .wait_processed_over(300, Duration::from_secs(30))
+        .await;
 
     let guard = WatermarkOnDrop;
     rabbitmqctl(&["-q", "set_vm_memory_high_watermark", "0"]);

@@ -17,10 +17,9 @@ async fn backends_terminated_mid_batch_lose_nothing() {
     table.produce(4_000, 40, 4).await;
     let relay = RelayProc::start(&fault_env(&table.name, &broker.exchange, &[]));
     let producer = Producer::start(&table.pool, &table.name, 40, 4, Duration::from_millis(2));
-    wait_for(Duration::from_secs(30), "relaying under way", || async {
-        (table.count("PROCESSED").await > 300).then_some(())
-    })
-    .await;
+    table
+        .wait_processed_over(300, Duration::from_secs(30))
+        .await;
     wait_for(Duration::from_secs(10), "the relay LISTENs", || async {
         (relay_listeners(&table.pool).await >= 1).then_some(())
     })
@@ -66,10 +65,9 @@ async fn postgres_restarted_mid_run_loses_nothing() {
         &[("OUTBOX_RELAY__DATABASE__CONNECT_TIMEOUT", "2s")],
     ));
     let producer = Producer::start(&table.pool, &table.name, 40, 4, Duration::from_millis(2));
-    wait_for(Duration::from_secs(30), "relaying under way", || async {
-        (table.count("PROCESSED").await > 500).then_some(())
-    })
-    .await;
+    table
+        .wait_processed_over(500, Duration::from_secs(30))
+        .await;
 
     let guard = PgStartOnDrop;
     let t0 = Instant::now();

@@ -20,17 +20,10 @@ async fn broker_stopped_mid_run_loses_nothing_and_spends_no_attempts() {
     let table = TestTable::new("rstop").await;
     let mut broker = TestBroker::new("rstop").await;
     let relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
-    let producer = {
-        let t = TestTable {
-            name: table.name.clone(),
-            pool: table.pool.clone(),
-        };
-        tokio::spawn(async move { t.produce(6_000, 60, 4).await })
-    };
-    wait_for(Duration::from_secs(30), "relaying under way", || async {
-        (table.count("PROCESSED").await > 300).then_some(())
-    })
-    .await;
+    let producer = table.produce_aside(6_000, 60, 4);
+    table
+        .wait_processed_over(300, Duration::from_secs(30))
+        .await;
     wait_for(Duration::from_secs(10), "broker_up = 1", || async {
         (relay.metric("outbox_relay_broker_up").await == Some(1.0)).then_some(())
     })

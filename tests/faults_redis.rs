@@ -35,13 +35,7 @@ async fn redis_stopped_mid_run_loses_nothing_and_spends_no_attempts() {
         RedisMode::Stream,
         &[("OUTBOX_RELAY__REDIS__URL", &via_proxy)],
     ));
-    let producer = {
-        let t = TestTable {
-            name: table.name.clone(),
-            pool: table.pool.clone(),
-        };
-        tokio::spawn(async move { t.produce(5_000, 50, 4).await })
-    };
+    let producer = table.produce_aside(5_000, 50, 4);
     wait_until(Duration::from_secs(60), "relaying under way", || async {
         table.count("PROCESSED").await > 300
     })

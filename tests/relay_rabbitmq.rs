@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use outbox_relay_testkit::{db::*, order::*, rabbit::*, relay_proc::*, unique, wait::*};
+use outbox_relay_testkit::{db::*, order::*, rabbit::*, relay_proc::*, unique};
 
 /// (event_id, aggregate_id, event_type, payload, headers, created_at, processed_at)
 type RowView = (
@@ -193,10 +193,9 @@ async fn sigkill_mid_batch_then_restart_loses_nothing() {
     table.produce(5_000, 100, 4).await;
     let env = relay_env(&table.name, &broker.exchange);
     let mut relay = RelayProc::start(&env);
-    wait_for(Duration::from_secs(90), "some rows processed", || async {
-        (table.count("PROCESSED").await > 200).then_some(())
-    })
-    .await;
+    table
+        .wait_processed_over(200, Duration::from_secs(90))
+        .await;
     relay.signal("KILL");
     let _ = relay.child.wait().await;
     let processed_at_kill = table.count("PROCESSED").await;
@@ -225,10 +224,9 @@ async fn sigterm_exits_zero_within_shutdown_timeout() {
     let broker = TestBroker::new("term").await;
     table.produce(3_000, 50, 4).await;
     let mut relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
-    wait_for(Duration::from_secs(90), "relay publishing", || async {
-        (table.count("PROCESSED").await > 100).then_some(())
-    })
-    .await;
+    table
+        .wait_processed_over(100, Duration::from_secs(90))
+        .await;
     let t0 = Instant::now();
     relay.signal("TERM");
     let status = tokio::time::timeout(Duration::from_secs(10), relay.child.wait())

@@ -92,10 +92,9 @@ async fn sigkilled_replica_is_taken_over_within_lease_timeout() {
     let mut relays: Vec<RelayProc> = (0..3).map(|_| RelayProc::start(&env)).collect();
     wait_balanced(&table, 3).await;
     table.produce(6_000, 300, 8).await;
-    wait_for(Duration::from_secs(90), "relaying under way", || async {
-        (table.count("PROCESSED").await > 500).then_some(())
-    })
-    .await;
+    table
+        .wait_processed_over(500, Duration::from_secs(90))
+        .await;
     let victim = relays.remove(0);
     let pid = victim.pid();
     victim.signal("KILL");

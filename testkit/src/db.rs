@@ -147,6 +147,29 @@ impl TestTable {
         }
     }
 
+    /// Wait until more than `n` rows are PROCESSED ("relaying under way").
+    pub async fn wait_processed_over(&self, n: i64, within: Duration) {
+        crate::wait::wait_until(within, &format!("more than {n} rows PROCESSED"), || async {
+            self.count("PROCESSED").await > n
+        })
+        .await;
+    }
+
+    /// `produce(n, aggregates, producers)` in a task of its own, on a second handle of
+    /// this table.
+    pub fn produce_aside(
+        &self,
+        n: usize,
+        aggregates: usize,
+        producers: usize,
+    ) -> tokio::task::JoinHandle<()> {
+        let t = TestTable {
+            name: self.name.clone(),
+            pool: self.pool.clone(),
+        };
+        tokio::spawn(async move { t.produce(n, aggregates, producers).await })
+    }
+
     /// Wait until exactly `processed` rows are PROCESSED and `failed` FAILED.
     pub async fn wait_settled(&self, processed: i64, failed: i64, within: Duration) {
         crate::wait::wait_until(
