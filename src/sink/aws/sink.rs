@@ -228,41 +228,124 @@ impl Outcomes {
     }
 }
 
-/// One batch request of a service: `Err((why, splittable))` when the whole request
-/// failed (`splittable`: for a reason that may be one message's).
-pub trait BatchRequest: Sync {
-    fn request(
+/// The reply to one batch request, in neutral terms: the ids of the entries that
+/// succeeded, and of those that failed with why.
+#[derive(Default)]
+pub struct Reply {
+    pub ok: Vec<String>,
+    pub failed: Vec<(String, SinkError)>,
+}
+
+/// One service's batch request in its SDK's types; the request itself (entries refused
+/// on their own, one call, outcomes by entry id, splitting) is written once, here.
+pub trait BatchRequest: Clone + Send + Sync + 'static {
+    /// The service's name in messages ("SQS").
+    const SERVICE: &'static str;
+    /// What a target is called in messages ("queue").
+    const TARGET: &'static str;
+    /// The SDK's batch entry.
+    type Item: Send;
+    /// The SDK entry for `e`, with id `id` (its index in the batch).
+    fn item(id: usize, e: &Entry) -> Result<Self::Item, SinkError>;
+    /// Send `batch` to `target` (`what` names it in errors): `Err((why, splittable))`
+    /// when the whole request failed (`splittable`: for a reason that may be one
+    /// message's).
+    fn send(
         &self,
         target: &str,
-        entries: &[Entry],
-    ) -> impl Future<Output = Result<Vec<Result<(), SinkError>>, (SinkError, bool)>> + Send;
+        what: &str,
+        batch: Vec<Self::Item>,
+    ) -> impl Future<Output = Result<Reply, (SinkError, bool)>> + Send;
+}
+
+/// The SDK batch entry of `$e` with id `$id`: SQS and SNS build the same entry from
+/// differently named types (`$attr` the attribute value, `$entry` the entry, `$body` the
+/// body setter), so it is written once here.
+macro_rules! sdk_item {
+    ($service:expr, $build_error:ty, $attr:ty, $entry:ty, $body:ident, $id:expr, $e:expr) => {{
+        let e: &$crate::sink::aws::wire::Entry = $e;
+        let invalid = |err: $build_error| {
+            $crate::sink::SinkError::Rejected(format!(
+                "cannot build the {} message: {err}",
+                $service
+            ))
+        };
+        let attributes = e
+            .attributes
+            .iter()
+            .map(|(k, v)| {
+                let value = <$attr>::builder()
+                    .data_type($crate::sink::aws::wire::STRING)
+                    .string_value(v)
+                    .build();
+                value.map(|v| (k.clone(), v)).map_err(invalid)
+            })
+            .collect::<Result<std::collections::HashMap<_, _>, _>>()?;
+        <$entry>::builder()
+            .id($id.to_string())
+            .$body(&e.body)
+            .set_message_attributes(Some(attributes))
+            .set_message_group_id(e.group_id.clone())
+            .set_message_deduplication_id(e.dedup_id.clone())
+            .build()
+            .map_err(invalid)
+    }};
+}
+pub(super) use sdk_item;
+
+/// One request for `entries`: an entry that cannot be built is refused on its own, the
+/// rest go in one call, and each outcome is read from the reply by entry id.
+async fn request<R: BatchRequest>(
+    requester: &R,
+    target: &str,
+    entries: &[Entry],
+) -> Result<Vec<Result<(), SinkError>>, (SinkError, bool)> {
+    let what = format!("{} {target}", R::TARGET);
+    let mut outcomes = Outcomes::new(entries.len());
+    let mut batch = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        match R::item(i, e) {
+            Ok(b) => batch.push(b),
+            Err(err) => outcomes.refused(i, err),
+        }
+    }
+    if !batch.is_empty() {
+        let reply = requester.send(target, &what, batch).await?;
+        for id in reply.ok {
+            outcomes.answer(&id, Ok(()));
+        }
+        for (id, why) in reply.failed {
+            outcomes.answer(&id, Err(why));
+        }
+    }
+    Ok(outcomes.finish(R::SERVICE, &what))
 }
 
 /// Publish `entries` to `target` in one request; a whole request the service refused for
 /// a reason that may be one message's is sent again entry by entry, so only the message
 /// at fault spends an attempt.
-pub async fn publish_or_split<R: BatchRequest>(
-    service: &str,
-    requester: &R,
-    target: &str,
-    entries: &[Entry],
-) -> Vec<Result<(), SinkError>> {
-    match requester.request(target, entries).await {
-        Ok(outcomes) => outcomes,
-        Err((_, true)) if entries.len() > 1 => {
-            let mut out = Vec::with_capacity(entries.len());
-            for e in entries {
-                out.push(
-                    match requester.request(target, std::slice::from_ref(e)).await {
-                        Ok(mut one) => one.pop().unwrap_or_else(|| {
-                            Err(SinkError::Unavailable(format!("{service} gave no answer")))
-                        }),
-                        Err((why, _)) => Err(why),
-                    },
-                );
+impl<R: BatchRequest> Publish for R {
+    async fn publish(&self, target: String, entries: Vec<Entry>) -> Vec<Result<(), SinkError>> {
+        match request(self, &target, &entries).await {
+            Ok(outcomes) => outcomes,
+            Err((_, true)) if entries.len() > 1 => {
+                let mut out = Vec::with_capacity(entries.len());
+                for e in &entries {
+                    out.push(
+                        match request(self, &target, std::slice::from_ref(e)).await {
+                            Ok(mut one) => one.pop().unwrap_or_else(|| {
+                                Err(SinkError::Unavailable(format!(
+                                    "{} gave no answer",
+                                    R::SERVICE
+                                )))
+                            }),
+                            Err((why, _)) => Err(why),
+                        },
+                    );
+                }
+                out
             }
-            out
+            Err((why, _)) => vec![Err(why); entries.len()],
         }
-        Err((why, _)) => vec![Err(why); entries.len()],
     }
 }

@@ -1,16 +1,14 @@
 //! SNS as an `AwsSink` service: rows go to the topic ARN in `destination`, else
 //! `sns.topic_arn`, as `PublishBatch` entries; "does it exist" is `GetTopicAttributes`.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_config::SdkConfig;
 use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
 use aws_sdk_sns::Client;
 
-use super::batcher::Publish;
 use super::config::{check_topic_arn, SnsConfig};
-use super::sink::{answered, publish_or_split, AwsSink, BatchRequest, Outcomes, Service};
+use super::sink::{answered, sdk_item, AwsSink, BatchRequest, Reply, Service};
 use super::{client, wire, wire::Entry};
 use crate::sink::SinkError;
 
@@ -65,74 +63,49 @@ pub struct SnsPublisher {
     client: Client,
 }
 
-fn batch_entry(id: usize, e: &Entry) -> Result<PublishBatchRequestEntry, SinkError> {
-    let invalid = |err: aws_sdk_sns::error::BuildError| {
-        SinkError::Rejected(format!("cannot build the SNS message: {err}"))
-    };
-    let mut attributes = HashMap::with_capacity(e.attributes.len());
-    for (k, v) in &e.attributes {
-        let value = MessageAttributeValue::builder()
-            .data_type(wire::STRING)
-            .string_value(v)
-            .build()
-            .map_err(invalid)?;
-        attributes.insert(k.clone(), value);
-    }
-    PublishBatchRequestEntry::builder()
-        .id(id.to_string())
-        .message(&e.body)
-        .set_message_attributes(Some(attributes))
-        .set_message_group_id(e.group_id.clone())
-        .set_message_deduplication_id(e.dedup_id.clone())
-        .build()
-        .map_err(invalid)
-}
-
 impl BatchRequest for SnsPublisher {
-    /// One request for `entries`; `Err` when the whole request failed.
-    async fn request(
+    const SERVICE: &'static str = SERVICE;
+    const TARGET: &'static str = "topic";
+    type Item = PublishBatchRequestEntry;
+
+    fn item(id: usize, e: &Entry) -> Result<PublishBatchRequestEntry, SinkError> {
+        sdk_item!(
+            SERVICE,
+            aws_sdk_sns::error::BuildError,
+            MessageAttributeValue,
+            PublishBatchRequestEntry,
+            message,
+            id,
+            e
+        )
+    }
+
+    async fn send(
         &self,
         topic: &str,
-        entries: &[Entry],
-    ) -> Result<Vec<Result<(), SinkError>>, (SinkError, bool)> {
-        let what = format!("topic {topic}");
-        let mut outcomes = Outcomes::new(entries.len());
-        let mut batch = Vec::with_capacity(entries.len());
-        for (i, e) in entries.iter().enumerate() {
-            match batch_entry(i, e) {
-                Ok(b) => batch.push(b),
-                Err(err) => outcomes.refused(i, err),
-            }
-        }
-        if !batch.is_empty() {
-            let out = self
-                .client
-                .publish_batch()
-                .topic_arn(topic)
-                .set_publish_batch_request_entries(Some(batch))
-                .send()
-                .await
-                .map_err(|e| client::classify(SERVICE, &what, &e))?;
-            for ok in out.successful() {
-                outcomes.answer(ok.id().unwrap_or_default(), Ok(()));
-            }
-            for failed in out.failed() {
-                let why = wire::entry_error(
-                    SERVICE,
-                    &what,
-                    failed.sender_fault(),
-                    failed.code(),
-                    failed.message(),
-                );
-                outcomes.answer(failed.id(), Err(why));
-            }
-        }
-        Ok(outcomes.finish(SERVICE, &what))
-    }
-}
-
-impl Publish for SnsPublisher {
-    async fn publish(&self, topic: String, entries: Vec<Entry>) -> Vec<Result<(), SinkError>> {
-        publish_or_split(SERVICE, self, &topic, &entries).await
+        what: &str,
+        batch: Vec<PublishBatchRequestEntry>,
+    ) -> Result<Reply, (SinkError, bool)> {
+        let out = self
+            .client
+            .publish_batch()
+            .topic_arn(topic)
+            .set_publish_batch_request_entries(Some(batch))
+            .send()
+            .await
+            .map_err(|e| client::classify(SERVICE, what, &e))?;
+        let failed = out.failed().iter().map(|f| {
+            let why = wire::entry_error(SERVICE, what, f.sender_fault(), f.code(), f.message());
+            (f.id().to_string(), why)
+        });
+        Ok(Reply {
+            ok: out
+                .successful()
+                .iter()
+                .filter_map(|o| o.id())
+                .map(str::to_string)
+                .collect(),
+            failed: failed.collect(),
+        })
     }
 }

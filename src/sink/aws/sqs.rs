@@ -2,16 +2,14 @@
 //! `sqs.queue_url`, as `SendMessageBatch` entries; "does it exist" is
 //! `GetQueueAttributes`.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_config::SdkConfig;
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
 use aws_sdk_sqs::Client;
 
-use super::batcher::Publish;
 use super::config::{check_queue_url, SqsConfig};
-use super::sink::{answered, publish_or_split, AwsSink, BatchRequest, Outcomes, Service};
+use super::sink::{answered, sdk_item, AwsSink, BatchRequest, Reply, Service};
 use super::{client, wire, wire::Entry};
 use crate::sink::SinkError;
 
@@ -70,74 +68,48 @@ pub struct SqsPublisher {
     client: Client,
 }
 
-fn batch_entry(id: usize, e: &Entry) -> Result<SendMessageBatchRequestEntry, SinkError> {
-    let invalid = |err: aws_sdk_sqs::error::BuildError| {
-        SinkError::Rejected(format!("cannot build the SQS message: {err}"))
-    };
-    let mut attributes = HashMap::with_capacity(e.attributes.len());
-    for (k, v) in &e.attributes {
-        let value = MessageAttributeValue::builder()
-            .data_type(wire::STRING)
-            .string_value(v)
-            .build()
-            .map_err(invalid)?;
-        attributes.insert(k.clone(), value);
-    }
-    SendMessageBatchRequestEntry::builder()
-        .id(id.to_string())
-        .message_body(&e.body)
-        .set_message_attributes(Some(attributes))
-        .set_message_group_id(e.group_id.clone())
-        .set_message_deduplication_id(e.dedup_id.clone())
-        .build()
-        .map_err(invalid)
-}
-
 impl BatchRequest for SqsPublisher {
-    /// One request for `entries`; `Err` when the whole request failed.
-    async fn request(
+    const SERVICE: &'static str = SERVICE;
+    const TARGET: &'static str = "queue";
+    type Item = SendMessageBatchRequestEntry;
+
+    fn item(id: usize, e: &Entry) -> Result<SendMessageBatchRequestEntry, SinkError> {
+        sdk_item!(
+            SERVICE,
+            aws_sdk_sqs::error::BuildError,
+            MessageAttributeValue,
+            SendMessageBatchRequestEntry,
+            message_body,
+            id,
+            e
+        )
+    }
+
+    async fn send(
         &self,
         queue: &str,
-        entries: &[Entry],
-    ) -> Result<Vec<Result<(), SinkError>>, (SinkError, bool)> {
-        let what = format!("queue {queue}");
-        let mut outcomes = Outcomes::new(entries.len());
-        let mut batch = Vec::with_capacity(entries.len());
-        for (i, e) in entries.iter().enumerate() {
-            match batch_entry(i, e) {
-                Ok(b) => batch.push(b),
-                Err(err) => outcomes.refused(i, err),
-            }
-        }
-        if !batch.is_empty() {
-            let out = self
-                .client
-                .send_message_batch()
-                .queue_url(queue)
-                .set_entries(Some(batch))
-                .send()
-                .await
-                .map_err(|e| client::classify(SERVICE, &what, &e))?;
-            for ok in out.successful() {
-                outcomes.answer(ok.id(), Ok(()));
-            }
-            for failed in out.failed() {
-                let why = wire::entry_error(
-                    SERVICE,
-                    &what,
-                    failed.sender_fault(),
-                    failed.code(),
-                    failed.message(),
-                );
-                outcomes.answer(failed.id(), Err(why));
-            }
-        }
-        Ok(outcomes.finish(SERVICE, &what))
-    }
-}
-
-impl Publish for SqsPublisher {
-    async fn publish(&self, queue: String, entries: Vec<Entry>) -> Vec<Result<(), SinkError>> {
-        publish_or_split(SERVICE, self, &queue, &entries).await
+        what: &str,
+        batch: Vec<SendMessageBatchRequestEntry>,
+    ) -> Result<Reply, (SinkError, bool)> {
+        let out = self
+            .client
+            .send_message_batch()
+            .queue_url(queue)
+            .set_entries(Some(batch))
+            .send()
+            .await
+            .map_err(|e| client::classify(SERVICE, what, &e))?;
+        let failed = out.failed().iter().map(|f| {
+            let why = wire::entry_error(SERVICE, what, f.sender_fault(), f.code(), f.message());
+            (f.id().to_string(), why)
+        });
+        Ok(Reply {
+            ok: out
+                .successful()
+                .iter()
+                .map(|o| o.id().to_string())
+                .collect(),
+            failed: failed.collect(),
+        })
     }
 }
