@@ -236,6 +236,30 @@ pub struct Reply {
     pub failed: Vec<(String, SinkError)>,
 }
 
+impl Reply {
+    /// From an SDK's reply: the ids that succeeded, and (id, sender fault, code,
+    /// message) of each entry that failed.
+    pub fn read<'a, F>(
+        service: &str,
+        what: &str,
+        ok: impl Iterator<Item = &'a str>,
+        failed: impl Iterator<Item = F>,
+    ) -> Reply
+    where
+        F: Into<(&'a str, bool, &'a str, Option<&'a str>)>,
+    {
+        let failed = failed.map(|f| {
+            let (id, sender_fault, code, message) = f.into();
+            let why = wire::entry_error(service, what, sender_fault, code, message);
+            (id.to_string(), why)
+        });
+        Reply {
+            ok: ok.map(str::to_string).collect(),
+            failed: failed.collect(),
+        }
+    }
+}
+
 /// One service's batch request in its SDK's types; the request itself (entries refused
 /// on their own, one call, outcomes by entry id, splitting) is written once, here.
 pub trait BatchRequest: Clone + Send + Sync + 'static {

@@ -10,7 +10,7 @@ use aws_sdk_sqs::Client;
 
 use super::config::{check_queue_url, SqsConfig};
 use super::sink::{answered, sdk_item, AwsSink, BatchRequest, Reply, Service};
-use super::{client, wire, wire::Entry};
+use super::{client, wire::Entry};
 use crate::sink::SinkError;
 
 const SERVICE: &str = "SQS";
@@ -99,17 +99,9 @@ impl BatchRequest for SqsPublisher {
             .send()
             .await
             .map_err(|e| client::classify(SERVICE, what, &e))?;
-        let failed = out.failed().iter().map(|f| {
-            let why = wire::entry_error(SERVICE, what, f.sender_fault(), f.code(), f.message());
-            (f.id().to_string(), why)
-        });
-        Ok(Reply {
-            ok: out
-                .successful()
-                .iter()
-                .map(|o| o.id().to_string())
-                .collect(),
-            failed: failed.collect(),
-        })
+        let failed = out.failed().iter();
+        let failed = failed.map(|f| (f.id(), f.sender_fault(), f.code(), f.message()));
+        let ok = out.successful().iter().map(|o| o.id());
+        Ok(Reply::read(SERVICE, what, ok, failed))
     }
 }
