@@ -41,6 +41,17 @@ pub struct Message {
 }
 
 impl Message {
+    /// The message's identity as SPEC §2 header pairs, in SPEC order: `event_id` (as
+    /// rendered by the caller), `event_type`, `aggregate_type`, `aggregate_id`.
+    pub fn identity<'a>(&'a self, event_id: &'a str) -> [(&'static str, &'a str); 4] {
+        [
+            ("event_id", event_id),
+            ("event_type", &self.event_type),
+            ("aggregate_type", &self.aggregate_type),
+            ("aggregate_id", &self.aggregate_id),
+        ]
+    }
+
     /// The (aggregate_type, aggregate_id) ordering key.
     pub fn aggregate(&self) -> (&str, &str) {
         (&self.aggregate_type, &self.aggregate_id)

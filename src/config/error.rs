@@ -15,6 +15,15 @@ pub enum ConfigError {
     Property(String),
 }
 
+/// The key an `Invalid` error names (tests: anything else is a failure).
+#[cfg(test)]
+pub(crate) fn key_of(e: ConfigError) -> &'static str {
+    match e {
+        ConfigError::Invalid { key, .. } => key,
+        other => panic!("expected an invalid key, got {other:?}"),
+    }
+}
+
 /// The error for a bad value of `key`.
 pub(crate) fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {

@@ -8,3 +8,12 @@ pub struct Arrival {
     /// The broker-specific view of the message, for printing (indented lines).
     pub summary: String,
 }
+
+/// The value of header `name` among a message's `headers` (empty when absent).
+pub fn header(headers: &[(String, String)], name: &str) -> String {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}

@@ -126,33 +126,39 @@ impl Store {
     /// parked behind them un-parked. Returns the ids replayed.
     pub async fn replay(&self, ids: Option<&[i64]>) -> Result<Vec<i64>, StoreError> {
         let tbl = self.table().ident();
-        let mut tx = self.pool().begin().await?;
-        let done: Vec<i64> = sqlx::query_scalar(&format!(
+        let sql = format!(
             "UPDATE {tbl} SET status = 'PENDING', attempts = 0, next_attempt_at = NULL
              WHERE status = 'FAILED' AND discarded_at IS NULL AND ($1::bigint[] IS NULL OR id = ANY($1))
              RETURNING id"
-        ))
-        .bind(ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        super::park::unpark_behind(&mut tx, &tbl, &done).await?;
-        tx.commit().await?;
-        Ok(done)
+        );
+        self.release_blockers(&sql, ids).await
     }
 
     /// Give FAILED rows up for good: they stay `FAILED` for audit but no longer hold back
     /// their aggregate. Returns the ids changed.
     pub async fn discard(&self, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
         let tbl = self.table().ident();
-        let mut tx = self.pool().begin().await?;
-        let done: Vec<i64> = sqlx::query_scalar(&format!(
+        let sql = format!(
             "UPDATE {tbl} SET discarded_at = now()
              WHERE status = 'FAILED' AND discarded_at IS NULL AND id = ANY($1)
              RETURNING id"
-        ))
-        .bind(ids)
-        .fetch_all(&mut *tx)
-        .await?;
+        );
+        self.release_blockers(&sql, Some(ids)).await
+    }
+
+    /// Run `sql` (an UPDATE of FAILED rows bound to `ids`, returning their ids) and
+    /// un-park the rows behind the rows it changed, in one transaction.
+    async fn release_blockers(
+        &self,
+        sql: &str,
+        ids: Option<&[i64]>,
+    ) -> Result<Vec<i64>, StoreError> {
+        let tbl = self.table().ident();
+        let mut tx = self.pool().begin().await?;
+        let done: Vec<i64> = sqlx::query_scalar(sql)
+            .bind(ids)
+            .fetch_all(&mut *tx)
+            .await?;
         super::park::unpark_behind(&mut tx, &tbl, &done).await?;
         tx.commit().await?;
         Ok(done)

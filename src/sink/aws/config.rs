@@ -200,13 +200,7 @@ fn check_endpoint(endpoint: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn key_of(e: ConfigError) -> &'static str {
-        match e {
-            ConfigError::Invalid { key, .. } => key,
-            other => panic!("{other:?}"),
-        }
-    }
+    use crate::config::error::key_of;
 
     #[test]
     fn sqs_section_is_checked() {

@@ -175,13 +175,7 @@ impl DemoTap {
                     .collect()
             })
             .unwrap_or_default();
-        let header = |k: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        };
+        let header = |k: &str| crate::sink::tap::header(&headers, k);
         let key = msg
             .key()
             .map(String::from_utf8_lossy)

@@ -47,14 +47,10 @@ pub(crate) fn headers(m: &Message, extra: &[(&str, &str)]) -> OwnedHeaders {
             });
         }
     }
-    for (k, v) in [
-        ("event_id", event_id.as_str()),
-        ("event_type", m.event_type.as_str()),
-        ("aggregate_type", m.aggregate_type.as_str()),
-        ("aggregate_id", m.aggregate_id.as_str()),
-    ]
-    .into_iter()
-    .chain(extra.iter().copied())
+    for (k, v) in m
+        .identity(&event_id)
+        .into_iter()
+        .chain(extra.iter().copied())
     {
         h = h.insert(Header {
             key: k,

@@ -93,13 +93,7 @@ impl NatsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn key_of(e: ConfigError) -> &'static str {
-        match e {
-            ConfigError::Invalid { key, .. } => key,
-            other => panic!("{other:?}"),
-        }
-    }
+    use crate::config::error::key_of;
 
     #[test]
     fn defaults_are_valid() {

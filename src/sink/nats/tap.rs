@@ -141,13 +141,7 @@ impl DemoTap {
                 all
             })
             .unwrap_or_default();
-        let header = |k: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        };
+        let header = |k: &str| crate::sink::tap::header(&headers, k);
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let stream = msg.info().map(|i| i.stream.to_string()).unwrap_or_default();
         Some(Arrival {

@@ -105,16 +105,10 @@ pub fn headers(m: &Message, extra: &[(&str, &str)]) -> Result<HeaderMap, String>
             .map_err(|_| format!("headers value of {k:?} contains a line break (CR or LF), which a NATS header cannot carry"))?;
         h.append(name, value);
     }
-    for (k, v) in [
-        (MSG_ID, event_id.as_str()),
-        ("event_id", event_id.as_str()),
-        ("event_type", m.event_type.as_str()),
-        ("aggregate_type", m.aggregate_type.as_str()),
-        ("aggregate_id", m.aggregate_id.as_str()),
-    ]
-    .into_iter()
-    .chain(extra.iter().copied())
-    {
+    let identity = [(MSG_ID, event_id.as_str())]
+        .into_iter()
+        .chain(m.identity(&event_id));
+    for (k, v) in identity.chain(extra.iter().copied()) {
         let value: HeaderValue = v.parse().map_err(|_| {
             format!("{k} contains a line break (CR or LF), which a NATS header cannot carry")
         })?;

@@ -11,7 +11,7 @@ use crate::cli::{has, Args, Phase};
 use crate::figures::{Figures, Kind, SinkFigures};
 use crate::procs::RelayChild;
 use crate::report::int;
-use crate::{kafka, nats, pg, rabbit, redis, sqs};
+use crate::{kafka, nats, pg, rabbit, redis, sns, sqs};
 
 pub struct Bench {
     pub args: Args,
@@ -24,6 +24,7 @@ pub struct Bench {
     pub nats: Option<nats::Nats>,
     pub redis: Option<redis::Redis>,
     pub sqs: Option<sqs::Sqs>,
+    pub sns: Option<sns::Sns>,
     pub payload: String,
 }
 
@@ -54,6 +55,10 @@ impl Bench {
                 let q = sqs::Sqs::setup(&a.sqs_endpoint, &self.prefix).await;
                 self.sqs = Some(q.map_err(why)?);
             }
+            Kind::Sns => {
+                let t = sns::Sns::setup(&a.sqs_endpoint, &self.prefix).await;
+                self.sns = Some(t.map_err(why)?);
+            }
         }
         Ok(())
     }
@@ -65,6 +70,7 @@ impl Bench {
             Kind::Nats => self.nats.is_some(),
             Kind::Redis => self.redis.is_some(),
             Kind::Sqs => self.sqs.is_some(),
+            Kind::Sns => self.sns.is_some(),
         }
     }
 
@@ -98,10 +104,14 @@ impl Bench {
         self.sqs.as_ref().context("SQS phase without an SQS client")
     }
 
+    pub fn sns(&self) -> Result<&sns::Sns> {
+        self.sns.as_ref().context("SNS phase without an SNS client")
+    }
+
     /// Rows of the drain and ceiling of `kind` (the emulated SQS takes fewer).
     pub fn rows_for(&self, kind: Kind) -> u64 {
         match kind {
-            Kind::Sqs => self.args.sqs_rows,
+            Kind::Sqs | Kind::Sns => self.args.sqs_rows,
             _ => self.args.rows,
         }
     }
@@ -114,7 +124,7 @@ impl Bench {
     /// Rows/s offered in the latency phase of `kind`.
     pub fn rate_for(&self, kind: Kind) -> f64 {
         match kind {
-            Kind::Sqs => self.args.sqs_latency_rate,
+            Kind::Sqs | Kind::Sns => self.args.sqs_latency_rate,
             _ => self.args.latency_rate,
         }
     }
@@ -321,6 +331,9 @@ impl Bench {
         if let Some(q) = &self.sqs {
             q.teardown().await;
         }
+        if let Some(t) = &self.sns {
+            t.teardown().await;
+        }
     }
 
     pub async fn preloaded(&self, suffix: &str, rows: u64) -> Result<pg::BenchTable> {
@@ -377,6 +390,7 @@ impl Bench {
             Kind::Nats => env.extend(self.nats()?.relay_env(phase).await?),
             Kind::Redis => env.extend(self.redis()?.relay_env(phase)),
             Kind::Sqs => env.extend(self.sqs()?.relay_env(phase).await?),
+            Kind::Sns => env.extend(self.sns()?.relay_env(phase).await?),
         }
         for kv in &self.args.relay_env {
             let (k, v) = kv

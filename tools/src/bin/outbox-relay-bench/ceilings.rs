@@ -55,6 +55,7 @@ impl Bench {
             Kind::Nats => self.nats()?.ceiling(&load).await?,
             Kind::Redis => self.redis()?.ceiling(&load).await?,
             Kind::Sqs => self.sqs()?.ceiling(&load).await?,
+            Kind::Sns => self.sns()?.ceiling(&load).await?,
         };
         let split = CpuSplit::between(&a, &census(), None, &Default::default(), kind.component());
         Ok((load.n as f64 / secs, split))

@@ -14,6 +14,8 @@ pub enum SinkArg {
     Redis,
     /// Amazon SQS, against the local emulator (`--sqs-endpoint`).
     Sqs,
+    /// Amazon SNS (a topic with an SQS queue subscribed), against the same emulator.
+    Sns,
     /// RabbitMQ and Kafka.
     Both,
     /// Every sink above.
@@ -33,6 +35,7 @@ pub fn kinds(args: &Args) -> Vec<Kind> {
                 SinkArg::Nats => *k == Kind::Nats,
                 SinkArg::Redis => *k == Kind::Redis,
                 SinkArg::Sqs => *k == Kind::Sqs,
+                SinkArg::Sns => *k == Kind::Sns,
             })
         })
         .collect()

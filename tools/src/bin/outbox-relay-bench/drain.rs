@@ -21,8 +21,10 @@ impl Bench {
             }
         }
         let env = self.relay_env(kind, &t.name, &phase).await?;
-        if kind == Kind::Sqs {
-            self.sqs()?.consume(&phase).await?;
+        match kind {
+            Kind::Sqs => self.sqs()?.consume(&phase).await?,
+            Kind::Sns => self.sns()?.consume(&phase).await?,
+            _ => {}
         }
         let a = census();
         let (lsn0, upd0) = (pg::wal_lsn(&self.pool).await?, t.updates().await?);
@@ -98,6 +100,7 @@ impl Bench {
             Kind::Nats => Some(self.nats()?.count(phase).await?),
             Kind::Redis => Some(self.redis()?.count(phase).await?),
             Kind::Sqs => Some(self.sqs()?.delivered(phase).await?),
+            Kind::Sns => Some(self.sns()?.delivered(phase).await?),
         })
     }
 

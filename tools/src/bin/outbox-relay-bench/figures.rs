@@ -88,15 +88,17 @@ pub enum Kind {
     Nats,
     Redis,
     Sqs,
+    Sns,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Rabbit,
         Kind::Kafka,
         Kind::Nats,
         Kind::Redis,
         Kind::Sqs,
+        Kind::Sns,
     ];
 
     /// The `sink.kind` value (and the prefix of the bench's log lines).
@@ -107,6 +109,7 @@ impl Kind {
             Kind::Nats => "nats",
             Kind::Redis => "redis",
             Kind::Sqs => "sqs",
+            Kind::Sns => "sns",
         }
     }
 
@@ -118,12 +121,17 @@ impl Kind {
             Kind::Nats => "NATS JetStream",
             Kind::Redis => "Redis (stream)",
             Kind::Sqs => "SQS (moto emulator)",
+            Kind::Sns => "SNS → SQS (moto emulator)",
         }
     }
 
     /// The broker's process name, for the CPU split.
     pub fn component(self) -> &'static str {
-        self.label()
+        match self {
+            // Both emulated by the same moto process.
+            Kind::Sns => "sqs",
+            other => other.label(),
+        }
     }
 
     /// A short tag for the phase's table and target names.
@@ -134,6 +142,7 @@ impl Kind {
             Kind::Nats => "n",
             Kind::Redis => "d",
             Kind::Sqs => "q",
+            Kind::Sns => "s",
         }
     }
 }

@@ -39,6 +39,7 @@ impl Bench {
             Kind::Nats => self.nats()?.arrivals(&phase).await?,
             Kind::Redis => self.redis()?.arrivals(&phase).await?,
             Kind::Sqs => self.sqs()?.arrivals(&phase).await?,
+            Kind::Sns => self.sns()?.arrivals(&phase).await?,
         };
         let mut relay = self.spawn_relay(&env, &phase)?;
         let ready_by = Instant::now() + Duration::from_secs(30);

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p outbox-relay-tools --bin outbox-relay-bench -- \
-//!     [--sink rabbitmq,kafka,nats,redis,sqs|both|all] [--rows 200000]
+//!     [--sink rabbitmq,kafka,nats,redis,sqs,sns|both|all] [--rows 200000]
 //! ```
 //!
 //! Every phase works on its own uniquely named table / queue / topic, dropped afterwards.
@@ -26,6 +26,7 @@ mod producers;
 mod rabbit;
 mod redis;
 mod report;
+mod sns;
 mod sqs;
 mod window;
 
@@ -104,6 +105,7 @@ async fn run(args: Args) -> Result<()> {
         nats: None,
         redis: None,
         sqs: None,
+        sns: None,
         payload,
     };
     let mut skipped = Vec::new();

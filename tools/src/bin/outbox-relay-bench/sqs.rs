@@ -25,7 +25,7 @@ use crate::window::{sliding, Load};
 
 /// Credentials the emulator accepts (it checks none); set for the relay too.
 const KEY: &str = "testing";
-const REGION: &str = "us-east-1";
+pub const REGION: &str = "us-east-1";
 
 pub struct Sqs {
     endpoint: String,
@@ -38,18 +38,7 @@ pub struct Sqs {
 
 impl Sqs {
     pub async fn setup(endpoint: &str, prefix: &str) -> Result<Self> {
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-            .build_https();
-        let creds = aws_sdk_sqs::config::Credentials::new(KEY, KEY, None, None, "bench");
-        let sdk = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(REGION))
-            .http_client(http)
-            .credentials_provider(creds)
-            .endpoint_url(endpoint)
-            .load()
-            .await;
-        let client = Client::new(&sdk);
+        let client = Client::new(&sdk_config(endpoint).await);
         client
             .list_queues()
             .send()
@@ -62,6 +51,22 @@ impl Sqs {
             queues: Default::default(),
             readers: Default::default(),
         })
+    }
+
+    /// The ARN of `phase`'s queue (created on first use), for a topic subscription.
+    pub async fn queue_arn(&self, phase: &str) -> Result<String> {
+        let url = self.queue(phase).await?;
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .with_context(|| format!("the ARN of queue {url}"))?;
+        out.attributes
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+            .context("GetQueueAttributes returned no QueueArn")
     }
 
     /// The URL of `phase`'s queue (created on first use).
@@ -93,16 +98,17 @@ impl Sqs {
     /// The relay's `[sqs]` settings for `phase`, and the emulator's credentials.
     pub async fn relay_env(&self, phase: &str) -> Result<Vec<(String, String)>> {
         let url = self.queue(phase).await?;
-        Ok(vec![
+        Ok([
             ("OUTBOX_RELAY__SQS__QUEUE_URL".into(), url),
             ("OUTBOX_RELAY__SQS__REGION".into(), REGION.into()),
             (
                 "OUTBOX_RELAY__SQS__ENDPOINT_URL".into(),
                 self.endpoint.clone(),
             ),
-            ("AWS_ACCESS_KEY_ID".into(), KEY.into()),
-            ("AWS_SECRET_ACCESS_KEY".into(), KEY.into()),
-        ])
+        ]
+        .into_iter()
+        .chain(credentials_env())
+        .collect())
     }
 
     /// The raw broker ceiling: `n` messages shaped as the relay sends them, in batches
@@ -266,6 +272,30 @@ impl Sqs {
             let _ = self.client.delete_queue().queue_url(url).send().await;
         }
     }
+}
+
+/// The SDK configuration for the emulator at `endpoint` (rustls with ring, the
+/// emulator's test credentials).
+pub async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let creds = aws_sdk_sqs::config::Credentials::new(KEY, KEY, None, None, "bench");
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .http_client(http)
+        .credentials_provider(creds)
+        .endpoint_url(endpoint)
+        .load()
+        .await
+}
+
+/// The emulator's credentials, for a relay child process.
+pub fn credentials_env() -> [(String, String); 2] {
+    [
+        ("AWS_ACCESS_KEY_ID".into(), KEY.into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), KEY.into()),
+    ]
 }
 
 /// One batch entry with the relay's attributes (SPEC §2, SQS column).
