@@ -6,8 +6,6 @@
 //! with queue depth). An emulator's figures say what the relay adds on top of the
 //! service, not what AWS does.
 
-use std::collections::HashMap;
-
 use anyhow::{bail, Context, Result};
 use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
 use aws_sdk_sns::Client;
@@ -15,8 +13,8 @@ use uuid::Uuid;
 
 use crate::pg::TRACE_VALUE;
 use crate::rabbit::Arrivals;
-use crate::sqs::{credentials_env, sdk_config, Sqs, REGION};
-use crate::window::{sliding, Load};
+use crate::sqs::{relay_env, sdk_config, Sqs};
+use crate::window::{batched, Load, Registry};
 
 pub struct Sns {
     endpoint: String,
@@ -24,7 +22,7 @@ pub struct Sns {
     client: Client,
     /// The subscribed queues (and their readers), one per phase.
     queues: Sqs,
-    topics: std::sync::Mutex<HashMap<String, String>>,
+    topics: Registry,
 }
 
 impl Sns {
@@ -47,7 +45,7 @@ impl Sns {
     /// The ARN of `phase`'s topic, created with its queue subscribed on first use.
     async fn topic(&self, phase: &str) -> Result<String> {
         let name = format!("{}_{phase}", self.prefix);
-        if let Some(arn) = self.known(&name) {
+        if let Some(arn) = self.topics.get(&name) {
             return Ok(arn);
         }
         let out = self.client.create_topic().name(&name).send().await;
@@ -65,67 +63,32 @@ impl Sns {
             .send()
             .await
             .with_context(|| format!("subscribe {phase}'s queue to {arn}"))?;
-        self.topics
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(name, arn.clone());
+        self.topics.insert(name, arn.clone());
         Ok(arn)
-    }
-
-    fn known(&self, name: &str) -> Option<String> {
-        let topics = self.topics.lock();
-        topics
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(name)
-            .cloned()
     }
 
     /// The relay's `[sns]` settings for `phase`, and the emulator's credentials.
     pub async fn relay_env(&self, phase: &str) -> Result<Vec<(String, String)>> {
         let arn = self.topic(phase).await?;
-        Ok([
-            ("OUTBOX_RELAY__SNS__TOPIC_ARN".into(), arn),
-            ("OUTBOX_RELAY__SNS__REGION".into(), REGION.into()),
-            (
-                "OUTBOX_RELAY__SNS__ENDPOINT_URL".into(),
-                self.endpoint.clone(),
-            ),
-        ]
-        .into_iter()
-        .chain(credentials_env())
-        .collect())
+        Ok(relay_env("SNS", ("TOPIC_ARN", arn), &self.endpoint))
     }
 
     /// The raw broker ceiling: `n` messages shaped as the relay sends them, published
     /// in batches of 10, at most `window` unanswered, read from the subscribed queue
     /// meanwhile. Returns seconds.
     pub async fn ceiling(&self, load: &Load<'_>) -> Result<f64> {
-        let Load {
-            n, payload, window, ..
-        } = *load;
         let arn = self.topic("ceiling").await?;
-        let arn = &arn;
         self.queues.consume("ceiling").await?;
-        let secs = sliding(n, window, |i| {
-            let batch: Result<Vec<_>> = (i..n.min(i + 10))
-                .map(|j| entry(j, payload, &load.aggregate(j)))
-                .collect();
-            let client = self.client.clone();
+        let make = |j| entry(j, load.payload, &load.aggregate(j));
+        let secs = batched(load, 10, make, |batch| {
+            let req = self.client.publish_batch().topic_arn(&arn);
+            let req = req.set_publish_batch_request_entries(Some(batch));
             async move {
-                let batch = batch?;
-                let took = batch.len() as u64;
-                let req = client
-                    .publish_batch()
-                    .topic_arn(arn)
-                    .set_publish_batch_request_entries(Some(batch));
-                let answer = async move {
-                    let out = req.send().await.context("raw PublishBatch")?;
-                    if let Some(f) = out.failed.as_ref().and_then(|f| f.first()) {
-                        bail!("raw publisher: entry refused: {f:?}");
-                    }
-                    Ok(out.successful.map_or(0, |s| s.len()) as u64)
-                };
-                Ok((took, answer))
+                let out = req.send().await.context("raw PublishBatch")?;
+                if let Some(f) = out.failed.as_ref().and_then(|f| f.first()) {
+                    bail!("raw publisher: entry refused: {f:?}");
+                }
+                Ok(out.successful.map_or(0, |s| s.len()) as u64)
             }
         })
         .await;
@@ -151,14 +114,7 @@ impl Sns {
     }
 
     pub async fn teardown(&self) {
-        let arns: Vec<String> = self
-            .topics
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .drain()
-            .map(|(_, a)| a)
-            .collect();
-        for arn in arns {
+        for arn in self.topics.take() {
             let _ = self.client.delete_topic().topic_arn(arn).send().await;
         }
         self.queues.teardown().await;

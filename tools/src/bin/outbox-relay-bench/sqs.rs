@@ -21,17 +21,17 @@ use uuid::Uuid;
 
 use crate::pg::TRACE_VALUE;
 use crate::rabbit::Arrivals;
-use crate::window::{sliding, Load};
+use crate::window::{batched, Load, Registry};
 
 /// Credentials the emulator accepts (it checks none); set for the relay too.
 const KEY: &str = "testing";
-pub const REGION: &str = "us-east-1";
+const REGION: &str = "us-east-1";
 
 pub struct Sqs {
     endpoint: String,
     prefix: String,
     client: Client,
-    queues: std::sync::Mutex<HashMap<String, String>>,
+    queues: Registry,
     /// The reader of each phase that is being consumed while it fills.
     readers: std::sync::Mutex<HashMap<String, (Arrivals, tokio::task::JoinHandle<()>)>>,
 }
@@ -72,7 +72,7 @@ impl Sqs {
     /// The URL of `phase`'s queue (created on first use).
     async fn queue(&self, phase: &str) -> Result<String> {
         let name = format!("{}_{phase}", self.prefix);
-        if let Some(url) = self.known(&name) {
+        if let Some(url) = self.queues.get(&name) {
             return Ok(url);
         }
         let out = self.client.create_queue().queue_name(&name).send().await;
@@ -80,66 +80,31 @@ impl Sqs {
             .with_context(|| format!("create queue {name}"))?
             .queue_url
             .context("CreateQueue returned no URL")?;
-        self.queues
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(name, url.clone());
+        self.queues.insert(name, url.clone());
         Ok(url)
-    }
-
-    fn known(&self, name: &str) -> Option<String> {
-        let queues = self.queues.lock();
-        queues
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(name)
-            .cloned()
     }
 
     /// The relay's `[sqs]` settings for `phase`, and the emulator's credentials.
     pub async fn relay_env(&self, phase: &str) -> Result<Vec<(String, String)>> {
         let url = self.queue(phase).await?;
-        Ok([
-            ("OUTBOX_RELAY__SQS__QUEUE_URL".into(), url),
-            ("OUTBOX_RELAY__SQS__REGION".into(), REGION.into()),
-            (
-                "OUTBOX_RELAY__SQS__ENDPOINT_URL".into(),
-                self.endpoint.clone(),
-            ),
-        ]
-        .into_iter()
-        .chain(credentials_env())
-        .collect())
+        Ok(relay_env("SQS", ("QUEUE_URL", url), &self.endpoint))
     }
 
     /// The raw broker ceiling: `n` messages shaped as the relay sends them, in batches
     /// of 10, at most `window` messages unanswered. Returns seconds.
     pub async fn ceiling(&self, load: &Load<'_>) -> Result<f64> {
-        let Load {
-            n, payload, window, ..
-        } = *load;
         let url = self.queue("ceiling").await?;
-        let url = &url;
         let (_, reader) = self.arrivals("ceiling").await?;
-        let secs = sliding(n, window, |i| {
-            let batch: Result<Vec<_>> = (i..n.min(i + 10))
-                .map(|j| entry(j, payload, &load.aggregate(j)))
-                .collect();
-            let client = self.client.clone();
+        let make = |j| entry(j, load.payload, &load.aggregate(j));
+        let secs = batched(load, 10, make, |batch| {
+            let req = self.client.send_message_batch().queue_url(&url);
+            let req = req.set_entries(Some(batch));
             async move {
-                let batch = batch?;
-                let took = batch.len() as u64;
-                let req = client
-                    .send_message_batch()
-                    .queue_url(url)
-                    .set_entries(Some(batch));
-                let answer = async move {
-                    let out = req.send().await.context("raw SendMessageBatch")?;
-                    if let Some(f) = out.failed.first() {
-                        bail!("raw publisher: entry refused: {f:?}");
-                    }
-                    Ok(out.successful.len() as u64)
-                };
-                Ok((took, answer))
+                let out = req.send().await.context("raw SendMessageBatch")?;
+                if let Some(f) = out.failed.first() {
+                    bail!("raw publisher: entry refused: {f:?}");
+                }
+                Ok(out.successful.len() as u64)
             }
         })
         .await;
@@ -250,25 +215,13 @@ impl Sqs {
 
     async fn delete(&self, phase: &str) {
         let name = format!("{}_{phase}", self.prefix);
-        let url = self
-            .queues
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&name);
-        if let Some(url) = url {
+        if let Some(url) = self.queues.remove(&name) {
             let _ = self.client.delete_queue().queue_url(url).send().await;
         }
     }
 
     pub async fn teardown(&self) {
-        let urls: Vec<String> = self
-            .queues
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .drain()
-            .map(|(_, u)| u)
-            .collect();
-        for url in urls {
+        for url in self.queues.take() {
             let _ = self.client.delete_queue().queue_url(url).send().await;
         }
     }
@@ -290,9 +243,16 @@ pub async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
         .await
 }
 
-/// The emulator's credentials, for a relay child process.
-pub fn credentials_env() -> [(String, String); 2] {
-    [
+/// A relay child process's settings for `section` (`SQS` / `SNS`): its target key and
+/// value, the region, the emulator's endpoint and credentials.
+pub fn relay_env(section: &str, target: (&str, String), endpoint: &str) -> Vec<(String, String)> {
+    vec![
+        (format!("OUTBOX_RELAY__{section}__{}", target.0), target.1),
+        (format!("OUTBOX_RELAY__{section}__REGION"), REGION.into()),
+        (
+            format!("OUTBOX_RELAY__{section}__ENDPOINT_URL"),
+            endpoint.into(),
+        ),
         ("AWS_ACCESS_KEY_ID".into(), KEY.into()),
         ("AWS_SECRET_ACCESS_KEY".into(), KEY.into()),
     ]

@@ -42,6 +42,25 @@ where
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// `sliding` in batches of up to `size` messages: `entry(j)` builds message `j`, and
+/// `send(batch)` hands one batch over, resolving to how many the broker took.
+pub async fn batched<E, F>(
+    load: &Load<'_>,
+    size: u64,
+    entry: impl Fn(u64) -> Result<E>,
+    send: impl Fn(Vec<E>) -> F,
+) -> Result<f64>
+where
+    F: Future<Output = Result<u64>>,
+{
+    let n = load.n;
+    sliding(n, load.window, |i| {
+        let batch: Result<Vec<E>> = (i..n.min(i + size)).map(&entry).collect();
+        std::future::ready(batch.map(|b| (b.len() as u64, send(b))))
+    })
+    .await
+}
+
 /// What a raw broker ceiling sends: `n` messages of `payload` over `aggregates`
 /// aggregates, at most `window` unanswered.
 #[derive(Clone, Copy)]
@@ -84,5 +103,34 @@ impl Created {
     /// Every name still there, forgotten here.
     pub fn take(&self) -> Vec<String> {
         std::mem::take(&mut *self.names())
+    }
+}
+
+/// What a side created, by name, with what it knows of each (a queue URL, a topic ARN).
+#[derive(Default)]
+pub struct Registry(std::sync::Mutex<std::collections::HashMap<String, String>>);
+
+impl Registry {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.map().get(name).cloned()
+    }
+
+    pub fn insert(&self, name: String, value: String) {
+        self.map().insert(name, value);
+    }
+
+    pub fn remove(&self, name: &str) -> Option<String> {
+        self.map().remove(name)
+    }
+
+    /// Every value still there, forgotten here.
+    pub fn take(&self) -> Vec<String> {
+        self.map().drain().map(|(_, v)| v).collect()
     }
 }
