@@ -19,9 +19,8 @@ use crate::sink::{decided, Confirm, Sink, SinkError};
 pub trait Service: Send + 'static {
     type Config: Clone + Send + Sync + 'static;
     type Client: Clone + Send + Sync + 'static;
-    type Publisher: Publish;
-    /// The service's name in messages ("SQS").
-    const NAME: &'static str;
+    /// Its batch request (which also names the service in messages).
+    type Publisher: BatchRequest;
     /// The key of the default target (`sqs.queue_url`).
     const TARGET_KEY: &'static str;
     /// The key of the dead-letter target (`sqs.dead_letter_queue_url`).
@@ -52,6 +51,9 @@ pub struct AwsSink<S: Service> {
 }
 
 impl<S: Service> AwsSink<S> {
+    /// The service's name in messages ("SQS").
+    const NAME: &'static str = <S::Publisher as BatchRequest>::SERVICE;
+
     /// Validate the section; the client is made by `connect`.
     pub fn new(cfg: &S::Config, timeout: Duration) -> Result<Self, SinkError> {
         S::validate(cfg).map_err(SinkError::Rejected)?;
@@ -120,7 +122,7 @@ impl<S: Service> Sink for AwsSink<S> {
         let target = self.target_for(m).to_string();
         S::check_target(&target)
             .map_err(|why| SinkError::Rejected(format!("destination: {why}")))?;
-        self.submit(&target, wire::entry(m, &target, S::NAME))
+        self.submit(&target, wire::entry(m, &target, Self::NAME))
     }
 
     async fn dead_letter(
@@ -132,7 +134,7 @@ impl<S: Service> Sink for AwsSink<S> {
             return Ok(None);
         };
         let original = self.target_for(message).to_string();
-        let entry = wire::dead_letter_entry(message, &dl, S::NAME, error, &original);
+        let entry = wire::dead_letter_entry(message, &dl, Self::NAME, error, &original);
         self.submit(&dl, entry).map(Some)
     }
 
@@ -188,33 +190,33 @@ where
 
 /// The outcome of each entry of one batch request, filled from the reply by entry id
 /// (the entry's index).
-pub struct Outcomes {
+struct Outcomes {
     slots: Vec<Option<Result<(), SinkError>>>,
 }
 
 impl Outcomes {
-    pub fn new(n: usize) -> Self {
+    fn new(n: usize) -> Self {
         Self {
             slots: vec![None; n],
         }
     }
 
     /// Entry `i` could not even be built.
-    pub fn refused(&mut self, i: usize, why: SinkError) {
+    fn refused(&mut self, i: usize, why: SinkError) {
         if let Some(slot) = self.slots.get_mut(i) {
             *slot = Some(Err(why));
         }
     }
 
     /// The reply says entry `id` succeeded (`Ok`) or failed.
-    pub fn answer(&mut self, id: &str, outcome: Result<(), SinkError>) {
+    fn answer(&mut self, id: &str, outcome: Result<(), SinkError>) {
         if let Some(slot) = id.parse::<usize>().ok().and_then(|i| self.slots.get_mut(i)) {
             *slot = Some(outcome);
         }
     }
 
     /// Every entry's outcome; one the reply left out is `Unavailable` (sent again).
-    pub fn finish(self, service: &str, what: &str) -> Vec<Result<(), SinkError>> {
+    fn finish(self, service: &str, what: &str) -> Vec<Result<(), SinkError>> {
         self.slots
             .into_iter()
             .map(|o| {
@@ -230,7 +232,6 @@ impl Outcomes {
 
 /// The reply to one batch request, in neutral terms: the ids of the entries that
 /// succeeded, and of those that failed with why.
-#[derive(Default)]
 pub struct Reply {
     pub ok: Vec<String>,
     pub failed: Vec<(String, SinkError)>,
@@ -239,17 +240,13 @@ pub struct Reply {
 impl Reply {
     /// From an SDK's reply: the ids that succeeded, and (id, sender fault, code,
     /// message) of each entry that failed.
-    pub fn read<'a, F>(
+    pub fn read<'a>(
         service: &str,
         what: &str,
         ok: impl Iterator<Item = &'a str>,
-        failed: impl Iterator<Item = F>,
-    ) -> Reply
-    where
-        F: Into<(&'a str, bool, &'a str, Option<&'a str>)>,
-    {
-        let failed = failed.map(|f| {
-            let (id, sender_fault, code, message) = f.into();
+        failed: impl Iterator<Item = (&'a str, bool, &'a str, Option<&'a str>)>,
+    ) -> Reply {
+        let failed = failed.map(|(id, sender_fault, code, message)| {
             let why = wire::entry_error(service, what, sender_fault, code, message);
             (id.to_string(), why)
         });

@@ -24,7 +24,6 @@ impl Service for Sns {
     type Config = SnsConfig;
     type Client = Client;
     type Publisher = SnsPublisher;
-    const NAME: &'static str = SERVICE;
     const TARGET_KEY: &'static str = "sns.topic_arn";
     const DEAD_LETTER_KEY: &'static str = "sns.dead_letter_topic_arn";
 

@@ -25,7 +25,6 @@ impl Service for Sqs {
     type Config = SqsConfig;
     type Client = Client;
     type Publisher = SqsPublisher;
-    const NAME: &'static str = SERVICE;
     const TARGET_KEY: &'static str = "sqs.queue_url";
     const DEAD_LETTER_KEY: &'static str = "sqs.dead_letter_queue_url";
 

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use crate::db::TestTable;
 use crate::faults::Proxy;
 use crate::relay_proc::{wait_broker_up, RelayProc};
-use crate::wait::wait_for;
 
 /// Three rounds of freezing (`cut = false`: sockets stay open, the relay must notice the
 /// stall through its publish timeout, report the broker down, stay live and spend no
@@ -31,12 +30,10 @@ pub async fn proxy_rounds(
             proxy.thaw();
         }
         let before = table.count("PROCESSED").await;
-        wait_for(
-            Duration::from_secs(60),
-            &format!("progress after {attack} round {round}"),
-            || async { (table.count("PROCESSED").await > before + 100).then_some(()) },
-        )
-        .await;
+        // Progress after the round.
+        table
+            .wait_processed_over(before + 100, Duration::from_secs(60))
+            .await;
         println!("{attack} round {round}: recovered in {:?}", t0.elapsed());
     }
 }
