@@ -116,9 +116,9 @@ impl Bench {
         }
     }
 
-    /// The aggregate of the `i`th message of a phase (as the producers spread them).
+    /// The aggregate of a bare publisher's message `i` in this run.
     pub fn aggregate(&self, i: u64) -> String {
-        format!("order-{}", i % u64::from(self.args.aggregates.max(1)))
+        crate::window::aggregate(i, self.args.aggregates)
     }
 
     /// Rows/s offered in the latency phase of `kind`.

@@ -111,7 +111,7 @@ impl Bench {
             Kind::Rabbit => {
                 let r = self.rabbit()?;
                 r.purge().await?;
-                let mut p = r.naive().await?;
+                let mut p = r.publisher().await?;
                 let out = pg::naive_relay(&t, &mut p).await?;
                 r.purge().await?;
                 out
@@ -119,7 +119,7 @@ impl Bench {
             Kind::Kafka => {
                 let k = self.kafka()?;
                 let topic = k.topic(&format!("{}_{phase}", self.prefix)).await?;
-                let mut p = k.naive(&topic)?;
+                let mut p = k.publisher(&topic)?;
                 pg::naive_relay(&t, &mut p).await?
             }
             other => bail!("no textbook relay for {}", other.label()),

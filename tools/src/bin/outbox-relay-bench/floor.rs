@@ -81,7 +81,7 @@ impl Bench {
                 let r = self.rabbit()?;
                 r.purge().await?;
                 let (seen, consumer) = r.arrivals().await?;
-                let publisher = r.floor_publisher().await?;
+                let publisher = r.publisher().await?;
                 let sent = paced(rate, secs, |i, id| {
                     publisher.send(id, self.aggregate(i), &self.payload)
                 })
@@ -93,7 +93,7 @@ impl Bench {
                 let topic = k.topic(&format!("{}_floor", self.prefix)).await?;
                 let (seen, consumer) = k.arrivals(&topic).await?;
                 k.warm(&topic, &seen).await?;
-                let publisher = k.floor_publisher(&topic)?;
+                let publisher = k.publisher(&topic)?;
                 // Its producer id and metadata first: the relay's producer has them
                 // long before a latency run's rows.
                 publisher.send(Uuid::new_v4(), "warm", "{}")?;

@@ -106,14 +106,12 @@ impl Kafka {
         let Load {
             n, payload, window, ..
         } = *load;
-        let producer = &self.producer(topic)?;
+        let publisher = self.publisher(topic)?;
+        let producer = &publisher.producer;
         sliding(n, window, |i| {
-            let agg = load.aggregate(i);
             let id = Uuid::new_v4().to_string();
-            let rec = FutureRecord::to(topic)
-                .key(agg.as_str())
-                .payload(payload)
-                .headers(headers(&id, &agg));
+            let agg = load.aggregate(i);
+            let rec = publisher.record(&id, &agg, payload);
             let queued = producer
                 .send_result(rec)
                 .map_err(|(e, _)| anyhow!("enqueue: {e}"))
@@ -192,16 +190,10 @@ impl Kafka {
         Ok(())
     }
 
-    /// A bare producer for the latency floor, with the relay's producer settings.
-    pub fn floor_publisher(&self, topic: &str) -> Result<FloorKafka> {
-        Ok(FloorKafka {
-            producer: self.producer(topic)?,
-            topic: topic.to_string(),
-        })
-    }
-
-    pub fn naive(&self, topic: &str) -> Result<NaiveKafka> {
-        Ok(NaiveKafka {
+    /// A bare producer to `topic` with the relay's producer settings: the raw
+    /// ceiling's, the textbook relay's and the latency floor's.
+    pub fn publisher(&self, topic: &str) -> Result<BareProducer> {
+        Ok(BareProducer {
             producer: self.producer(topic)?,
             topic: topic.to_string(),
         })
@@ -232,42 +224,31 @@ fn headers(event_id: &str, agg: &str) -> OwnedHeaders {
         })
 }
 
-pub struct NaiveKafka {
+/// Sends records shaped as the relay sends them (key = aggregate, SPEC headers).
+pub struct BareProducer {
     producer: FutureProducer,
     topic: String,
 }
 
-impl NaivePublisher for NaiveKafka {
-    async fn publish_one(&mut self, row: &NaiveRow) -> Result<()> {
-        let id = row.event_id.to_string();
-        let rec = FutureRecord::to(&self.topic)
-            .key(row.aggregate_id.as_str())
-            .payload(row.payload.as_str())
-            .headers(headers(&id, &row.aggregate_id));
-        self.producer
-            .send(rec, Duration::from_secs(10))
-            .await
-            .map_err(|(e, _)| anyhow!("naive relay: delivery failed: {e}"))?;
-        Ok(())
-    }
-}
-
-/// The latency floor's producer.
-pub struct FloorKafka {
-    producer: FutureProducer,
-    topic: String,
-}
-
-impl FloorKafka {
-    /// Hand record `id` over (its delivery report is not waited for).
-    pub fn send(&self, id: Uuid, agg: &str, payload: &str) -> Result<()> {
-        let ids = id.to_string();
-        let rec = FutureRecord::to(&self.topic)
+impl BareProducer {
+    /// Record `event_id` of aggregate `agg`.
+    fn record<'a>(
+        &'a self,
+        event_id: &'a str,
+        agg: &'a str,
+        payload: &'a str,
+    ) -> FutureRecord<'a, str, str> {
+        FutureRecord::to(&self.topic)
             .key(agg)
             .payload(payload)
-            .headers(headers(&ids, agg));
+            .headers(headers(event_id, agg))
+    }
+
+    /// Hand record `id` over (the latency floor; its delivery report is not waited for).
+    pub fn send(&self, id: Uuid, agg: &str, payload: &str) -> Result<()> {
+        let ids = id.to_string();
         self.producer
-            .send_result(rec)
+            .send_result(self.record(&ids, agg, payload))
             .map(drop)
             .map_err(|(e, _)| anyhow!("floor producer: enqueue: {e}"))
     }
@@ -279,5 +260,17 @@ impl FloorKafka {
         self.producer
             .flush(Duration::from_secs(15))
             .map_err(|e| anyhow!("floor producer: flush: {e}"))
+    }
+}
+
+impl NaivePublisher for BareProducer {
+    async fn publish_one(&mut self, row: &NaiveRow) -> Result<()> {
+        let id = row.event_id.to_string();
+        let rec = self.record(&id, &row.aggregate_id, &row.payload);
+        self.producer
+            .send(rec, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| anyhow!("naive relay: delivery failed: {e}"))?;
+        Ok(())
     }
 }

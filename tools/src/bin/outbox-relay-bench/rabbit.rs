@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use lapin::options::*;
-use lapin::publisher_confirm::Confirmation;
+use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use tokio::sync::Mutex;
@@ -148,21 +148,11 @@ impl Rabbit {
         let Load {
             n, payload, window, ..
         } = *load;
-        let ch = confirm_channel(&self.conn).await?;
-        let (ch_ref, exchange, body) = (&ch, &self.exchange, payload.as_bytes());
+        let publisher = self.publisher().await?;
+        let p = &publisher;
         let secs = sliding(n, window, |i| async move {
-            let agg = load.aggregate(i);
-            let confirm = ch_ref
-                .basic_publish(
-                    exchange,
-                    "order.created",
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    body,
-                    props_for(Uuid::new_v4(), &agg, crate::pg::TRACEPARENT),
-                )
+            let confirm = p
+                .publish(Uuid::new_v4(), "order.created", &load.aggregate(i), payload)
                 .await?;
             let answer = async move {
                 match confirm.await {
@@ -173,16 +163,8 @@ impl Rabbit {
             Ok((1, answer))
         })
         .await?;
-        let _ = ch.close(200, "done").await;
+        let _ = publisher.ch.close(200, "done").await;
         Ok(secs)
-    }
-
-    /// A bare publisher for the latency floor: a confirm channel, as the relay's.
-    pub async fn floor_publisher(&self) -> Result<FloorRabbit> {
-        Ok(FloorRabbit {
-            ch: confirm_channel(&self.conn).await?,
-            exchange: self.exchange.clone(),
-        })
     }
 
     /// Consume the queue (auto-ack) and note when each `message_id` arrived.
@@ -219,8 +201,10 @@ impl Rabbit {
         Ok((seen, task))
     }
 
-    pub async fn naive(&self) -> Result<NaiveRabbit> {
-        Ok(NaiveRabbit {
+    /// A bare publisher on the bench's exchange (a confirm channel, as the relay's): the
+    /// raw ceiling's, the textbook relay's and the latency floor's.
+    pub async fn publisher(&self) -> Result<BarePublisher> {
+        Ok(BarePublisher {
             ch: confirm_channel(&self.conn).await?,
             exchange: self.exchange.clone(),
         })
@@ -229,25 +213,54 @@ impl Rabbit {
 
 pub type Arrivals = Arc<Mutex<HashMap<Uuid, Instant>>>;
 
-pub struct NaiveRabbit {
+/// Publishes messages rendered as the relay renders them: persistent, `mandatory`.
+pub struct BarePublisher {
     ch: Channel,
     exchange: String,
 }
 
-impl NaivePublisher for NaiveRabbit {
-    async fn publish_one(&mut self, row: &NaiveRow) -> Result<()> {
-        let _ = (&row.aggregate_type, row.created_at);
+impl BarePublisher {
+    /// Publish message `id`; the broker's confirm is returned, not awaited.
+    async fn publish(
+        &self,
+        id: Uuid,
+        routing_key: &str,
+        agg: &str,
+        payload: &str,
+    ) -> Result<PublisherConfirm> {
         let confirm = self
             .ch
             .basic_publish(
                 &self.exchange,
-                &row.event_type,
+                routing_key,
                 BasicPublishOptions {
                     mandatory: true,
                     immediate: false,
                 },
-                row.payload.as_bytes(),
-                props_for(row.event_id, &row.aggregate_id, crate::pg::TRACEPARENT),
+                payload.as_bytes(),
+                props_for(id, agg, crate::pg::TRACEPARENT),
+            )
+            .await?;
+        Ok(confirm)
+    }
+
+    /// Hand message `id` over (the latency floor); its confirm is awaited aside.
+    pub async fn send(&self, id: Uuid, agg: String, payload: &str) -> Result<()> {
+        let confirm = self.publish(id, "order.created", &agg, payload).await?;
+        tokio::spawn(confirm);
+        Ok(())
+    }
+}
+
+impl NaivePublisher for BarePublisher {
+    async fn publish_one(&mut self, row: &NaiveRow) -> Result<()> {
+        let _ = (&row.aggregate_type, row.created_at);
+        let confirm = self
+            .publish(
+                row.event_id,
+                &row.event_type,
+                &row.aggregate_id,
+                &row.payload,
             )
             .await?
             .await?;
@@ -255,32 +268,5 @@ impl NaivePublisher for NaiveRabbit {
             Confirmation::Ack(None) => Ok(()),
             other => bail!("naive relay: not confirmed: {other:?}"),
         }
-    }
-}
-
-/// The latency floor's publisher: the relay's message, persistent and mandatory.
-pub struct FloorRabbit {
-    ch: lapin::Channel,
-    exchange: String,
-}
-
-impl FloorRabbit {
-    /// Hand message `id` over; its confirm is awaited aside, not here.
-    pub async fn send(&self, id: Uuid, agg: String, payload: &str) -> Result<()> {
-        let confirm = self
-            .ch
-            .basic_publish(
-                &self.exchange,
-                "order.created",
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                payload.as_bytes(),
-                props_for(id, &agg, crate::pg::TRACEPARENT),
-            )
-            .await?;
-        tokio::spawn(confirm);
-        Ok(())
     }
 }

@@ -61,6 +61,11 @@ where
     .await
 }
 
+/// The aggregate of a bare publisher's message `i` over `aggregates` aggregates.
+pub fn aggregate(i: u64, aggregates: u32) -> String {
+    format!("order-{}", i % u64::from(aggregates.max(1)))
+}
+
 /// What a raw broker ceiling sends: `n` messages of `payload` over `aggregates`
 /// aggregates, at most `window` unanswered.
 #[derive(Clone, Copy)]
@@ -74,7 +79,7 @@ pub struct Load<'a> {
 impl Load<'_> {
     /// The aggregate of message `i`.
     pub fn aggregate(&self, i: u64) -> String {
-        format!("order-{}", i % u64::from(self.aggregates))
+        aggregate(i, self.aggregates)
     }
 }
 
