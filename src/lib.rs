@@ -4,9 +4,10 @@
 //! retries).
 //!
 //! Layout (each stage is a module; brokers stay behind the `Sink` seam):
-//! - `config`   — typed settings: defaults → TOML → env, validated, secrets redacted;
-//!   `ConfigError` and the shared checks (`config::error`); the sink sections' types
-//!   and checks live with their sink
+//! - `config`   — typed settings: defaults → TOML → env, validated; the composition of
+//!   the sections (the sink sections' types and checks live with their sink)
+//! - `checks`   — `ConfigError` and the value checks `config` and every sink section share
+//! - `secret`   — the `Secret` type, redaction of URLs and text, the log scrubber
 //! - `table`    — the configured table name and the relay tables derived from it
 //! - `migrate`  — embedded SQL migrations and the start-up schema check
 //! - `model`    — the outbox row and the validated wire `Message`
@@ -31,6 +32,7 @@
 //!   `discard`, `demo`
 
 pub mod app;
+pub mod checks;
 pub mod commands;
 pub mod config;
 pub mod health;
@@ -40,6 +42,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod relay;
+pub mod secret;
 pub mod sink;
 pub mod store;
 pub mod table;

@@ -5,7 +5,7 @@
 //! commands log plain lines for a person and print their final error once. Whatever
 //! `RUST_LOG` says, lapin, amq-protocol and pinky-swear log at most at `debug` (lapin
 //! traces the AMQP login frame, credentials included), and every line written goes
-//! through `config::secret::scrub` (URL passwords, `password=` parameters and every
+//! through `secret::scrub` (URL passwords, `password=` parameters and every
 //! configured secret value masked).
 
 use std::io::{IsTerminal, Write};
@@ -15,7 +15,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use outbox_relay::app;
 use outbox_relay::commands;
-use outbox_relay::config::{secret, Settings};
+use outbox_relay::config::Settings;
+use outbox_relay::secret;
 use outbox_relay::wiring::AppError;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::MakeWriter;

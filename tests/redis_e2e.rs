@@ -261,7 +261,7 @@ async fn close_ends_outstanding_confirms_and_probe_follows_the_connection() {
     let keys = TestKeys::new("close");
     let proxy = Proxy::start("127.0.0.1:6379").await;
     let mut cfg = keys.config(RedisMode::Stream);
-    cfg.url = outbox_relay::config::Secret::new(format!("redis://127.0.0.1:{}", proxy.port));
+    cfg.url = outbox_relay::secret::Secret::new(format!("redis://127.0.0.1:{}", proxy.port));
     // A response timeout far longer than the waits below: only `close` can end them.
     let mut sink = RedisSink::new(&cfg, Duration::from_secs(60)).expect("valid config");
     sink.connect().await.expect("connect through the proxy");

@@ -7,9 +7,8 @@
 
 use std::path::Path;
 
-use crate::config::{
-    secret, Loaded, MissingFiles, OnFailed, SecretFile, Settings, SinkKind, ENV_PREFIX,
-};
+use crate::config::{Loaded, MissingFiles, OnFailed, SecretFile, Settings, SinkKind, ENV_PREFIX};
+use crate::secret;
 use crate::sink::aws::{SnsSink, SqsSink};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::nats::NatsSink;

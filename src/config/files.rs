@@ -6,8 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::error::{invalid, ConfigError};
 use super::{Secret, Settings, PROPERTY_FILE_SUFFIX};
+use crate::checks::{invalid, ConfigError};
 
 /// What loading does with a `*_file` secret whose file does not exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,9 +6,7 @@
 //! entry (e.g. `"sasl.password_file"`) sets property `<name>` to the file's content.
 
 mod defaults;
-pub(crate) mod error;
 mod files;
-pub mod secret;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -17,6 +15,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::checks::{check_url, invalid, ConfigError};
+use crate::secret::{self, Secret};
 use crate::sink::aws::{SnsConfig, SqsConfig};
 use crate::sink::kafka::KafkaConfig;
 use crate::sink::nats::NatsConfig;
@@ -24,10 +24,7 @@ use crate::sink::rabbitmq::RabbitmqConfig;
 use crate::sink::redis::RedisConfig;
 use crate::table::TableName;
 use defaults::*;
-pub use error::ConfigError;
-use error::{check_url, invalid};
 pub use files::{MissingFiles, SecretFile};
-pub use secret::{redact_text, redact_url, Secret};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -346,7 +343,7 @@ impl Settings {
 
 /// `config` errors may echo a value; make sure a URL with a password never does.
 fn scrub(e: config::ConfigError) -> String {
-    redact_text(&e.to_string())
+    secret::redact_text(&e.to_string())
 }
 
 #[cfg(test)]

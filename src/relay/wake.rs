@@ -9,7 +9,7 @@ use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Listen until cancelled; every notification (and every reconnect, since one may have
 /// been missed) wakes the loop.
@@ -38,7 +38,7 @@ pub async fn listen(url: Secret, channel: String, wake: Arc<Notify>, cancel: Can
         } {
             Ok(l) => l,
             Err(e) => {
-                tracing::debug!(error = %crate::config::redact_url(&e), "LISTEN failed; polling covers it");
+                tracing::debug!(error = %crate::secret::redact_url(&e), "LISTEN failed; polling covers it");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(pacer.next_pause()) => {}

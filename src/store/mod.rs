@@ -219,7 +219,7 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
             o.log_statements(tracing::log::LevelFilter::Trace)
                 .options([("plan_cache_mode", "force_custom_plan")])
         })
-        .map_err(|e| StoreError::BadUrl(crate::config::redact_url(&e.to_string())))
+        .map_err(|e| StoreError::BadUrl(crate::secret::redact_url(&e.to_string())))
 }
 
 impl Store {

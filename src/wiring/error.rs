@@ -1,7 +1,7 @@
 //! `AppError`: why a command ended, keeping the layer's error as its source, and the
 //! exit code it maps to.
 
-use crate::config::ConfigError;
+use crate::checks::ConfigError;
 use crate::migrate::MigrateError;
 use crate::sink::SinkError;
 use crate::store::StoreError;

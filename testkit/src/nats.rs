@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
-use outbox_relay::config::Secret;
+use outbox_relay::secret::Secret;
 use outbox_relay::sink::nats::NatsConfig;
 
 use crate::db::DbRow;

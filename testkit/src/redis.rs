@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox_relay::config::Secret;
+use outbox_relay::secret::Secret;
 use outbox_relay::sink::redis::tap::{Received, Tap};
 use outbox_relay::sink::redis::{RedisConfig, RedisMode};
 use redis::AsyncCommands;

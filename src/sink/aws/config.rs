@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 
-use crate::config::error::{invalid, ConfigError};
+use crate::checks::{invalid, ConfigError};
 
 /// The region used when `region` is not set.
 const DEFAULT_REGION: &str = "us-east-1";
@@ -200,7 +200,7 @@ fn check_endpoint(endpoint: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::error::key_of;
+    use crate::checks::key_of;
 
     #[test]
     fn sqs_section_is_checked() {

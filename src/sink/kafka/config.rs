@@ -8,8 +8,8 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::config::error::{invalid, ConfigError};
-use crate::config::secret::{is_secret_property, redact_url};
+use crate::checks::{invalid, ConfigError};
+use crate::secret::{is_secret_property, redact_url};
 
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

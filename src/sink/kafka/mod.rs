@@ -30,8 +30,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
 use super::{Confirm, Sink, SinkError};
-use crate::config::secret::redact_url;
 use crate::model::Message;
+use crate::secret::redact_url;
 pub use config::{validate_properties, KafkaConfig, PropertyError};
 // `producer_config` is public only for outbox-relay-tools (the bench's textbook relay
 // produces with the relay's own settings); the rest of `props` stays inside the sink.

@@ -20,7 +20,7 @@ use rdkafka::ClientConfig;
 
 use super::check_topic_name;
 use super::config::{refuse, validate_properties, KafkaConfig, PropertyError, PARTITIONER};
-use crate::config::secret::{is_secret_property, redact_url};
+use crate::secret::{is_secret_property, redact_url};
 use crate::sink::SinkError;
 
 /// The message timeout librdkafka will apply: the user's `message.timeout.ms` (or its

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::wire::{check_subject, check_template};
-use crate::config::error::{check_url, invalid, ConfigError};
-use crate::config::secret::Secret;
+use crate::checks::{check_url, invalid, ConfigError};
+use crate::secret::Secret;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,7 +53,7 @@ impl NatsConfig {
     /// The secrets `nats.url` carries, for the log scrubber: its password and secret
     /// query parameters, and a lone `token@` (a username without a password).
     pub fn secret_values(&self) -> Vec<String> {
-        let mut out = crate::config::secret::url_secrets(self.url.expose());
+        let mut out = crate::secret::url_secrets(self.url.expose());
         if let Ok(u) = url::Url::parse(self.url.expose()) {
             if u.password().is_none() && !u.username().is_empty() {
                 out.push(u.username().to_string());
@@ -93,7 +93,7 @@ impl NatsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::error::key_of;
+    use crate::checks::key_of;
 
     #[test]
     fn defaults_are_valid() {

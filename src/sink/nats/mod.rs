@@ -35,8 +35,8 @@ use async_nats::jetstream::{self, Context};
 use async_nats::{Client, ConnectOptions};
 
 use super::{Confirm, Sink, SinkError};
-use crate::config::secret::Secret;
 use crate::model::Message;
+use crate::secret::Secret;
 pub use config::NatsConfig;
 use outcome::{lookup_failed, publish_failed};
 use wire::{check_subject, headers, subject_for, wire_size};

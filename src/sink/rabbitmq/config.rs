@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::error::{check_url, invalid, ConfigError};
-use crate::config::secret::Secret;
+use crate::checks::{check_url, invalid, ConfigError};
+use crate::secret::Secret;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

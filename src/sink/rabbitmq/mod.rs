@@ -28,8 +28,8 @@ mod outcome;
 pub mod tap;
 
 use super::{Confirm, Sink, SinkError};
-use crate::config::secret::Secret;
 use crate::model::Message;
+use crate::secret::Secret;
 pub use config::RabbitmqConfig;
 use outcome::{broken, confirmation, describe, unavailable};
 

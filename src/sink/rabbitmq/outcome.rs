@@ -39,7 +39,7 @@ pub(super) fn broken(e: &lapin::Error) -> SinkError {
 }
 
 pub(super) fn unavailable(why: impl Into<String>) -> SinkError {
-    SinkError::Unavailable(crate::config::secret::redact_url(&why.into()))
+    SinkError::Unavailable(crate::secret::redact_url(&why.into()))
 }
 
 /// A channel-level error the broker raised because of a message (not a connection loss).

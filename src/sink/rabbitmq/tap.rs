@@ -9,7 +9,7 @@ use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions}
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 
-use crate::config::secret::Secret;
+use crate::secret::Secret;
 use crate::sink::SinkError;
 
 /// One message as it arrived.
@@ -33,9 +33,8 @@ pub struct Tap {
 impl Tap {
     /// Declare an exclusive queue bound to `exchange` with `binding` and start consuming.
     pub async fn bind(url: &Secret, exchange: &str, binding: &str) -> Result<Self, SinkError> {
-        let err = |e: lapin::Error| {
-            SinkError::Unavailable(crate::config::secret::redact_url(&e.to_string()))
-        };
+        let err =
+            |e: lapin::Error| SinkError::Unavailable(crate::secret::redact_url(&e.to_string()));
         let conn = Connection::connect(url.expose(), super::connection_properties())
             .await
             .map_err(err)?;

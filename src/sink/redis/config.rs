@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::error::{check_url, invalid, ConfigError};
-use crate::config::secret::Secret;
+use crate::checks::{check_url, invalid, ConfigError};
+use crate::secret::Secret;
 
 /// What a Redis "publish" is: an entry appended to a stream, or a pub/sub message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -91,7 +91,7 @@ impl RedisConfig {
                 "redis.url",
                 format!(
                     "not a usable Redis URL ({})",
-                    crate::config::secret::redact_url(&e.to_string())
+                    crate::secret::redact_url(&e.to_string())
                 ),
             )
         })?;

@@ -5,7 +5,7 @@
 
 use redis::{ErrorKind, RedisError};
 
-use crate::config::secret::redact_url;
+use crate::secret::redact_url;
 use crate::sink::SinkError;
 
 /// Server error codes that say the server cannot take writes now, not that this

@@ -27,8 +27,8 @@ pub mod tap;
 pub mod wire;
 
 use super::{decided, Confirm, Sink, SinkError};
-use crate::config::secret::Secret;
 use crate::model::Message;
+use crate::secret::Secret;
 pub use config::{RedisConfig, RedisMode};
 use errors::{classify, unavailable};
 

@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 
 use super::errors::unavailable;
 use super::RedisMode;
-use crate::config::secret::Secret;
+use crate::secret::Secret;
 use crate::sink::{Arrival, SinkError};
 
 /// One entry or message as it arrived.

@@ -1,7 +1,8 @@
-//! The configuration error and the checks every section shares (`invalid`, `check_url`):
-//! what `Settings` and each sink's own config section (`sink::<x>::config`) report with.
+//! `ConfigError` and the value checks every config section shares (`invalid`, `check_url`):
+//! what `config::Settings` and each sink's own config section (`sink::<x>::config`) report
+//! with. A leaf module: it names neither `config` nor `sink`, so both can use it.
 
-use super::secret::Secret;
+use crate::secret::Secret;
 
 /// Why the configuration cannot be used. Always names the key (exit code 2).
 #[derive(Debug, thiserror::Error)]
