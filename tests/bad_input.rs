@@ -123,6 +123,34 @@ async fn check_cases(table: &TestTable, loaded: &[(&Case, i64)]) {
     }
 }
 
+/// Wait until no row is pending, then check every case (`check_cases`).
+async fn settle(table: &TestTable, loaded: &[(&Case, i64)]) {
+    table
+        .wait_no_pending(Duration::from_secs(60), "every row settled")
+        .await;
+    check_cases(table, loaded).await;
+}
+
+/// The ledger of the matrix `title` once settled: `delivered` (the event ids the broker
+/// holds, read after the ledger is loaded) covers every good row, only the `bad` rows
+/// failed, and the relay is still live; then the relay stops.
+async fn account<F>(title: &str, table: &TestTable, bad: usize, relay: RelayProc, delivered: F)
+where
+    F: std::future::Future<Output = Vec<String>>,
+{
+    let title = format!("bad input matrix ({title})");
+    let mut ledger = Ledger::load(&title, &table.pool, &table.name).await;
+    ledger.delivered(delivered.await);
+    let t = ledger.settle();
+    assert_eq!(t.failed, bad, "only the bad rows failed");
+    assert_eq!(
+        relay.get("/livez").await.map(|r| r.0),
+        Some(200),
+        "bad input never wedges the relay"
+    );
+    drop(relay);
+}
+
 fn common_cases(max_attempts: i32) -> Vec<Case> {
     let _ = max_attempts;
     vec![
@@ -200,27 +228,13 @@ async fn rabbitmq_bad_rows_fail_alone_with_readable_errors() {
     ]);
     let loaded = load(&table, &cases, 5).await;
     let relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
-    table
-        .wait_no_pending(Duration::from_secs(60), "every row settled")
-        .await;
-    check_cases(&table, &loaded).await;
-    let mut ledger = Ledger::load("bad input matrix (RabbitMQ)", &table.pool, &table.name).await;
-    ledger.delivered(
-        drain_queue(
-            &broker.queue,
-            Duration::from_secs(1),
-            Duration::from_secs(30),
-        )
-        .await,
+    settle(&table, &loaded).await;
+    let delivered = drain_queue(
+        &broker.queue,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
     );
-    let t = ledger.settle();
-    assert_eq!(t.failed, cases.len(), "only the bad rows failed");
-    assert_eq!(
-        relay.get("/livez").await.map(|r| r.0),
-        Some(200),
-        "bad input never wedges the relay"
-    );
-    drop(relay);
+    account("RabbitMQ", &table, cases.len(), relay, delivered).await;
     broker_delete(&lonely).await;
     broker.cleanup().await;
     table.cleanup().await;
@@ -275,10 +289,7 @@ async fn kafka_bad_rows_fail_alone_with_readable_errors() {
         &[],
     );
     let relay = RelayProc::start_cmd(&env, &["run", "--config", file.path().to_str().unwrap()]);
-    table
-        .wait_no_pending(Duration::from_secs(60), "every row settled")
-        .await;
-    check_cases(&table, &loaded).await;
+    settle(&table, &loaded).await;
     let t = tally_kafka(
         "bad input matrix (Kafka, mock cluster)",
         &table,
@@ -332,26 +343,14 @@ async fn nats_bad_rows_fail_alone_with_readable_errors() {
     ]);
     let loaded = load(&table, &cases, 5).await;
     let relay = RelayProc::start(&nats_env(&table.name, &stream.template(), &[]));
-    table
-        .wait_no_pending(Duration::from_secs(60), "every row settled")
-        .await;
-    check_cases(&table, &loaded).await;
-    let mut ledger = Ledger::load("bad input matrix (NATS)", &table.pool, &table.name).await;
-    ledger.delivered(
-        stream
-            .messages()
-            .await
-            .iter()
-            .filter_map(|m| m.header("event_id").map(str::to_string)),
-    );
-    let t = ledger.settle();
-    assert_eq!(t.failed, cases.len(), "only the bad rows failed");
-    assert_eq!(
-        relay.get("/livez").await.map(|r| r.0),
-        Some(200),
-        "bad input never wedges the relay"
-    );
-    drop(relay);
+    settle(&table, &loaded).await;
+    let delivered = async {
+        let got = stream.messages().await;
+        got.iter()
+            .filter_map(|m| m.header("event_id").map(str::to_string))
+            .collect()
+    };
+    account("NATS", &table, cases.len(), relay, delivered).await;
     stream.delete().await;
     table.cleanup().await;
 }
@@ -361,8 +360,7 @@ async fn sqs_bad_rows_fail_alone_with_readable_errors() {
     require_emulator();
     let queue = TestQueue::new("badin-s", false).await;
     let missing = queue.missing_sibling();
-    let fifo = format!("{}.fifo", queue.url);
-    let mut cases = aws_cases("SQS", &fifo);
+    let mut cases = aws_cases("SQS", &queue.url);
     cases.extend([
         Case::new("unknown_queue", &[missing.as_str(), "does not exist"], 3).dest(&missing),
         Case::new("destination_not_a_queue_url", &["not a queue URL"], 3).dest("orders"),
@@ -377,8 +375,7 @@ async fn sns_bad_rows_fail_alone_with_readable_errors() {
     require_emulator();
     let topic = TestTopic::new("badin-sn", false).await;
     let missing = format!("{}-missing", topic.arn);
-    let fifo = format!("{}.fifo", topic.arn);
-    let mut cases = aws_cases("SNS", &fifo);
+    let mut cases = aws_cases("SNS", &topic.arn);
     cases.extend([
         Case::new("unknown_topic", &[missing.as_str(), "does not exist"], 3).dest(&missing),
         Case::new("destination_not_a_topic_arn", &["not an SNS topic ARN"], 3).dest("orders"),
@@ -388,8 +385,10 @@ async fn sns_bad_rows_fail_alone_with_readable_errors() {
     topic.delete().await;
 }
 
-/// The cases SQS and SNS share (the same message limits); `fifo` is a FIFO target.
-fn aws_cases(service: &str, fifo: &str) -> Vec<Case> {
+/// The cases SQS and SNS share (the same message limits); `target` is the sink's queue or
+/// topic, and `<target>.fifo` a FIFO one.
+fn aws_cases(service: &str, target: &str) -> Vec<Case> {
+    let fifo = format!("{target}.fifo");
     let seven: serde_json::Map<String, serde_json::Value> =
         (0..7).map(|i| (format!("h{i}"), "v".into())).collect();
     let mut cases = common_cases(3);
@@ -417,7 +416,7 @@ fn aws_cases(service: &str, fifo: &str) -> Vec<Case> {
             .headers(serde_json::json!({"tenant": ""})),
         {
             let mut c =
-                Case::new("group_id_over_128", &["MessageGroupId", "limit is 128"], 3).dest(fifo);
+                Case::new("group_id_over_128", &["MessageGroupId", "limit is 128"], 3).dest(&fifo);
             c.aggregate_id = "g".repeat(200);
             c
         },
@@ -439,26 +438,15 @@ async fn aws_bad_rows(
     let mut full = relay_env(&table.name, "unused");
     full.extend(env);
     let relay = RelayProc::start(&full);
-    table
-        .wait_no_pending(Duration::from_secs(60), "every row settled")
-        .await;
-    check_cases(&table, &loaded).await;
-    let title = format!("bad input matrix ({service})");
-    let mut ledger = Ledger::load(&title, &table.pool, &table.name).await;
-    let good = table.count("PROCESSED").await as usize;
-    let got = queue.read(good, Duration::from_secs(30)).await;
-    ledger.delivered(
+    settle(&table, &loaded).await;
+    let delivered = async {
+        let good = table.count("PROCESSED").await as usize;
+        let got = queue.read(good, Duration::from_secs(30)).await;
         got.iter()
-            .filter_map(|m| m.attribute("event_id").map(str::to_string)),
-    );
-    let t = ledger.settle();
-    assert_eq!(t.failed, cases.len(), "only the bad rows failed");
-    assert_eq!(
-        relay.get("/livez").await.map(|r| r.0),
-        Some(200),
-        "bad input never wedges the relay"
-    );
-    drop(relay);
+            .filter_map(|m| m.attribute("event_id").map(str::to_string))
+            .collect()
+    };
+    account(service, &table, cases.len(), relay, delivered).await;
     table.cleanup().await;
 }
 
@@ -490,26 +478,10 @@ async fn redis_bad_rows_fail_alone_with_readable_errors() {
     ]);
     let loaded = load(&table, &cases, 5).await;
     let relay = RelayProc::start(&keys.env(&table.name, RedisMode::Stream, &[]));
-    table
-        .wait_no_pending(Duration::from_secs(60), "every row settled")
-        .await;
-    check_cases(&table, &loaded).await;
-    let mut ledger =
-        Ledger::load("bad input matrix (Redis stream)", &table.pool, &table.name).await;
-    ledger.delivered(
-        stream_entries(&keys.key("order"))
-            .await
-            .iter()
-            .map(event_id),
-    );
-    let t = ledger.settle();
-    assert_eq!(t.failed, cases.len(), "only the bad rows failed");
-    assert_eq!(
-        relay.get("/livez").await.map(|r| r.0),
-        Some(200),
-        "bad input never wedges the relay"
-    );
-    drop(relay);
+    settle(&table, &loaded).await;
+    let stream = keys.key("order");
+    let delivered = async { stream_entries(&stream).await.iter().map(event_id).collect() };
+    account("Redis stream", &table, cases.len(), relay, delivered).await;
     keys.cleanup().await;
     table.cleanup().await;
 }
