@@ -28,17 +28,9 @@ async fn standard_queue_receives_every_row_with_spec_attributes() {
     require_emulator();
     let queue = TestQueue::new("at-std", false).await;
     let table = TestTable::new("awsstd").await;
-    let rows: Vec<Row> = (0..40)
-        .flat_map(|seq| (0..10).map(move |a| Row::new(&format!("order-{a}"), seq)))
-        .collect();
-    table.insert_rows(&rows).await;
+    table.insert_rows(&Row::grid(40, 10)).await;
     relay_sqs(&table, &sqs_config(&aws_endpoint(), &queue.url), 400, 0).await;
-    assert_eq!(
-        table
-            .count_where("processed_at IS NULL OR attempts <> 0 OR last_error IS NOT NULL")
-            .await,
-        0
-    );
+    table.assert_all_clean().await;
     let got = queue.read(400, Duration::from_secs(60)).await;
     assert_all_delivered(&table.rows().await, &got, false);
     assert!(
@@ -107,14 +99,8 @@ async fn missing_queue_fails_its_row_only() {
         ])
         .await;
     relay_sqs(&table, &sqs_config(&aws_endpoint(), &queue.url), 2, 1).await;
-    let (failed, why) = table.the_failed().await;
-    assert_eq!((failed.aggregate_id.as_str(), failed.attempts), ("typo", 3));
-    assert!(
-        why.contains(&missing) && why.contains("does not exist"),
-        "{why}"
-    );
-    // on_failed = block: the aggregate's later row waits.
-    assert_eq!(table.rows().await[3].status, "PENDING");
+    table.the_typo_failed(&[&missing, "does not exist"]).await;
+    table.assert_later_row_waits(3).await;
     queue.delete().await;
     table.drop_all().await;
 }

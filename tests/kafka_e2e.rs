@@ -3,12 +3,10 @@
 //! the test fails and says so.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outbox_relay::sink::kafka::{tap::ensure_topic, KafkaSink};
-use outbox_relay_testkit::{
-    db::*, hex_id, inproc::*, kafka::*, order::assert_kafka_order, wait::*,
-};
+use outbox_relay_testkit::{db::*, hex_id, inproc::*, kafka::*, order::assert_kafka_order};
 
 const BROKER: &str = "127.0.0.1:9092";
 
@@ -33,28 +31,11 @@ async fn ten_thousand_rows_arrive_in_order() {
         .expect("create the test topic");
     let table = TestTable::new("kt").await;
 
-    let rows: Vec<Row> = (0..200)
-        .flat_map(|seq| (0..50).map(move |a| Row::new(&format!("order-{a}"), seq)))
-        .collect();
-    table.insert_rows(&rows).await;
+    table.insert_rows(&Row::grid(200, 50)).await;
 
-    let started = Instant::now();
     let sink = KafkaSink::new(&cfg, Duration::from_secs(10)).expect("valid Kafka config");
-    let relay = Running::start(table.store(), sink, relay_config("10s"));
-    wait_until(
-        Duration::from_secs(240),
-        "10 000 rows PROCESSED",
-        || async { table.count_where("status = 'PROCESSED'").await == 10_000 },
-    )
-    .await;
-    let relayed = started.elapsed();
-    relay.stop(Duration::from_secs(30)).await;
-    assert_eq!(
-        table
-            .count_where("processed_at IS NULL OR attempts <> 0 OR last_error IS NOT NULL")
-            .await,
-        0
-    );
+    let within = Duration::from_secs(240);
+    let relayed = relay_all(&table, sink, relay_config("10s"), 10_000, within).await;
 
     let c = consumer(BROKER, &[&topic]).await;
     let got = read_events(&c, Duration::from_secs(120), 10_000).await;
@@ -72,17 +53,7 @@ async fn ten_thousand_rows_arrive_in_order() {
         assert_eq!(k.topic, topic);
         assert_eq!(k.key.as_deref(), Some(r.aggregate_id.as_str()), "key");
         assert_eq!(k.payload, r.payload, "body is the payload JSON as stored");
-        let mut want: HashMap<String, String> = r
-            .headers
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-            .collect();
-        want.insert("event_id".into(), r.event_id.clone());
-        want.insert("event_type".into(), r.event_type.clone());
-        want.insert("aggregate_type".into(), r.aggregate_type.clone());
-        want.insert("aggregate_id".into(), r.aggregate_id.clone());
+        let want: HashMap<String, String> = r.spec_headers().into_iter().collect();
         let have: HashMap<String, String> = k.headers.iter().cloned().collect();
         assert_eq!(have.len(), k.headers.len(), "no header appears twice");
         assert_eq!(have, want, "headers of {}", r.id);
@@ -103,24 +74,13 @@ async fn missing_topic_fails_its_row_only() {
         .await
         .expect("create the test topic");
     let table = TestTable::new("kt").await;
-    table
-        .insert_rows(&[
-            Row::new("a", 0).to(&topic),
-            Row::new("typo", 0).to(&missing),
-            Row::new("b", 0).to(&topic),
-            Row::new("typo", 1).to(&topic),
-        ])
-        .await;
+    let mut rows = Row::typo_between(Some(topic.as_str()), &missing);
+    rows.push(Row::new("typo", 1).to(&topic));
+    table.insert_rows(&rows).await;
     let sink = KafkaSink::new(&cfg, Duration::from_secs(10)).unwrap();
     relay_until(&table, sink, relay_config("10s"), 2, 1).await;
-    let (failed, why) = table.the_failed().await;
-    assert_eq!((failed.aggregate_id.as_str(), failed.attempts), ("typo", 3));
-    assert!(
-        why.contains(&missing) && why.contains("does not exist"),
-        "{why}"
-    );
-    // on_failed = block: the aggregate's later row waits.
-    assert_eq!(table.rows().await[3].status, "PENDING");
+    table.the_typo_failed(&[&missing, "does not exist"]).await;
+    table.assert_later_row_waits(3).await;
     let admin_view = ensure_topic(&cfg, &missing, 1).await.unwrap();
     assert!(admin_view, "the relay must not have created {missing}");
     table.drop_all().await;

@@ -10,7 +10,23 @@ use outbox_relay_testkit::{
     db::*, hex_id, inproc::*, kafka::*, order::assert_kafka_order, wait::*,
 };
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+/// A one-broker mock cluster with a unique topic `kt-…` of `partitions` partitions, and a
+/// fresh table.
+async fn mock_cluster(
+    partitions: i32,
+) -> (
+    MockCluster<'static, DefaultProducerContext>,
+    String,
+    TestTable,
+) {
+    let cluster = MockCluster::new(1).unwrap();
+    let topic = format!("kt-{}", hex_id());
+    cluster.create_topic(&topic, partitions, 1).unwrap();
+    (cluster, topic, TestTable::new("kt").await)
+}
 
 fn sink(cfg: &outbox_relay::sink::kafka::KafkaConfig) -> (CountingSink<KafkaSink>, Arc<Counts>) {
     let counts = Arc::new(Counts::default());
@@ -28,10 +44,7 @@ fn sink(cfg: &outbox_relay::sink::kafka::KafkaConfig) -> (CountingSink<KafkaSink
 /// their own row, with a readable `last_error`; everything else is PROCESSED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_errors_fail_only_their_row() {
-    let cluster = MockCluster::new(1).unwrap();
-    let topic = format!("kt-{}", hex_id());
-    cluster.create_topic(&topic, 3, 1).unwrap();
-    let table = TestTable::new("kt").await;
+    let (cluster, topic, table) = mock_cluster(3).await;
 
     let mut rows = Vec::new();
     for seq in 0..3 {
@@ -121,10 +134,7 @@ async fn permanent_errors_fail_only_their_row() {
 /// arrive, in order per aggregate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_spends_no_attempts() {
-    let cluster = MockCluster::new(1).unwrap();
-    let topic = format!("kt-{}", hex_id());
-    cluster.create_topic(&topic, 4, 1).unwrap();
-    let table = TestTable::new("kt").await;
+    let (cluster, topic, table) = mock_cluster(4).await;
     let cfg = kafka_config(&cluster.bootstrap_servers(), &[]);
     let (sink, counts) = sink(&cfg);
     let relay = Running::start(table.store(), sink, relay_config("1s"));
@@ -203,10 +213,7 @@ fn gauge(rendered: &str, name: &str) -> Option<f64> {
 async fn broker_up_follows_an_outage_while_idle() {
     const BROKER_UP: &str = "outbox_relay_broker_up";
     let metrics = outbox_relay::metrics::install().expect("the only recorder in this process");
-    let cluster = MockCluster::new(1).unwrap();
-    let topic = format!("kt-{}", hex_id());
-    cluster.create_topic(&topic, 2, 1).unwrap();
-    let table = TestTable::new("kt").await;
+    let (cluster, topic, table) = mock_cluster(2).await;
     let cfg = kafka_config(&cluster.bootstrap_servers(), &[]);
     let sink = KafkaSink::new(&cfg, Duration::from_secs(2)).expect("valid Kafka config");
     let relay = Running::start(table.store(), sink, relay_config("2s"));
@@ -255,32 +262,19 @@ async fn broker_up_follows_an_outage_while_idle() {
 /// `kafka.dead_letter_topic` with a `last_error` header; the relay creates no topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_row_goes_to_dead_letter_topic() {
-    let cluster = MockCluster::new(1).unwrap();
-    let topic = format!("kt-{}", hex_id());
+    let (cluster, topic, table) = mock_cluster(1).await;
     let dlt = format!("kt-dlt-{}", hex_id());
     let missing = format!("kt-missing-{}", hex_id());
-    cluster.create_topic(&topic, 1, 1).unwrap();
     cluster.create_topic(&dlt, 1, 1).unwrap();
-    let table = TestTable::new("kt").await;
     table
-        .insert_rows(&[
-            Row::new("a", 0).to(&topic),
-            Row::new("typo", 0).to(&missing),
-            Row::new("b", 0).to(&topic),
-        ])
+        .insert_rows(&Row::typo_between(Some(topic.as_str()), &missing))
         .await;
     let mut cfg = kafka_config(&cluster.bootstrap_servers(), &[]);
     cfg.dead_letter_topic = Some(dlt.clone());
     let (sink, _counts) = sink(&cfg);
     let relay = Running::start(table.store(), sink, relay_config("2s"));
     table.wait_settled(2, 1, Duration::from_secs(30)).await;
-    let (failed, why) = table.the_failed().await;
-    assert_eq!(failed.aggregate_id, "typo");
-    assert_eq!(failed.attempts, 3);
-    assert!(
-        why.contains(&missing) && why.contains("does not exist"),
-        "{why}"
-    );
+    let (failed, why) = table.the_typo_failed(&[&missing, "does not exist"]).await;
 
     let c = consumer(&cluster.bootstrap_servers(), &[&dlt]).await;
     let got = read_events(&c, Duration::from_secs(30), 1).await;

@@ -5,12 +5,17 @@
 //! (JetStream drops a re-publish by its `Nats-Msg-Id`).
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outbox_relay::sink::nats::NatsSink;
-use outbox_relay_testkit::{
-    db::*, faults::Producer, hex_id, inproc::*, nats::*, relay_proc::*, wait::*,
-};
+use outbox_relay_testkit::{db::*, faults::Producer, hex_id, inproc::*, nats::*, relay_proc::*};
+
+/// A stream and a table of their own, and a subject no stream captures.
+async fn nowhere_setup(prefix: &str) -> (TestStream, TestTable, String) {
+    let stream = TestStream::new(prefix).await;
+    let table = TestTable::new(prefix).await;
+    (stream, table, format!("nt_nowhere_{}.events", hex_id()))
+}
 
 /// 3 000 rows over 60 aggregates: subject from the template, body = payload JSON,
 /// headers = the row's plus `Nats-Msg-Id`/`event_id` = event_id and the metadata; the
@@ -19,26 +24,12 @@ use outbox_relay_testkit::{
 async fn rows_arrive_once_with_spec_headers_in_order() {
     let stream = TestStream::new("nt").await;
     let table = TestTable::new("nt").await;
-    let rows: Vec<Row> = (0..50)
-        .flat_map(|seq| (0..60).map(move |a| Row::new(&format!("order-{a}"), seq)))
-        .collect();
-    table.insert_rows(&rows).await;
+    table.insert_rows(&Row::grid(50, 60)).await;
 
-    let started = Instant::now();
     let sink = NatsSink::new(&nats_config(&stream.template()), Duration::from_secs(10)).unwrap();
-    let relay = Running::start(table.store(), sink, relay_config("10s"));
-    wait_until(Duration::from_secs(120), "3 000 rows PROCESSED", || async {
-        table.count_where("status = 'PROCESSED'").await == 3_000
-    })
-    .await;
-    println!("relayed 3 000 rows in {:?}", started.elapsed());
-    relay.stop(Duration::from_secs(30)).await;
-    assert_eq!(
-        table
-            .count_where("processed_at IS NULL OR attempts <> 0 OR last_error IS NOT NULL")
-            .await,
-        0
-    );
+    let within = Duration::from_secs(120);
+    let took = relay_all(&table, sink, relay_config("10s"), 3_000, within).await;
+    println!("relayed 3 000 rows in {took:?}");
 
     let got = stream.messages().await;
     assert_eq!(got.len(), 3_000, "the stream holds each event once");
@@ -54,22 +45,8 @@ async fn rows_arrive_once_with_spec_headers_in_order() {
             .unwrap_or_else(|| panic!("lost: {r:?}"));
         assert_eq!(m.subject, subject);
         assert_eq!(m.payload, r.payload, "body is the payload JSON as stored");
-        let mut want: Vec<(String, String)> = r
-            .headers
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-            .collect();
-        for (k, v) in [
-            ("Nats-Msg-Id", &r.event_id),
-            ("event_id", &r.event_id),
-            ("event_type", &r.event_type),
-            ("aggregate_type", &r.aggregate_type),
-            ("aggregate_id", &r.aggregate_id),
-        ] {
-            want.push((k.to_string(), v.clone()));
-        }
+        let mut want = r.spec_headers();
+        want.push(("Nats-Msg-Id".into(), r.event_id.clone()));
         want.sort();
         assert_eq!(m.headers, want, "headers of row {}", r.id);
     }
@@ -84,30 +61,15 @@ async fn rows_arrive_once_with_spec_headers_in_order() {
 /// waits (`on_failed = block`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subject_no_stream_captures_fails_its_row_only() {
-    let stream = TestStream::new("nt").await;
-    let table = TestTable::new("nt").await;
-    let nowhere = format!("nt_nowhere_{}.events", hex_id());
-    table
-        .insert_rows(&[
-            Row::new("a", 0),
-            Row::new("typo", 0).to(&nowhere),
-            Row::new("b", 0),
-            Row::new("typo", 1),
-        ])
-        .await;
+    let (stream, table, nowhere) = nowhere_setup("nt").await;
+    let mut rows = Row::typo_between(None, &nowhere);
+    rows.push(Row::new("typo", 1));
+    table.insert_rows(&rows).await;
     let sink = NatsSink::new(&nats_config(&stream.template()), Duration::from_secs(10)).unwrap();
     relay_until(&table, sink, relay_config("10s"), 2, 1).await;
-    let (failed, why) = table.the_failed().await;
-    assert_eq!((failed.aggregate_id.as_str(), failed.attempts), ("typo", 3));
-    assert!(
-        why.contains("no JetStream stream captures subject") && why.contains(&nowhere),
-        "{why}"
-    );
-    assert_eq!(
-        table.rows().await[3].status,
-        "PENDING",
-        "the aggregate's later row waits"
-    );
+    let mentions = ["no JetStream stream captures subject", &nowhere];
+    table.the_typo_failed(&mentions).await;
+    table.assert_later_row_waits(3).await;
     assert_eq!(stream.count().await, 2);
     stream.delete().await;
     table.drop_all().await;
@@ -117,9 +79,7 @@ async fn subject_no_stream_captures_fails_its_row_only() {
 /// with the SPEC headers, `last_error` and `original_subject`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_row_is_dead_lettered() {
-    let stream = TestStream::new("ntdl").await;
-    let table = TestTable::new("ntdl").await;
-    let nowhere = format!("nt_nowhere_{}.events", hex_id());
+    let (stream, table, nowhere) = nowhere_setup("ntdl").await;
     table
         .insert_rows(&[Row::new("ok", 0), Row::new("typo", 0).to(&nowhere)])
         .await;

@@ -29,12 +29,7 @@ fn sink(cfg: &outbox_relay::sink::redis::RedisConfig) -> RedisSink {
 
 /// The row's `headers` as the map the relay writes into the `headers` field.
 fn headers_of(r: &DbRow) -> HashMap<String, String> {
-    r.headers
-        .as_object()
-        .expect("headers object")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().expect("string header").to_string()))
-        .collect()
+    r.header_pairs().into_iter().collect()
 }
 
 /// 3 000 rows over 60 aggregates: one entry per row carrying the SPEC fields, each
@@ -43,27 +38,10 @@ fn headers_of(r: &DbRow) -> HashMap<String, String> {
 async fn stream_mode_many_aggregates_in_order() {
     let keys = TestKeys::new("stream");
     let table = TestTable::new("rds").await;
-    let rows: Vec<Row> = (0..50)
-        .flat_map(|seq| (0..60).map(move |a| Row::new(&format!("order-{a}"), seq)))
-        .collect();
-    table.insert_rows(&rows).await;
+    table.insert_rows(&Row::grid(50, 60)).await;
 
-    let relay = Running::start(
-        table.store(),
-        sink(&keys.config(RedisMode::Stream)),
-        relay_config("5s"),
-    );
-    wait_until(SETTLE, "3 000 rows PROCESSED", || async {
-        table.count("PROCESSED").await == 3_000
-    })
-    .await;
-    relay.stop(Duration::from_secs(30)).await;
-    assert_eq!(
-        table
-            .count_where("processed_at IS NULL OR attempts <> 0 OR last_error IS NOT NULL")
-            .await,
-        0
-    );
+    let sink = sink(&keys.config(RedisMode::Stream));
+    relay_all(&table, sink, relay_config("5s"), 3_000, SETTLE).await;
 
     let got = stream_entries(&keys.key("order")).await;
     assert_eq!(got.len(), 3_000, "one entry per row");
@@ -214,22 +192,13 @@ async fn wrongtype_key_fails_its_row_only() {
         .await
         .expect("SET");
     let table = TestTable::new("rdw").await;
-    table
-        .insert_rows(&[
-            Row::new("a", 0),
-            Row::new("typo", 0).to(&blocked),
-            Row::new("b", 0),
-            Row::new("a", 1),
-            Row::new("c", 0).to(&keys.key("other")),
-        ])
-        .await;
+    let mut rows = Row::typo_between(None, &blocked);
+    rows.extend([Row::new("a", 1), Row::new("c", 0).to(&keys.key("other"))]);
+    table.insert_rows(&rows).await;
 
     let sink = sink(&keys.config(RedisMode::Stream));
     relay_until(&table, sink, relay_config("5s"), 4, 1).await;
-    let (failed, e) = table.the_failed().await;
-    assert_eq!(failed.aggregate_id, "typo");
-    assert_eq!(failed.attempts, 3);
-    assert!(e.contains("WRONGTYPE") && e.contains(&blocked), "{e}");
+    table.the_typo_failed(&["WRONGTYPE", &blocked]).await;
     assert_eq!(stream_entries(&keys.key("order")).await.len(), 3);
     assert_eq!(stream_entries(&keys.key("other")).await.len(), 1);
     keys.cleanup().await;

@@ -96,10 +96,7 @@ async fn unknown_exchange_fails_its_row_only_and_names_the_exchange() {
     insert_plain(&table, 20..40, &mut ids).await;
     let relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
     table
-        .wait_status("PROCESSED", 40, Duration::from_secs(30))
-        .await;
-    table
-        .wait_status("FAILED", 1, Duration::from_secs(30))
+        .wait_statuses(&[("PROCESSED", 40), ("FAILED", 1)], Duration::from_secs(30))
         .await;
     let (status, attempts, err) = table.row(bad).await;
     assert_eq!(status, "FAILED");
@@ -133,10 +130,7 @@ async fn bad_rows_fail_alone_with_readable_errors() {
         .await;
     let relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
     table
-        .wait_status("PROCESSED", 1, Duration::from_secs(30))
-        .await;
-    table
-        .wait_status("FAILED", 3, Duration::from_secs(30))
+        .wait_statuses(&[("PROCESSED", 1), ("FAILED", 3)], Duration::from_secs(30))
         .await;
     assert_eq!(table.row(good).await.0, "PROCESSED");
     let e = table.row(not_object).await.2.unwrap();

@@ -194,6 +194,34 @@ impl TestTable {
         (row, why)
     }
 
+    /// The scenario of a row sent where it cannot go: the one FAILED row is `typo`'s first,
+    /// after 3 attempts, with a `last_error` that mentions each of `mentions`. Returns
+    /// it and its `last_error`.
+    pub async fn the_typo_failed(&self, mentions: &[&str]) -> (DbRow, String) {
+        let (failed, why) = self.the_failed().await;
+        assert_eq!((failed.aggregate_id.as_str(), failed.attempts), ("typo", 3));
+        assert!(mentions.iter().all(|m| why.contains(m)), "{why}");
+        (failed, why)
+    }
+
+    /// on_failed = block: the failed aggregate's later row, the `nth` row (from 0), waits.
+    pub async fn assert_later_row_waits(&self, nth: usize) {
+        assert_eq!(
+            self.rows().await[nth].status,
+            "PENDING",
+            "the aggregate's later row waits"
+        );
+    }
+
+    /// Every row relayed cleanly: `processed_at` set, no attempt spent, no error.
+    pub async fn assert_all_clean(&self) {
+        assert_eq!(
+            self.count_where("processed_at IS NULL OR attempts <> 0 OR last_error IS NOT NULL")
+                .await,
+            0
+        );
+    }
+
     pub async fn count(&self, status: &str) -> i64 {
         sqlx::query_scalar(&format!(
             "SELECT count(*) FROM \"{}\" WHERE status = $1",
@@ -219,6 +247,13 @@ impl TestTable {
             || async { (self.count(status).await >= n).then_some(()) },
         )
         .await
+    }
+
+    /// `wait_status` for each `(status, n)` of `want` in turn, each within `within`.
+    pub async fn wait_statuses(&self, want: &[(&str, i64)], within: Duration) {
+        for (status, n) in want {
+            self.wait_status(status, *n, within).await;
+        }
     }
 
     /// Wait until more than `more` rows beyond those `PROCESSED` now are `PROCESSED`.
@@ -353,6 +388,25 @@ impl Row {
         }
     }
 
+    /// `per` rows of each of the aggregates `order-0` … `order-<aggregates - 1>`, inserted
+    /// round-robin (seq 0 of every aggregate, then seq 1, …).
+    pub fn grid(per: usize, aggregates: usize) -> Vec<Row> {
+        (0..per)
+            .flat_map(|seq| (0..aggregates).map(move |a| Row::new(&format!("order-{a}"), seq)))
+            .collect()
+    }
+
+    /// Rows `a` and `b` to `to` (`None`: the sink's default) with `typo`'s first row
+    /// between them to `missing` (where a row cannot go): how the "missing destination"
+    /// scenarios open.
+    pub fn typo_between(to: Option<&str>, missing: &str) -> Vec<Row> {
+        let good = |a: &str| match to {
+            Some(to) => Row::new(a, 0).to(to),
+            None => Row::new(a, 0),
+        };
+        vec![good("a"), Row::new("typo", 0).to(missing), good("b")]
+    }
+
     pub fn to(mut self, topic: &str) -> Row {
         self.destination = Some(topic.into());
         self
@@ -372,4 +426,31 @@ pub struct DbRow {
     pub processed: bool,
     pub payload: String,
     pub headers: serde_json::Value,
+}
+
+impl DbRow {
+    /// The row's `headers` (a JSON object of strings) as (name, value) pairs.
+    pub fn header_pairs(&self) -> Vec<(String, String)> {
+        self.headers
+            .as_object()
+            .expect("headers object")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().expect("string header").to_string()))
+            .collect()
+    }
+
+    /// The headers SPEC §2 has a broker carry for the row: its own (`header_pairs`), then
+    /// `event_id`, `event_type`, `aggregate_type` and `aggregate_id`.
+    pub fn spec_headers(&self) -> Vec<(String, String)> {
+        let mut out = self.header_pairs();
+        for (k, v) in [
+            ("event_id", &self.event_id),
+            ("event_type", &self.event_type),
+            ("aggregate_type", &self.aggregate_type),
+            ("aggregate_id", &self.aggregate_id),
+        ] {
+            out.push((k.to_string(), v.clone()));
+        }
+        out
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outbox_relay::config::RelayConfig;
 use outbox_relay::health::Health;
@@ -87,6 +87,28 @@ pub async fn relay_until<S: Sink>(
         .wait_settled(processed, failed, Duration::from_secs(60))
         .await;
     relay.stop(Duration::from_secs(30)).await;
+}
+
+/// Relay `table` in-process through `sink` until all its `n` rows are PROCESSED (within
+/// `within`), stop the relay (within 30 s) and check that every row was relayed cleanly
+/// (`TestTable::assert_all_clean`). Returns how long the relaying took.
+pub async fn relay_all<S: Sink>(
+    table: &crate::db::TestTable,
+    sink: S,
+    cfg: RelayConfig,
+    n: i64,
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    let relay = Running::start(table.store(), sink, cfg);
+    crate::wait::wait_until(within, &format!("{n} rows PROCESSED"), || async {
+        table.count("PROCESSED").await == n
+    })
+    .await;
+    let took = started.elapsed();
+    relay.stop(Duration::from_secs(30)).await;
+    table.assert_all_clean().await;
+    took
 }
 
 /// Outcome counts of a wrapped sink.
