@@ -45,8 +45,7 @@ async fn a_small_window_is_never_exceeded() {
         let mut c = cfg();
         c.max_in_flight = 3;
         let sink = RecordingSink::new(|_, _| Step::Hold);
-        let ledger = sink.ledger.clone();
-        let relay = start(&table, sink, c);
+        let (relay, ledger) = start_recorded(&table, sink, c);
         let seed = 0x5eed_0001;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut rounds = 0;
@@ -95,8 +94,7 @@ async fn confirms_out_of_order_across_aggregates() {
         let rows = rows(&table).await;
         let agg_of: HashMap<i64, String> = rows.iter().cloned().collect();
         let sink = RecordingSink::new(|_, _| Step::Hold);
-        let ledger = sink.ledger.clone();
-        let relay = start(&table, sink, cfg());
+        let (relay, ledger) = start_recorded(&table, sink, cfg());
         loop {
             let left = unconfirmed_aggs(&ledger, &rows).len();
             if left == 0 {
@@ -192,18 +190,14 @@ async fn rejection_mid_queue(max_rows_per_aggregate: Option<u32>) {
                 Step::Confirm
             }
         });
-        let ledger = sink.ledger.clone();
         let mut c = cfg();
         c.max_attempts = 2;
         if let Some(n) = max_rows_per_aggregate {
             c.max_rows_per_aggregate = n;
         }
-        let relay = start(&table, sink, c);
+        let (relay, ledger) = start_recorded(&table, sink, c);
         table
-            .wait_status("FAILED", 1, Duration::from_secs(20))
-            .await;
-        table
-            .wait_status("PROCESSED", 12, Duration::from_secs(20))
+            .wait_statuses(&[("FAILED", 1), ("PROCESSED", 12)], Duration::from_secs(20))
             .await;
         // A row written afterwards is relayed: claims went on past the FAILED row.
         let z = table.insert("z", "e", None, serde_json::json!({})).await;
@@ -237,8 +231,12 @@ async fn rejection_mid_queue(max_rows_per_aggregate: Option<u32>) {
     .await;
 }
 
-/// Pick `n` aggregate names landing in partitions < 128 and `n` in partitions >= 128.
-async fn spread_aggregates(table: &TestTable, n: usize) -> Vec<(String, i32)> {
+/// Pick `n` aggregate names landing in partitions < 128 and `n` in partitions >= 128:
+/// (aggregate, partition), the low ones first, and the same as a map.
+async fn spread_aggregates(
+    table: &TestTable,
+    n: usize,
+) -> (Vec<(String, i32)>, HashMap<String, i32>) {
     let (mut low, mut high) = (Vec::new(), Vec::new());
     for i in 0.. {
         let name = format!("r{i}");
@@ -253,7 +251,26 @@ async fn spread_aggregates(table: &TestTable, n: usize) -> Vec<(String, i32)> {
         }
     }
     low.extend(high);
-    low
+    let part_of = low.iter().cloned().collect();
+    (low, part_of)
+}
+
+/// Two rows of each aggregate of `aggs` but `x`.
+async fn two_rows_of_the_others(table: &TestTable, aggs: &[(String, i32)], x: &str) {
+    for (a, _) in aggs.iter().filter(|(a, _)| *a != x) {
+        for _ in 0..2 {
+            table.insert(a, "e", None, serde_json::json!({})).await;
+        }
+    }
+}
+
+/// `cfg()` with the timings of the rebalance tests: `lease_timeout` 6 s and a publish
+/// timeout just under it.
+fn rebalance_cfg() -> RelayConfig {
+    let mut c = cfg();
+    c.lease_timeout = Duration::from_secs(6);
+    c.publish_timeout = Duration::from_millis(5500);
+    c
 }
 
 /// What the lease watcher saw.
@@ -356,6 +373,22 @@ impl Watcher {
 }
 
 /// Start relay B beside A and wait for its heartbeat (two live members).
+/// Start relay A and wait until it holds every partition.
+async fn start_a(table: &Arc<TestTable>, sink_a: RecordingSink, c: RelayConfig) -> Running {
+    let relay_a = start(table, sink_a, c);
+    wait_all_leases(table, &relay_a.instance, Duration::from_secs(10)).await;
+    relay_a
+}
+
+/// Wait until the one confirm A holds is row `id`'s.
+async fn wait_held_at_a(ledger: &Ledger, id: i64, what: &str) {
+    wait_for(Duration::from_secs(10), what, || {
+        let h = ledger.held_by("A");
+        async move { (h == vec![id]).then_some(()) }
+    })
+    .await;
+}
+
 async fn start_b(table: &Arc<TestTable>, sink_b: RecordingSink, c: RelayConfig) -> Running {
     let relay_b = start(table, sink_b, c);
     wait_for(Duration::from_secs(10), "B's heartbeat", || {
@@ -435,27 +468,17 @@ async fn live_members(table: &TestTable) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_waits_for_messages_in_flight() {
     with_table("eng_reb", |table| async move {
-        let aggs = spread_aggregates(&table, 6).await;
-        let part_of: HashMap<String, i32> = aggs.iter().cloned().collect();
+        let (aggs, part_of) = spread_aggregates(&table, 6).await;
         let names: Vec<&str> = aggs.iter().map(|(a, _)| a.as_str()).collect();
         insert_round_robin(&table, &names, 5).await;
         let rows = rows(&table).await;
-        let mut c = cfg();
-        c.lease_timeout = Duration::from_secs(6);
-        c.publish_timeout = Duration::from_millis(5500);
+        let c = rebalance_cfg();
         let ledger = Ledger::default();
         let a_holds = Arc::new(AtomicBool::new(true));
         let flag = a_holds.clone();
-        let sink_a = ledger.sink("A", move |_, _| {
-            if flag.load(Ordering::SeqCst) {
-                Step::Hold
-            } else {
-                Step::Confirm
-            }
-        });
+        let sink_a = ledger.sink("A", hold_if(move |_, _| flag.load(Ordering::SeqCst)));
         let sink_b = ledger.sink("B", |_, _| Step::Confirm);
-        let relay_a = start(&table, sink_a, c.clone());
-        wait_all_leases(&table, &relay_a.instance, Duration::from_secs(10)).await;
+        let relay_a = start_a(&table, sink_a, c.clone()).await;
         let first = wait_held(&ledger, aggs.len(), "A: every aggregate's head out").await;
         let t0 = Instant::now();
 
@@ -536,18 +559,11 @@ async fn a_deadline_mid_send_abandons_and_resends_without_an_attempt() {
         // answered before the deadline either. Re-sends are held too, for the test to
         // answer.
         let (s1, t1) = (ids["slow"][0], ids["also"][0]);
-        let sink = RecordingSink::new(move |m, _| {
-            if m.id == s1 || m.id == t1 {
-                Step::Hold
-            } else {
-                Step::Confirm
-            }
-        });
-        let ledger = sink.ledger.clone();
+        let sink = RecordingSink::new(hold_if(move |m, _| m.id == s1 || m.id == t1));
         let mut c = cfg();
         c.publish_timeout = Duration::from_millis(300);
         c.lease_timeout = Duration::from_secs(3);
-        let relay = start(&table, sink, c);
+        let (relay, ledger) = start_recorded(&table, sink, c);
         wait_for(Duration::from_secs(10), "s1 and t1 sent again", || {
             let n = ledger.send_count(s1).min(ledger.send_count(t1));
             async move { (n >= 2).then_some(()) }
@@ -615,23 +631,16 @@ async fn a_dead_letter_publish_in_flight_keeps_its_partition() {
     with_table("eng_dlq", |table| async move {
         // Two aggregates in the lower and two in the upper half of the partitions; the
         // poisoned row is in the upper half (what A hands back when B joins).
-        let aggs = spread_aggregates(&table, 2).await;
-        let part_of: HashMap<String, i32> = aggs.iter().cloned().collect();
+        let (aggs, part_of) = spread_aggregates(&table, 2).await;
         let (x, px) = aggs[2].clone();
         let r = table
             .insert(&x, "poison", None, serde_json::json!({}))
             .await;
         let r2 = table.insert(&x, "e", None, serde_json::json!({})).await;
-        for (a, _) in aggs.iter().filter(|(a, _)| *a != x) {
-            for _ in 0..2 {
-                table.insert(a, "e", None, serde_json::json!({})).await;
-            }
-        }
+        two_rows_of_the_others(&table, &aggs, &x).await;
         let rows = rows(&table).await;
-        let mut c = cfg();
+        let mut c = rebalance_cfg();
         c.max_attempts = 1;
-        c.lease_timeout = Duration::from_secs(6);
-        c.publish_timeout = Duration::from_millis(5500);
         let ledger = Ledger::default();
         let script = |m: &outbox_relay::model::Message, _: &SendInfo| {
             if m.event_type == "poison" {
@@ -644,18 +653,9 @@ async fn a_dead_letter_publish_in_flight_keeps_its_partition() {
         let sink_b = ledger
             .sink("B", script)
             .with_dead_letter(|_, _| Step::Confirm);
-        let relay_a = start(&table, sink_a, c.clone());
-        wait_all_leases(&table, &relay_a.instance, Duration::from_secs(10)).await;
+        let relay_a = start_a(&table, sink_a, c.clone()).await;
         // r is rejected on its last attempt: A dead-letters it and awaits that confirm.
-        wait_for(
-            Duration::from_secs(10),
-            "A's dead-letter publish of r held",
-            || {
-                let h = ledger.held_by("A");
-                async move { (h == vec![r]).then_some(()) }
-            },
-        )
-        .await;
+        wait_held_at_a(&ledger, r, "A's dead-letter publish of r held").await;
         let t0 = Instant::now();
         let watcher = Watcher::start(&table, &ledger, &relay_a.instance, &part_of);
         let relay_b = start_b(&table, sink_b, c.clone()).await;
@@ -728,37 +728,19 @@ async fn a_dead_letter_publish_in_flight_keeps_its_partition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_is_handed_back_only_after_its_confirms_are_recorded() {
     with_table("eng_mark", |table| async move {
-        let aggs = spread_aggregates(&table, 2).await;
-        let part_of: HashMap<String, i32> = aggs.iter().cloned().collect();
+        let (aggs, part_of) = spread_aggregates(&table, 2).await;
         // x lives in the upper half of the partitions (what A hands back when B joins).
         let (x, px) = aggs[2].clone();
         let x1 = table.insert(&x, "e", None, serde_json::json!({})).await;
         let x2 = table.insert(&x, "e", None, serde_json::json!({})).await;
-        for (a, _) in aggs.iter().filter(|(a, _)| *a != x) {
-            for _ in 0..2 {
-                table.insert(a, "e", None, serde_json::json!({})).await;
-            }
-        }
+        two_rows_of_the_others(&table, &aggs, &x).await;
         let rows = rows(&table).await;
-        let mut c = cfg();
-        c.lease_timeout = Duration::from_secs(6);
-        c.publish_timeout = Duration::from_millis(5500);
+        let c = rebalance_cfg();
         let ledger = Ledger::default();
-        let sink_a = ledger.sink("A", move |m, _| {
-            if m.id == x1 {
-                Step::Hold
-            } else {
-                Step::Confirm
-            }
-        });
+        let sink_a = ledger.sink("A", hold_if(move |m, _| m.id == x1));
         let sink_b = ledger.sink("B", |_, _| Step::Confirm);
-        let relay_a = start(&table, sink_a, c.clone());
-        wait_all_leases(&table, &relay_a.instance, Duration::from_secs(10)).await;
-        wait_for(Duration::from_secs(10), "x1 out at A, held", || {
-            let h = ledger.held_by("A");
-            async move { (h == vec![x1]).then_some(()) }
-        })
-        .await;
+        let relay_a = start_a(&table, sink_a, c.clone()).await;
+        wait_held_at_a(&ledger, x1, "x1 out at A, held").await;
         // A slow database: recording x1 waits for the test's row lock.
         let mut lock = table.pool.begin().await.unwrap();
         sqlx::query(&format!(
@@ -827,19 +809,12 @@ async fn lapsing_leases_abandon_what_is_out_and_stop_sending() {
     with_table("eng_fence", |table| async move {
         let ids = insert_round_robin(&table, &["f", "g"], 2).await;
         let f1 = ids["f"][0];
-        let sink = RecordingSink::new(move |m, info| {
-            if m.id == f1 && info.nth == 0 {
-                Step::Hold
-            } else {
-                Step::Confirm
-            }
-        });
-        let ledger = sink.ledger.clone();
+        let sink = RecordingSink::new(hold_if(move |m, info| m.id == f1 && info.nth == 0));
         let mut c = cfg();
         // Leases written for 1 s, renewed every 500 ms, no send with < 250 ms left.
         c.lease_timeout = Duration::from_secs(2);
         c.publish_timeout = Duration::from_millis(1900);
-        let relay = start(&table, sink, c);
+        let (relay, ledger) = start_recorded(&table, sink, c);
         wait_for(Duration::from_secs(10), "f1 out, held", || {
             let h = ledger.held_by("sink");
             async move { (h == vec![f1]).then_some(()) }

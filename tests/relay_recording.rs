@@ -17,8 +17,7 @@ async fn one_row_per_aggregate_unconfirmed_and_id_order() {
                 .await;
         }
         let sink = RecordingSink::new(|_, _| Step::Confirm);
-        let ledger = sink.ledger.clone();
-        let relay = start(&table, sink, cfg());
+        let (relay, ledger) = start_recorded(&table, sink, cfg());
         table
             .wait_status("PROCESSED", 30, Duration::from_secs(20))
             .await;
@@ -65,13 +64,9 @@ async fn a_rejection_holds_back_its_aggregate_only_until_failed() {
             "refused" => Step::Refuse("too large".into()),
             _ => Step::Confirm,
         });
-        let ledger = sink.ledger.clone();
-        let relay = start(&table, sink, cfg());
+        let (relay, ledger) = start_recorded(&table, sink, cfg());
         table
-            .wait_status("FAILED", 2, Duration::from_secs(20))
-            .await;
-        table
-            .wait_status("PROCESSED", 3, Duration::from_secs(20))
+            .wait_statuses(&[("FAILED", 2), ("PROCESSED", 3)], Duration::from_secs(20))
             .await;
         // A row written after the failures is relayed: claims went on past them.
         let d1 = table.insert("d", "ok", None, serde_json::json!({})).await;
@@ -134,8 +129,7 @@ async fn an_outage_spends_no_attempts() {
                 Step::Confirm
             }
         });
-        let ledger = sink.ledger.clone();
-        let relay = start(&table, sink, cfg());
+        let (relay, ledger) = start_recorded(&table, sink, cfg());
         table
             .wait_status("PROCESSED", 50, Duration::from_secs(30))
             .await;
@@ -167,8 +161,7 @@ async fn shutdown_answers_what_is_out_and_hands_leases_back() {
         let x = table.insert("x", "e", None, serde_json::json!({})).await;
         let y = table.insert("y", "e", None, serde_json::json!({})).await;
         let sink = RecordingSink::new(|_, _| Step::Hold);
-        let ledger = sink.ledger.clone();
-        let relay = start(&table, sink, cfg());
+        let (relay, ledger) = start_recorded(&table, sink, cfg());
         wait_all_leases(&table, &relay.instance, Duration::from_secs(10)).await;
         wait_for(Duration::from_secs(10), "x and y out, held", || {
             let n = ledger.held().len();
@@ -214,13 +207,12 @@ async fn a_retry_falling_due_mid_sweep_still_goes_first() {
                 Step::Confirm
             }
         });
-        let ledger = sink.ledger.clone();
         let mut c = cfg();
         c.backoff_initial = Duration::from_secs(2);
         c.backoff_max = Duration::from_secs(2);
         // A window of 32 rows: the sweep stops among the f rows, short of a3.
         c.batch_size = 16;
-        let relay = start(&table, sink, c);
+        let (relay, ledger) = start_recorded(&table, sink, c);
         wait_for(Duration::from_secs(10), "a1's rejection recorded", || {
             let t = table.clone();
             async move { (t.row(a1).await.1 == 1).then_some(()) }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use futures::FutureExt;
 use outbox_relay::config::{OnFailed, RelayConfig};
 
-use super::{Ledger, RecordingSink};
+use outbox_relay::model::Message;
+
+use super::{Ledger, RecordingSink, SendInfo, Step};
 use crate::db::TestTable;
 use crate::inproc::Running;
 use crate::unique;
@@ -37,6 +39,29 @@ pub fn cfg() -> RelayConfig {
 pub fn start(table: &TestTable, sink: RecordingSink, cfg: RelayConfig) -> Running {
     let instance = unique(&format!("rec{}", sink.name));
     Running::named(instance, table.store(), sink, cfg)
+}
+
+/// Start a relay on `table` with `sink`; returns it with the ledger `sink` records into.
+pub fn start_recorded(
+    table: &TestTable,
+    sink: RecordingSink,
+    cfg: RelayConfig,
+) -> (Running, Ledger) {
+    let ledger = sink.ledger.clone();
+    (start(table, sink, cfg), ledger)
+}
+
+/// A script that holds the confirm of each send `hold` picks and confirms the rest at once.
+pub fn hold_if(
+    hold: impl Fn(&Message, &SendInfo) -> bool + Send + Sync + 'static,
+) -> impl Fn(&Message, &SendInfo) -> Step + Send + Sync + 'static {
+    move |m, info| {
+        if hold(m, info) {
+            Step::Hold
+        } else {
+            Step::Confirm
+        }
+    }
 }
 
 /// The engine's logs on the test output when `RUST_LOG` is set (e.g. `outbox_relay=debug`).
