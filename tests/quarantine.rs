@@ -37,42 +37,41 @@ async fn scenario(table: &TestTable, missing: &str) -> (i64, Vec<i64>, Vec<i64>)
     (first, chain, free)
 }
 
-/// A relay on a fresh `scenario` table, once the blocked aggregate's head is FAILED and
-/// the free aggregate PROCESSED.
-struct Blocked {
-    table: TestTable,
-    broker: TestBroker,
-    missing: String,
-    env: Vec<(String, String)>,
-    relay: RelayProc,
-    first: i64,
-    chain: Vec<i64>,
-    free: Vec<i64>,
-}
-
-async fn blocked(prefix: &str, missing: &str) -> Blocked {
+/// A table, a broker, a unique name (from `missing`) of an exchange that does not exist,
+/// and the env of a relay on the two.
+async fn setup(
+    prefix: &str,
+    missing: &str,
+) -> (TestTable, TestBroker, String, Vec<(String, String)>) {
     let table = TestTable::new(prefix).await;
     let broker = TestBroker::new(prefix).await;
-    let missing = unique(missing);
-    let (first, chain, free) = scenario(&table, &missing).await;
     let env = relay_env(&table.name, &broker.exchange);
+    (table, broker, unique(missing), env)
+}
+
+/// A relay on a fresh `scenario` table, once the blocked aggregate's head is FAILED and
+/// the free aggregate PROCESSED: (table, broker, missing exchange, env, relay, (failed id,
+/// blocked chain ids, free ids)).
+type Blocked = (
+    TestTable,
+    TestBroker,
+    String,
+    Vec<(String, String)>,
+    RelayProc,
+    (i64, Vec<i64>, Vec<i64>),
+);
+
+async fn blocked(prefix: &str, missing: &str) -> Blocked {
+    let (table, broker, missing, env) = setup(prefix, missing).await;
+    let (first, chain, free) = scenario(&table, &missing).await;
     let relay = RelayProc::start(&env);
     table
-        .wait_status("FAILED", 1, Duration::from_secs(30))
+        .wait_statuses(
+            &[("FAILED", 1), ("PROCESSED", free.len() as i64)],
+            Duration::from_secs(30),
+        )
         .await;
-    table
-        .wait_status("PROCESSED", free.len() as i64, Duration::from_secs(30))
-        .await;
-    Blocked {
-        table,
-        broker,
-        missing,
-        env,
-        relay,
-        first,
-        chain,
-        free,
-    }
+    (table, broker, missing, env, relay, (first, chain, free))
 }
 
 /// A table, a broker, the name of an exchange that does not exist, and the env of a
@@ -82,15 +81,20 @@ async fn hour_backoff(
     prefix: &str,
     extra: &[(&str, &str)],
 ) -> (TestTable, TestBroker, String, Vec<(String, String)>) {
-    let table = TestTable::new(prefix).await;
-    let broker = TestBroker::new(prefix).await;
-    let missing = unique(&format!("{prefix}_exchange"));
-    let mut env = relay_env(&table.name, &broker.exchange);
+    let (table, broker, missing, mut env) = setup(prefix, &format!("{prefix}_exchange")).await;
     let hour = [("BACKOFF_INITIAL", "1h"), ("BACKOFF_MAX", "1h")];
     for (key, value) in hour.iter().chain(extra) {
         env.push((format!("OUTBOX_RELAY__RELAY__{key}"), value.to_string()));
     }
     (table, broker, missing, env)
+}
+
+/// `outbox-relay <args>` exits 0 and prints `said`; returns what it printed.
+async fn run_ok(env: &[(String, String)], args: &[&str], said: &str) -> String {
+    let (code, out, err) = run_cmd(env, args).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(said), "{out}");
+    out
 }
 
 fn ids_of(got: &[Got], index: &std::collections::HashMap<String, (i64, String)>) -> Vec<i64> {
@@ -99,16 +103,8 @@ fn ids_of(got: &[Got], index: &std::collections::HashMap<String, (i64, String)>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_row_blocks_its_aggregate_until_replay_delivers_the_chain_in_order() {
-    let Blocked {
-        table,
-        broker,
-        missing,
-        env,
-        relay,
-        first,
-        chain,
-        free,
-    } = blocked("qblock", "later_exchange").await;
+    let (table, broker, missing, env, relay, (first, chain, free)) =
+        blocked("qblock", "later_exchange").await;
     let got = broker.take(free.len(), Duration::from_secs(10)).await;
     assert_eq!(
         ids_of(&got, &table.index().await),
@@ -124,9 +120,7 @@ async fn failed_row_blocks_its_aggregate_until_replay_delivers_the_chain_in_orde
     }
 
     // status shows the failure and the blocked aggregate.
-    let (code, out, _) = run_cmd(&env, &["status"]).await;
-    assert_eq!(code, 0);
-    assert!(out.contains("FAILED     1"), "{out}");
+    let out = run_ok(&env, &["status"], "FAILED     1").await;
     assert!(
         out.contains("order/blocked") && out.contains("3 waiting"),
         "{out}"
@@ -151,9 +145,7 @@ async fn failed_row_blocks_its_aggregate_until_replay_delivers_the_chain_in_orde
 
     // Fix the cause, replay: the whole chain arrives, in order.
     broker.add_exchange(&missing).await;
-    let (code, out, err) = run_cmd(&env, &["replay", "--id", &first.to_string()]).await;
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("replayed 1"), "{out}");
+    run_ok(&env, &["replay", "--id", &first.to_string()], "replayed 1").await;
     table
         .wait_status("PROCESSED", 9, Duration::from_secs(30))
         .await;
@@ -175,18 +167,14 @@ async fn failed_row_blocks_its_aggregate_until_replay_delivers_the_chain_in_orde
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn discard_releases_the_chain_and_keeps_the_row_for_audit() {
-    let Blocked {
-        table,
-        broker,
-        env,
-        relay,
-        first,
-        chain,
-        ..
-    } = blocked("qdisc", "never_exchange").await;
-    let (code, out, err) = run_cmd(&env, &["discard", "--id", &first.to_string()]).await;
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("discarded 1"), "{out}");
+    let (table, broker, _, env, relay, (first, chain, _)) =
+        blocked("qdisc", "never_exchange").await;
+    run_ok(
+        &env,
+        &["discard", "--id", &first.to_string()],
+        "discarded 1",
+    )
+    .await;
     table
         .wait_status("PROCESSED", 8, Duration::from_secs(30))
         .await;
@@ -204,9 +192,7 @@ async fn discard_releases_the_chain_and_keeps_the_row_for_audit() {
     assert_eq!(doc["discarded"], 1);
     assert_eq!(doc["blocked_aggregates"].as_array().unwrap().len(), 0);
     // A second replay cannot resurrect a discarded row.
-    let (code, out, _) = run_cmd(&env, &["replay", "--all-failed"]).await;
-    assert_eq!(code, 0);
-    assert!(out.contains("replayed 0"), "{out}");
+    run_ok(&env, &["replay", "--all-failed"], "replayed 0").await;
     drop(relay);
     broker.cleanup().await;
     table.cleanup().await;
