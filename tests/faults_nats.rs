@@ -11,6 +11,17 @@ use std::time::Duration;
 
 use outbox_relay_testkit::{db::*, faults::*, nats::*, relay_proc::*};
 
+/// Every row of `db` is among the stream's messages `got` (by `event_id`); `what` is the
+/// message if not.
+fn assert_none_lost(db: &[DbRow], got: &[Stored], what: &str) {
+    let ids: std::collections::HashSet<&str> =
+        got.iter().filter_map(|m| m.header("event_id")).collect();
+    assert!(
+        db.iter().all(|r| ids.contains(r.event_id.as_str())),
+        "{what}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_stopped_mid_run_loses_nothing_and_spends_no_attempts() {
     let stream = TestStream::new("fnstop").await;
@@ -43,11 +54,10 @@ async fn nats_stopped_mid_run_loses_nothing_and_spends_no_attempts() {
     stream.wait_count(6_000, Duration::from_secs(30)).await;
     let got = stream.messages().await;
     let db = table.rows().await;
-    let ids: std::collections::HashSet<&str> =
-        got.iter().filter_map(|m| m.header("event_id")).collect();
-    assert!(
-        db.iter().all(|r| ids.contains(r.event_id.as_str())),
-        "nothing lost (stopped at {stuck} processed)"
+    assert_none_lost(
+        &db,
+        &got,
+        &format!("nothing lost (stopped at {stuck} processed)"),
     );
     assert_eq!(got.len(), 6_000, "each event stored once");
     nats_order(&db, &got).assert_clean("");
@@ -92,20 +102,12 @@ async fn proxy_attack(prefix: &str, attack: &str, cut: bool) {
         .unwrap();
     let proxy = Proxy::start(&upstream).await;
     let url = format!("nats://127.0.0.1:{}", proxy.port);
-    let relay = RelayProc::start(&nats_env(
+    let env = nats_env(
         &table.name,
         &stream.template(),
-        &[
-            ("OUTBOX_RELAY__NATS__URL", url.as_str()),
-            ("OUTBOX_RELAY__RELAY__PUBLISH_TIMEOUT", "2s"),
-        ],
-    ));
-    table.produce(3_000, 40, 4).await;
-    let producer = Producer::start(&table.pool, &table.name, 40, 2, Duration::from_millis(3));
-    table
-        .wait_processed_over(300, Duration::from_secs(30))
-        .await;
-    proxy_rounds(&proxy, &relay, &table, attack, cut).await;
+        &[("OUTBOX_RELAY__NATS__URL", url.as_str())],
+    );
+    let (relay, producer) = attack_through_proxy(&proxy, &table, env, attack, cut).await;
     let (commits, _) = producer.stop().await;
     table
         .wait_no_pending(
@@ -121,12 +123,7 @@ async fn proxy_attack(prefix: &str, attack: &str, cut: bool) {
         .wait_count(db.len() as u64, Duration::from_secs(30))
         .await;
     let got = stream.messages().await;
-    let ids: std::collections::HashSet<&str> =
-        got.iter().filter_map(|m| m.header("event_id")).collect();
-    assert!(
-        db.iter().all(|r| ids.contains(r.event_id.as_str())),
-        "none lost"
-    );
+    assert_none_lost(&db, &got, "none lost");
     assert_eq!(got.len(), db.len(), "each event stored once");
     nats_order(&db, &got).assert_clean("");
     println!(

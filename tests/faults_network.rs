@@ -24,20 +24,12 @@ async fn proxy_attack(prefix: &str, attack: &str, cut: bool) {
     let broker = TestBroker::new(prefix).await;
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let url = proxied_amqp_url(proxy.port);
-    let relay = RelayProc::start(&fault_env(
+    let env = fault_env(
         &table.name,
         &broker.exchange,
-        &[
-            ("OUTBOX_RELAY__RABBITMQ__URL", url.as_str()),
-            ("OUTBOX_RELAY__RELAY__PUBLISH_TIMEOUT", "2s"),
-        ],
-    ));
-    table.produce(3_000, 40, 4).await;
-    let producer = Producer::start(&table.pool, &table.name, 40, 2, Duration::from_millis(3));
-    table
-        .wait_processed_over(300, Duration::from_secs(30))
-        .await;
-    proxy_rounds(&proxy, &relay, &table, attack, cut).await;
+        &[("OUTBOX_RELAY__RABBITMQ__URL", url.as_str())],
+    );
+    let (relay, producer) = attack_through_proxy(&proxy, &table, env, attack, cut).await;
     let Outcome { commits, .. } = conclude(attack, relay, producer, table, broker, QUIET).await;
     println!(
         "{attack}: producers committed {commits} (+3000 up front); proxy saw {} connections",

@@ -9,7 +9,8 @@
 //!   attacked (a failed transaction is retried; only committed rows count);
 //! - `Proxy`: a TCP proxy on 127.0.0.1 that can freeze (sockets open, nothing forwarded)
 //!   or drop (close every connection) the traffic between the relay and a broker, and
-//!   `proxy_rounds`, three such attacks in a row with progress required after each;
+//!   `proxy_rounds`, three such attacks in a row with progress required after each, and
+//!   `attack_through_proxy`, the run around them (relay, load, producers, rounds);
 //! - guards that restore a stopped or blocked service even when a test panics.
 
 mod ledger;
