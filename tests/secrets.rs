@@ -159,6 +159,16 @@ where
     (status.code(), printed)
 }
 
+/// `n` rows of `order.created`, one for each aggregate `<prefix>0` … `<prefix><n - 1>`.
+async fn insert_n(table: &TestTable, prefix: &str, n: usize) {
+    for i in 0..n {
+        let aggregate = format!("{prefix}{i}");
+        table
+            .insert(&aggregate, "order.created", None, serde_json::json!({}))
+            .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn passwords_never_print_at_trace() {
     let table = TestTable::new("secrets").await;
@@ -183,16 +193,7 @@ async fn passwords_never_print_at_trace() {
     );
     set(&mut env, "RUST_LOG", "trace");
 
-    for i in 0..5 {
-        table
-            .insert(
-                &format!("sec-{i}"),
-                "order.created",
-                None,
-                serde_json::json!({}),
-            )
-            .await;
-    }
+    insert_n(&table, "sec-", 5).await;
     let (code, printed) = run_daemon_until(&env, || async {
         (table.count("PROCESSED").await == 5).then_some(())
     })
@@ -311,16 +312,7 @@ async fn nats_credentials_never_print_at_trace() {
         let mut env = nats_env(&table.name, &stream.template(), &[]);
         set(&mut env, "OUTBOX_RELAY__NATS__URL", url.clone());
         set(&mut env, "RUST_LOG", "trace");
-        for i in 0..3 {
-            table
-                .insert(
-                    &format!("sec-{n}-{i}"),
-                    "order.created",
-                    None,
-                    serde_json::json!({}),
-                )
-                .await;
-        }
+        insert_n(&table, &format!("sec-{n}-"), 3).await;
         let want = 3 * (n as i64 + 1);
         let (code, printed) = run_daemon_until(&env, || async {
             (table.count("PROCESSED").await == want).then_some(())

@@ -48,18 +48,6 @@ impl TestBroker {
         let exchange = unique(prefix);
         let queue = format!("{exchange}.q");
         channel
-            .exchange_declare(
-                &exchange,
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
             .queue_declare(
                 &queue,
                 QueueDeclareOptions {
@@ -70,16 +58,7 @@ impl TestBroker {
             )
             .await
             .unwrap();
-        channel
-            .queue_bind(
-                &queue,
-                &exchange,
-                "#",
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        bound_exchange(&channel, &exchange, &queue).await;
         Self {
             exchange,
             queue,
@@ -108,28 +87,7 @@ impl TestBroker {
 
     /// Declare another exchange bound to this queue (an operator "fixing the cause").
     pub async fn add_exchange(&self, name: &str) {
-        self.channel
-            .exchange_declare(
-                name,
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        self.channel
-            .queue_bind(
-                &self.queue,
-                name,
-                "#",
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        bound_exchange(&self.channel, name, &self.queue).await;
     }
 
     pub async fn delete_exchange(&self, name: &str) {
@@ -205,27 +163,48 @@ impl TestBroker {
     }
 }
 
+/// Declare the durable topic exchange `exchange` and bind `queue` to it with `#`.
+async fn bound_exchange(channel: &lapin::Channel, exchange: &str, queue: &str) {
+    channel
+        .exchange_declare(
+            exchange,
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue,
+            exchange,
+            "#",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// A short-string property as text (`""` when absent).
+fn text(s: &Option<lapin::types::ShortString>) -> String {
+    s.as_ref()
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_default()
+}
+
 fn to_got(d: &lapin::message::Delivery) -> Got {
     let p = &d.properties;
     let headers = outbox_relay::sink::rabbitmq::tap::header_strings(p)
         .into_iter()
         .collect();
     Got {
-        message_id: p
-            .message_id()
-            .as_ref()
-            .map(|s| s.as_str().to_string())
-            .unwrap_or_default(),
-        kind: p
-            .kind()
-            .as_ref()
-            .map(|s| s.as_str().to_string())
-            .unwrap_or_default(),
-        content_type: p
-            .content_type()
-            .as_ref()
-            .map(|s| s.as_str().to_string())
-            .unwrap_or_default(),
+        message_id: text(p.message_id()),
+        kind: text(p.kind()),
+        content_type: text(p.content_type()),
         delivery_mode: p.delivery_mode().unwrap_or(0),
         routing_key: d.routing_key.as_str().to_string(),
         headers,
