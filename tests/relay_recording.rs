@@ -2,7 +2,8 @@
 //! reject or be "down" on cue: never two unconfirmed rows of one aggregate and
 //! per-aggregate id order, a rejection holds back its aggregate only, an outage spends no
 //! attempts, shutdown answers or hands back what is out and gives the leases back.
-//! (Windows, out-of-order confirms, rebalancing and deadlines: `engine_recording.rs`.)
+//! (Windows, out-of-order confirms and deadlines: `engine_recording.rs`; rebalancing:
+//! `engine_rebalance.rs`.)
 
 use std::time::Duration;
 

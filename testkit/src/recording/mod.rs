@@ -254,6 +254,19 @@ impl Ledger {
         v
     }
 
+    /// Wait until the engine holds exactly `want` confirms out; returns them (send order).
+    pub async fn wait_held(&self, want: usize, what: &str) -> Vec<(i64, u64, String)> {
+        wait_for(
+            Duration::from_secs(10),
+            &format!("{want} confirms held ({what})"),
+            || {
+                let h = self.held();
+                async move { (h.len() == want).then_some(h) }
+            },
+        )
+        .await
+    }
+
     /// Ids of the held confirms of one sink.
     pub fn held_by(&self, sink: &str) -> Vec<i64> {
         self.held()
