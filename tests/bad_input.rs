@@ -198,8 +198,7 @@ fn common_cases(max_attempts: i32) -> Vec<Case> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbitmq_bad_rows_fail_alone_with_readable_errors() {
-    let table = TestTable::new("badin_r").await;
-    let broker = TestBroker::new("badin_r").await;
+    let (table, broker) = table_and_broker("badin_r").await;
     let missing = unique("no_such_exchange");
     // An exchange that exists with no queue bound: the message comes back (mandatory).
     let lonely = unique("lonely_exchange");
@@ -236,8 +235,7 @@ async fn rabbitmq_bad_rows_fail_alone_with_readable_errors() {
     );
     account("RabbitMQ", &table, cases.len(), relay, delivered).await;
     broker_delete(&lonely).await;
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 async fn broker_declare(name: &str) {

@@ -19,8 +19,7 @@ const SPEC_METRICS: [&str; 8] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_count_what_was_relayed_and_probes_answer() {
-    let table = TestTable::new("metrics").await;
-    let broker = TestBroker::new("metrics").await;
+    let (table, broker) = table_and_broker("metrics").await;
     let relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
     wait_for(Duration::from_secs(20), "/readyz 200", || async {
         (relay.get("/readyz").await.map(|r| r.0) == Some(200)).then_some(())
@@ -75,14 +74,12 @@ async fn metrics_count_what_was_relayed_and_probes_answer() {
     )
     .await;
     drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retention_deletes_only_old_processed_rows() {
-    let table = TestTable::new("retain").await;
-    let broker = TestBroker::new("retain").await;
+    let (table, broker) = table_and_broker("retain").await;
     let t = &table.name;
     // 30 old PROCESSED, 20 recent PROCESSED, 10 old FAILED, 5 old discarded FAILED.
     table
@@ -123,14 +120,12 @@ async fn retention_deletes_only_old_processed_rows() {
     );
     assert_eq!(table.total().await, 35);
     drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn passwords_never_appear_in_logs_or_errors() {
-    let table = TestTable::new("secret").await;
-    let broker = TestBroker::new("secret").await;
+    let (table, broker) = table_and_broker("secret").await;
     // Wrong RabbitMQ password: the relay keeps running (no attempts spent) and logs why.
     let mut env = relay_env(&table.name, &broker.exchange);
     env.push((
@@ -176,14 +171,12 @@ async fn passwords_never_appear_in_logs_or_errors() {
             "{cmd} leaked:\n{err}"
         );
     }
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn urls_can_come_from_secret_files() {
-    let table = TestTable::new("files").await;
-    let broker = TestBroker::new("files").await;
+    let (table, broker) = table_and_broker("files").await;
     let dir = tempfile::tempdir().unwrap();
     let db_file = dir.path().join("database-url");
     let mq_file = dir.path().join("rabbitmq-url");
@@ -212,14 +205,12 @@ async fn urls_can_come_from_secret_files() {
     let (code, _, err) = run_cmd(&env, &["check"]).await;
     assert_eq!(code, 2);
     assert!(err.contains("rabbitmq.url_file"), "{err}");
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_tls_is_configured_through_the_url() {
-    let table = TestTable::new("tls").await;
-    let broker = TestBroker::new("tls").await;
+    let (table, broker) = table_and_broker("tls").await;
     let ssl_on: bool = sqlx::query_scalar("SELECT current_setting('ssl') = 'on'")
         .fetch_one(&table.pool)
         .await
@@ -255,14 +246,12 @@ async fn postgres_tls_is_configured_through_the_url() {
     ));
     let (code, _, err) = run_cmd(&env, &["check"]).await;
     assert_eq!(code, 2, "{err}");
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn demo_refuses_an_outbox_with_rows_it_did_not_write_unless_forced() {
-    let table = TestTable::new("demoforce").await;
-    let broker = TestBroker::new("demoforce").await;
+    let (table, broker) = table_and_broker("demoforce").await;
     table
         .insert("live-1", "order.paid", None, serde_json::json!({}))
         .await;
@@ -286,8 +275,7 @@ async fn demo_refuses_an_outbox_with_rows_it_did_not_write_unless_forced() {
         .await;
     let (code, out, err) = run_cmd(&env, &["demo", "--events", "20"]).await;
     assert_eq!(code, 0, "{out}{err}");
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 /// Backlog gauges and retention run on one replica at a time (the holder of partition
@@ -363,8 +351,7 @@ async fn maintenance_runs_on_the_leader_only_and_moves_with_partition_0() {
 /// shutdown token): ready, relays, and returns once the token is cancelled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_daemon_runs_in_process_on_an_ephemeral_port() {
-    let table = TestTable::new("inproc").await;
-    let broker = TestBroker::new("inproc").await;
+    let (table, broker) = table_and_broker("inproc").await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("relay.toml");
     let toml = format!(
@@ -395,6 +382,5 @@ async fn the_daemon_runs_in_process_on_an_ephemeral_port() {
         .expect("the daemon stops within shutdown_timeout")
         .expect("the daemon task does not panic");
     assert!(stopped.is_ok(), "{stopped:?}");
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }

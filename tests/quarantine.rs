@@ -43,8 +43,7 @@ async fn setup(
     prefix: &str,
     missing: &str,
 ) -> (TestTable, TestBroker, String, Vec<(String, String)>) {
-    let table = TestTable::new(prefix).await;
-    let broker = TestBroker::new(prefix).await;
+    let (table, broker) = table_and_broker(prefix).await;
     let env = relay_env(&table.name, &broker.exchange);
     (table, broker, unique(missing), env)
 }
@@ -161,8 +160,7 @@ async fn failed_row_blocks_its_aggregate_until_replay_delivers_the_chain_in_orde
     assert_eq!(attempts, 0, "replay resets attempts");
     drop(relay);
     broker.delete_exchange(&missing).await;
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -194,8 +192,7 @@ async fn discard_releases_the_chain_and_keeps_the_row_for_audit() {
     // A second replay cannot resurrect a discarded row.
     run_ok(&env, &["replay", "--all-failed"], "replayed 0").await;
     drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -209,8 +206,7 @@ async fn skip_mode_lets_later_rows_flow_at_once() {
         .await;
     assert_eq!(table.row(first).await.0, "FAILED");
     drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -261,14 +257,12 @@ async fn row_in_backoff_holds_back_its_own_aggregate_only() {
         "backoff scheduled"
     );
     drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_row_goes_to_the_dead_letter_exchange_with_its_error() {
-    let table = TestTable::new("qdlx").await;
-    let broker = TestBroker::new("qdlx").await;
+    let (table, broker) = table_and_broker("qdlx").await;
     let dlx = TestBroker::new("qdlx_dead").await;
     let missing = unique("dlx_missing");
     let bad = table
@@ -309,6 +303,5 @@ async fn failed_row_goes_to_the_dead_letter_exchange_with_its_error() {
         .await;
     drop(relay);
     dlx.cleanup().await;
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }

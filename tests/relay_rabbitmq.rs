@@ -19,8 +19,7 @@ type RowView = (
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_rows_from_eight_producers_arrive_mapped_and_processed() {
-    let table = TestTable::new("e2e").await;
-    let broker = TestBroker::new("e2e").await;
+    let (table, broker) = table_and_broker("e2e").await;
     let relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
     table.produce(10_000, 200, 8).await;
     let got = broker.take(10_000, Duration::from_secs(120)).await;
@@ -62,8 +61,7 @@ async fn ten_thousand_rows_from_eight_producers_arrive_mapped_and_processed() {
     let dups = assert_order(&got, &table.index().await);
     println!("10000 rows: {} deliveries, {dups} duplicates", got.len());
     drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 /// Rows `a<i>` for each `i` in `range`, each on its own aggregate; their ids to `ids`.
@@ -80,8 +78,7 @@ async fn insert_plain(table: &TestTable, range: std::ops::Range<usize>, ids: &mu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unknown_exchange_fails_its_row_only_and_names_the_exchange() {
-    let table = TestTable::new("noexch").await;
-    let broker = TestBroker::new("noexch").await;
+    let (table, broker) = table_and_broker("noexch").await;
     let missing = unique("missing_exchange");
     let mut ids = Vec::new();
     insert_plain(&table, 0..20, &mut ids).await;
@@ -108,14 +105,12 @@ async fn unknown_exchange_fails_its_row_only_and_names_the_exchange() {
     );
     assert_eq!(broker.take(40, Duration::from_secs(10)).await.len(), 40);
     drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_rows_fail_alone_with_readable_errors() {
-    let table = TestTable::new("badrow").await;
-    let broker = TestBroker::new("badrow").await;
+    let (table, broker) = table_and_broker("badrow").await;
     let good = table
         .insert("g1", "order.created", None, serde_json::json!({"k": "v"}))
         .await;
@@ -140,14 +135,12 @@ async fn bad_rows_fail_alone_with_readable_errors() {
     let e = table.row(empty_agg).await.2.unwrap();
     assert!(e.contains("aggregate_id is empty"), "{e}");
     drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unroutable_message_is_a_rejection() {
-    let table = TestTable::new("unroute").await;
-    let broker = TestBroker::new("unroute").await;
+    let (table, broker) = table_and_broker("unroute").await;
     // An exchange that exists but has no queue bound: the message is returned (mandatory).
     let lonely = unique("lonely");
     let conn = amqp_connect().await;
@@ -176,14 +169,12 @@ async fn unroutable_message_is_a_rejection() {
     assert_eq!(table.row(ok).await.0, "PROCESSED");
     let _ = ch.exchange_delete(&lonely, Default::default()).await;
     drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_mid_batch_then_restart_loses_nothing() {
-    let table = TestTable::new("kill").await;
-    let broker = TestBroker::new("kill").await;
+    let (table, broker) = table_and_broker("kill").await;
     table.produce(5_000, 100, 4).await;
     let env = relay_env(&table.name, &broker.exchange);
     let mut relay = RelayProc::start(&env);
@@ -208,14 +199,12 @@ async fn sigkill_mid_batch_then_restart_loses_nothing() {
     let dups = assert_order(&all, &table.index().await);
     println!("SIGKILL at {processed_at_kill} processed: {dups} duplicates re-published");
     drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_exits_zero_within_shutdown_timeout() {
-    let table = TestTable::new("term").await;
-    let broker = TestBroker::new("term").await;
+    let (table, broker) = table_and_broker("term").await;
     table.produce(3_000, 50, 4).await;
     let mut relay = RelayProc::start(&relay_env(&table.name, &broker.exchange));
     table
@@ -247,8 +236,7 @@ async fn sigterm_exits_zero_within_shutdown_timeout() {
         .wait_status("PROCESSED", 3_000, Duration::from_secs(180))
         .await;
     drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -35,8 +35,7 @@ async fn wait_balanced(table: &TestTable, replicas: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_share_thirty_thousand_rows_in_order() {
-    let table = TestTable::new("rep3").await;
-    let broker = TestBroker::new("rep3").await;
+    let (table, broker) = table_and_broker("rep3").await;
     let mut env = relay_env(&table.name, &broker.exchange);
     // Roomier leases than the takeover test: on a loaded 2-core CI box a 4s lease can
     // lapse under load and move partitions around mid-run, which is correct but makes
@@ -80,14 +79,12 @@ async fn three_replicas_share_thirty_thousand_rows_in_order() {
         );
     }
     drop(relays);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkilled_replica_is_taken_over_within_lease_timeout() {
-    let table = TestTable::new("repkill").await;
-    let broker = TestBroker::new("repkill").await;
+    let (table, broker) = table_and_broker("repkill").await;
     let env = relay_env(&table.name, &broker.exchange); // lease_timeout = 4s
     let mut relays: Vec<RelayProc> = (0..3).map(|_| RelayProc::start(&env)).collect();
     wait_balanced(&table, 3).await;
@@ -129,6 +126,5 @@ async fn sigkilled_replica_is_taken_over_within_lease_timeout() {
     let dups = assert_order(&got, &table.index().await);
     println!("duplicates after SIGKILL: {dups}");
     drop(relays);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }

@@ -171,8 +171,7 @@ async fn insert_n(table: &TestTable, prefix: &str, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn passwords_never_print_at_trace() {
-    let table = TestTable::new("secrets").await;
-    let broker = TestBroker::new("secrets").await;
+    let (table, broker) = table_and_broker("secrets").await;
     let mq_password = unique_password("MqPw");
     let pg_password = unique_password("PgPw");
     let mq_user = RabbitUser::create(&mq_password);
@@ -244,8 +243,7 @@ async fn passwords_never_print_at_trace() {
 
     drop(mq_user);
     drop(pg_role);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -379,8 +377,7 @@ async fn healthy_commands_print_no_error_or_warn() {
         !err.lines().any(|l| l.trim_start().starts_with('{')),
         "no JSON log line from a one-shot command: {err}"
     );
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

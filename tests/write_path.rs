@@ -195,8 +195,7 @@ async fn wait_leases(table: &TestTable, replicas: usize) {
 /// The shared workload relayed to RabbitMQ by `replicas` relay processes while it runs:
 /// every row PROCESSED and delivered exactly once, per aggregate in id order, no late row.
 async fn relay_shared_workload_rabbitmq(prefix: &str, replicas: usize) {
-    let table = TestTable::new(prefix).await;
-    let broker = TestBroker::new(prefix).await;
+    let (table, broker) = table_and_broker(prefix).await;
     let mut env = relay_env(&table.name, &broker.exchange);
     // Roomy leases: on a loaded 2-core box a 4 s lease can lapse and move partitions.
     set(&mut env, "RELAY__LEASE_TIMEOUT", "12s");
@@ -240,8 +239,7 @@ async fn relay_shared_workload_rabbitmq(prefix: &str, replicas: usize) {
     assert_eq!(late, 0.0, "rows committed late");
     assert!(shares.iter().sum::<f64>() >= ROWS as f64, "{shares:?}");
     drop(relays);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -309,8 +307,7 @@ async fn unlocked_producers_on_shared_aggregates_arrive_in_id_order_kafka() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rejected_row_with_a_4kb_key_fails_alone() {
-    let table = TestTable::new("wp_long").await;
-    let broker = TestBroker::new("wp_long").await;
+    let (table, broker) = table_and_broker("wp_long").await;
     let missing = unique("wp_missing_exchange");
     // Incompressible, so no index entry could hold it (a btree entry holds 2 704 bytes).
     let long_key: String = rand::thread_rng()
@@ -352,8 +349,7 @@ async fn a_rejected_row_with_a_4kb_key_fails_alone() {
     assert_eq!(ids, good, "the 300 good rows, each once");
     assert_eq!(assert_order(&got, &index), 0);
     drop(relay);
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }
 
 /// One producer inserting single rows in autocommit until `stop`:
@@ -466,6 +462,5 @@ async fn schema_2_upgrades_online_under_load() {
     let (code, out, err) = run_cmd(&env, &["migrate"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("up to date"), "{out}{err}");
-    broker.cleanup().await;
-    table.cleanup().await;
+    broker.cleanup_with(&table).await;
 }

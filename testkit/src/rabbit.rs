@@ -20,6 +20,12 @@ pub struct TestBroker {
     channel: lapin::Channel,
 }
 
+/// A fresh table and a broker of its own, both named from `prefix`: how most RabbitMQ
+/// tests begin (`TestBroker::cleanup_with` ends them).
+pub async fn table_and_broker(prefix: &str) -> (TestTable, TestBroker) {
+    (TestTable::new(prefix).await, TestBroker::new(prefix).await)
+}
+
 /// A message as a consumer got it.
 #[derive(Debug, Clone)]
 pub struct Got {
@@ -147,6 +153,12 @@ impl TestBroker {
             .await
             .unwrap();
         q.message_count()
+    }
+
+    /// `cleanup`, then `table`'s: the end of a test that began with `table_and_broker`.
+    pub async fn cleanup_with(&self, table: &TestTable) {
+        self.cleanup().await;
+        table.cleanup().await;
     }
 
     pub async fn cleanup(&self) {
