@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::{Connection, ExchangeKind};
+use lapin::Connection;
+use outbox_relay::sink::rabbitmq::declare_exchange;
 
 use crate::db::TestTable;
 use crate::{amqp_url, unique};
@@ -177,18 +178,7 @@ impl TestBroker {
 
 /// Declare the durable topic exchange `exchange` and bind `queue` to it with `#`.
 async fn bound_exchange(channel: &lapin::Channel, exchange: &str, queue: &str) {
-    channel
-        .exchange_declare(
-            exchange,
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_exchange(channel, exchange).await.unwrap();
     channel
         .queue_bind(
             queue,

@@ -113,23 +113,9 @@ impl RabbitSink {
         ];
         for (key, name) in configured {
             let Some(name) = name else { continue };
-            channel
-                .exchange_declare(
-                    name,
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| {
-                    SinkError::Unavailable(format!(
-                        "cannot declare {key} {name:?}: {}",
-                        describe(&e)
-                    ))
-                })?;
+            declare_exchange(&channel, name).await.map_err(|e| {
+                SinkError::Unavailable(format!("cannot declare {key} {name:?}: {}", describe(&e)))
+            })?;
         }
         self.conn = Some(conn);
         self.channel = Some(channel);
@@ -415,6 +401,22 @@ fn content_header_size(m: &Message) -> usize {
     // Frame envelope 8; class, weight, body size, flags 14; content_type, delivery
     // mode, message_id, timestamp, type.
     8 + 14 + (1 + 16) + 1 + (1 + 36) + 8 + (1 + m.event_type.len()) + table
+}
+
+/// Declare `name` the way the relay declares its configured exchanges: a durable topic
+/// exchange. Shared by the sink, the tests and the tools, so that theirs are the same.
+pub async fn declare_exchange(channel: &Channel, name: &str) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            name,
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// lapin connection properties driven by the current tokio runtime (lapin would

@@ -11,7 +11,8 @@ use futures::StreamExt;
 use lapin::options::*;
 use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection};
+use outbox_relay::sink::rabbitmq::declare_exchange;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
@@ -66,16 +67,7 @@ impl Rabbit {
     pub async fn setup(url: &str, exchange: &str) -> Result<Self> {
         let conn = connect(url, "outbox-relay-bench").await?;
         let ch = conn.create_channel().await?;
-        ch.exchange_declare(
-            exchange,
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+        declare_exchange(&ch, exchange).await?;
         let queue = format!("{exchange}_q");
         ch.queue_declare(
             &queue,
