@@ -33,8 +33,7 @@ pub struct Tap {
 impl Tap {
     /// Declare an exclusive queue bound to `exchange` with `binding` and start consuming.
     pub async fn bind(url: &Secret, exchange: &str, binding: &str) -> Result<Self, SinkError> {
-        let err =
-            |e: lapin::Error| SinkError::Unavailable(crate::secret::redact_url(&e.to_string()));
+        let err = |e: lapin::Error| super::outcome::unavailable(e.to_string());
         let conn = Connection::connect(url.expose(), super::connection_properties())
             .await
             .map_err(err)?;
