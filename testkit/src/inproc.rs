@@ -82,11 +82,7 @@ pub async fn relay_until<S: Sink>(
     processed: i64,
     failed: i64,
 ) {
-    let relay = Running::start(table.store(), sink, cfg);
-    table
-        .wait_settled(processed, failed, Duration::from_secs(60))
-        .await;
-    relay.stop(Duration::from_secs(30)).await;
+    relay_settled(table, sink, cfg, processed, failed, Duration::from_secs(60)).await;
 }
 
 /// Relay `table` in-process through `sink` until all its `n` rows are PROCESSED (within
@@ -99,15 +95,27 @@ pub async fn relay_all<S: Sink>(
     n: i64,
     within: Duration,
 ) -> Duration {
+    let took = relay_settled(table, sink, cfg, n, 0, within).await;
+    table.assert_all_clean().await;
+    took
+}
+
+/// Start a relay on `table`, wait until exactly `processed` rows are PROCESSED and
+/// `failed` FAILED (within `within`), stop it (within 30 s); returns the time from start
+/// to settled.
+async fn relay_settled<S: Sink>(
+    table: &crate::db::TestTable,
+    sink: S,
+    cfg: RelayConfig,
+    processed: i64,
+    failed: i64,
+    within: Duration,
+) -> Duration {
     let started = Instant::now();
     let relay = Running::start(table.store(), sink, cfg);
-    crate::wait::wait_until(within, &format!("{n} rows PROCESSED"), || async {
-        table.count("PROCESSED").await == n
-    })
-    .await;
+    table.wait_settled(processed, failed, within).await;
     let took = started.elapsed();
     relay.stop(Duration::from_secs(30)).await;
-    table.assert_all_clean().await;
     took
 }
 
