@@ -33,10 +33,15 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "order",
         sql: include_str!("../migrations/0003_order.sql"),
     },
+    Migration {
+        version: 4,
+        description: "horizon",
+        sql: include_str!("../migrations/0004_horizon.sql"),
+    },
 ];
 
 /// The table comment the latest migration leaves; `run` refuses to start without it.
-pub const SCHEMA_MARKER: &str = "relay schema 3";
+pub const SCHEMA_MARKER: &str = "relay schema 4";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

@@ -358,3 +358,54 @@ async fn lapsing_leases_abandon_what_is_out_and_stop_sending() {
     })
     .await;
 }
+
+/// A row committed after the sweep passed its id (its transaction was open while later
+/// ids committed) still goes out before the rows its aggregate wrote after it: the sweep
+/// never moves past an id that can still commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_committed_after_the_sweep_passed_its_id_goes_out_first() {
+    with_table("eng_late", |table| async move {
+        // Row x of "late": its id is drawn, its transaction stays open.
+        let mut open = table.pool.begin().await.unwrap();
+        let x: i64 = sqlx::query_scalar(&format!(
+            "INSERT INTO \"{}\" (aggregate_type, aggregate_id, event_type, payload)
+             VALUES ('order', 'late', 'e', '{{}}') RETURNING id",
+            table.name
+        ))
+        .fetch_one(&mut *open)
+        .await
+        .unwrap();
+        // 600 later rows of other aggregates commit: more than one claim's scan page, so
+        // the sweep is still under way when x commits.
+        let others: Vec<String> = (0..60).map(|i| format!("o{i}")).collect();
+        let names: Vec<&str> = others.iter().map(String::as_str).collect();
+        insert_round_robin(&table, &names, 10).await;
+        let mut c = cfg();
+        c.max_in_flight = 3;
+        // The first three sends wait for the test; every later one is confirmed at once.
+        let sends = std::sync::atomic::AtomicUsize::new(0);
+        let sink = RecordingSink::new(hold_if(move |_, _| {
+            sends.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3
+        }));
+        let (relay, ledger) = start_recorded(&table, sink, c);
+        // The sweep is past x: three later rows are out, their confirms held.
+        let held = ledger.wait_held(3, "the first rows after x out").await;
+        open.commit().await.unwrap();
+        let y = table.insert("late", "e", None, serde_json::json!({})).await;
+        for (id, _, _) in held {
+            ledger.release(id, Ok(()));
+        }
+        table
+            .wait_status("PROCESSED", 602, Duration::from_secs(10))
+            .await;
+        relay.stop(Duration::from_secs(5)).await;
+        let sent: Vec<i64> = ledger.sends().iter().map(|s| s.id).collect();
+        let pos = |id: i64| sent.iter().position(|s| *s == id);
+        assert!(
+            pos(x) < pos(y),
+            "row {x} (committed late) went out after row {y} of its aggregate: {sent:?}"
+        );
+        assert_clean(&ledger, 3, &rows(&table).await);
+    })
+    .await;
+}

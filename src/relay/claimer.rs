@@ -13,16 +13,63 @@
 //! again from the first pending id. While a capped aggregate runs low in the window,
 //! every other claim is a *refill*: the first pending rows of just those aggregates, so a
 //! hot aggregate keeps flowing without waiting for the sweep to wrap.
+//!
+//! Late commits: a row whose transaction is still open is invisible to the scan that
+//! passes its id; once it commits, its aggregate's next rows (drawn after it, schema 3's
+//! order lock) commit too and would be found first. So the cursor never moves past the
+//! *horizon*, the highest id at or below which no transaction can still commit (learnt
+//! from the scans' snapshots, `Horizon`); rows above it may be taken, and are looked at
+//! again by the next claim.
 
 use std::collections::{HashMap, HashSet};
 
 use crate::config::OnFailed;
-use crate::store::{ClaimedRow, ScanPage, ScanQuery, Store, StoreError};
+use crate::store::{ClaimedRow, Probe, ScanPage, ScanQuery, Store, StoreError};
+
+/// The highest id no transaction can still commit at or below, from two scan snapshots:
+/// a *candidate* (the highest id visible to a snapshot S1, and S1's xmax) becomes the
+/// horizon once a later snapshot's xmin reaches S1's xmax — every transaction running at
+/// S1 has ended by then. An id at or below the candidate was drawn before the candidate's
+/// row, which committed before S1, so by a transaction that had its xid before S1
+/// (migration 0004: the insert trigger takes the xid before it draws the id).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Horizon {
+    safe: i64,
+    candidate: Option<Probe>,
+}
+
+impl Horizon {
+    /// Take a scan's snapshot into account; returns the horizon valid for that scan.
+    pub fn observe(&mut self, p: Probe) -> i64 {
+        if p.xmin >= p.xmax {
+            // Nothing was running at the snapshot: everything visible is all there is.
+            self.safe = self.safe.max(p.top);
+            self.candidate = None;
+            return self.safe;
+        }
+        match self.candidate {
+            Some(c) if p.xmin >= c.xmax => {
+                self.safe = self.safe.max(c.top);
+                self.candidate = Some(p);
+            }
+            // Kept until it validates: replacing it with each newer snapshot could put
+            // the horizon off for ever under a steady stream of transactions.
+            Some(_) => {}
+            None => self.candidate = Some(p),
+        }
+        self.safe
+    }
+
+    pub fn safe(&self) -> i64 {
+        self.safe
+    }
+}
 
 /// The sweep's position between claims.
 #[derive(Debug, Default)]
 pub struct Sweep {
     cursor: i64,
+    horizon: Horizon,
     capped: HashSet<i32>,
     last_was_refill: bool,
     /// The last sweep claim did not reach the end of the table.
@@ -74,24 +121,37 @@ impl Sweep {
         self.generation += 1;
     }
 
+    /// Take a claim's snapshot into account (every claim's, refills' too).
+    pub fn observe(&mut self, probe: Option<Probe>) {
+        if let Some(p) = probe {
+            self.horizon.observe(p);
+        }
+    }
+
     /// Take a sweep claim's result into account (ignored if the sweep restarted since
-    /// that claim was planned).
+    /// that claim was planned): the cursor moves to `cursor`, but not past the horizon.
+    /// A claim held back by the horizon that took nothing does not ask for another at
+    /// once (the poll tick or a wake-up brings it, when the open transactions may have
+    /// ended).
     pub fn advance<'a>(
         &mut self,
         generation: u64,
         cursor: i64,
         end: bool,
+        taken: usize,
         capped: impl IntoIterator<Item = &'a i32>,
     ) {
         if generation != self.generation {
             return;
         }
-        self.more = !end;
         if end {
+            self.more = false;
             self.cursor = 0;
             self.capped.clear();
         } else {
-            self.cursor = cursor;
+            let held_back = cursor > self.horizon.safe();
+            self.more = !(held_back && taken == 0);
+            self.cursor = cursor.min(self.horizon.safe());
             self.capped.extend(capped.into_iter().copied());
         }
     }
@@ -226,6 +286,8 @@ pub struct Claimed {
     pub capped: Vec<i32>,
     /// Hashes passed over because their rows were not due or were blocked.
     pub passed: Vec<i32>,
+    /// The scan's snapshot.
+    pub probe: Option<Probe>,
 }
 
 /// Run one claim against the store.
@@ -273,6 +335,7 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
         end: sel.end,
         capped: sel.capped,
         passed,
+        probe: page.probe,
     })
 }
 
@@ -307,6 +370,7 @@ mod tests {
                 .collect(),
             last_examined: rows.last().map_or(0, |r| r.0),
             examined: rows.len() as u32,
+            probe: None,
         }
     }
 
@@ -356,10 +420,11 @@ mod tests {
     #[test]
     fn the_sweep_caps_until_it_wraps_and_refills_what_runs_low() {
         let mut s = Sweep::default();
+        s.observe(Some(probe(1000, 5, 5)));
         assert!(s.refill(&HashMap::new(), 4).is_empty());
         assert_eq!(s.plan(false), (0, HashSet::new()));
         let g = s.generation();
-        s.advance(g, 40, false, &[7]);
+        s.advance(g, 40, false, 1, &[7]);
         assert!(s.more);
         assert!(
             s.refill(&[(7, 2)].into(), 4).is_empty(),
@@ -372,15 +437,56 @@ mod tests {
             "one refill at a time"
         );
         assert_eq!(s.plan(false), (40, [7].into()));
-        s.advance(g, 90, false, &[8]);
+        s.advance(g, 90, false, 1, &[8]);
         s.restart();
-        s.advance(g, 120, false, &[]);
+        s.advance(g, 120, false, 1, &[]);
         assert_eq!(
             s.plan(false),
             (0, HashSet::new()),
             "a stale claim moves nothing"
         );
-        s.advance(s.generation(), 90, true, &[]);
+        s.advance(s.generation(), 90, true, 1, &[]);
         assert_eq!(s.plan(false), (0, HashSet::new()));
+    }
+
+    fn probe(top: i64, xmin: i64, xmax: i64) -> Probe {
+        Probe { top, xmin, xmax }
+    }
+
+    #[test]
+    fn the_horizon_waits_for_every_transaction_running_at_its_snapshot() {
+        let mut h = Horizon::default();
+        // Transactions 10..20 were running when id 500 was the highest visible.
+        assert_eq!(h.observe(probe(500, 10, 20)), 0);
+        // Later snapshots: still running (xmin 15), and a newer candidate is not taken.
+        assert_eq!(h.observe(probe(600, 15, 30)), 0);
+        // Every transaction of the first snapshot has ended: 500 is safe, the candidate
+        // is now this snapshot.
+        assert_eq!(h.observe(probe(700, 20, 40)), 500);
+        assert_eq!(h.observe(probe(800, 39, 45)), 500);
+        assert_eq!(h.observe(probe(900, 40, 50)), 700);
+        // A snapshot with nothing running is safe at once.
+        assert_eq!(h.observe(probe(950, 60, 60)), 950);
+        assert_eq!(h.observe(probe(940, 60, 60)), 950, "never moves back");
+    }
+
+    #[test]
+    fn the_cursor_stops_at_the_horizon() {
+        let mut s = Sweep::default();
+        s.observe(Some(probe(100, 1, 1)));
+        let g = s.generation();
+        s.advance(g, 250, false, 3, &[4]);
+        assert_eq!(
+            s.plan(false),
+            (100, [4].into()),
+            "rows above 100 looked at again"
+        );
+        assert!(s.more, "it took rows: claim again");
+        s.advance(g, 250, false, 0, &[]);
+        assert!(!s.more, "held back and nothing taken: wait for the tick");
+        s.observe(Some(probe(300, 2, 2)));
+        s.advance(g, 250, false, 0, &[]);
+        assert_eq!(s.plan(false).0, 250);
+        assert!(s.more);
     }
 }

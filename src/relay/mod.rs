@@ -320,11 +320,13 @@ impl<S: Sink> Engine<S> {
         };
         metrics::gauge!(m::DATABASE_UP).set(1.0);
         self.db_pacer.reset();
+        self.sweep.observe(claimed.probe);
         if !claimed.refill {
             self.sweep.advance(
                 claimed.generation,
                 claimed.cursor,
                 claimed.end,
+                claimed.rows.len(),
                 claimed.capped.iter().chain(&claimed.passed),
             );
         }

@@ -11,7 +11,7 @@ use crate::config::OnFailed;
 use crate::model::OutboxRow;
 
 /// One pending row as the scan sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scanned {
     pub id: i64,
     /// `hashtext(aggregate_type || '/' || aggregate_id)`; `& 255` is the lease partition.
@@ -31,6 +31,28 @@ pub struct ScanQuery<'a> {
     pub only: Option<&'a [i32]>,
 }
 
+/// A scan row as the statement returns it: a pending row, or (last) the summary.
+#[derive(sqlx::FromRow)]
+struct ScanRow {
+    id: i64,
+    hash: i32,
+    size: i64,
+    top: Option<i64>,
+    xmin: Option<i64>,
+    xmax: Option<i64>,
+}
+
+/// What a scan's snapshot says about ids that can still commit (see `relay::horizon`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Probe {
+    /// The highest id visible to the scan (any status).
+    pub top: i64,
+    /// The snapshot's xmin: every transaction older than it has ended.
+    pub xmin: i64,
+    /// The snapshot's xmax: every transaction running at the snapshot is older than it.
+    pub xmax: i64,
+}
+
 /// One page of a scan.
 #[derive(Debug, Clone, Default)]
 pub struct ScanPage {
@@ -40,6 +62,8 @@ pub struct ScanPage {
     /// How many pending rows were examined (a page with fewer than `examine` reached
     /// the end of the table).
     pub examined: u32,
+    /// The scan's snapshot (`None` in unit tests' pages).
+    pub probe: Option<Probe>,
 }
 
 /// A fetched row with its aggregate hash.
@@ -82,7 +106,7 @@ impl Store {
     /// looked at; of those, rows whose hash is in `skip` are left out, and with `only`
     /// just those hashes are kept; at most `limit` are returned.
     pub async fn scan(&self, q: &ScanQuery<'_>) -> Result<ScanPage, StoreError> {
-        let mut rows = sqlx::query_as::<_, Scanned>(&self.sql.scan)
+        let mut rows = sqlx::query_as::<_, ScanRow>(&self.sql.scan)
             .bind(q.after)
             .bind(q.partitions)
             .bind(i64::from(q.limit))
@@ -95,10 +119,22 @@ impl Store {
             .pop()
             .filter(|r| r.size == -1)
             .ok_or_else(|| StoreError::Unexpected("scan returned no summary row"))?;
+        let probe = match (summary.top, summary.xmin, summary.xmax) {
+            (Some(top), Some(xmin), Some(xmax)) => Probe { top, xmin, xmax },
+            _ => return Err(StoreError::Unexpected("scan summary without its snapshot")),
+        };
         Ok(ScanPage {
-            rows,
+            rows: rows
+                .into_iter()
+                .map(|r| Scanned {
+                    id: r.id,
+                    hash: r.hash,
+                    size: r.size,
+                })
+                .collect(),
             last_examined: summary.id,
             examined: u32::try_from(summary.hash).unwrap_or(0),
+            probe: Some(probe),
         })
     }
 

@@ -13,7 +13,7 @@ mod claim;
 pub mod leases;
 mod park;
 
-pub use claim::{ClaimedRow, ScanPage, ScanQuery, Scanned};
+pub use claim::{ClaimedRow, Probe, ScanPage, ScanQuery, Scanned};
 
 use std::time::Duration;
 
@@ -135,7 +135,9 @@ impl Sql {
             // The inner scan examines at most $4 pending ids after $1 (no payloads);
             // the outer query leaves out the hashes in $5 (skipped for the rest of a
             // sweep) or keeps only those in $6 (a refill), and appends one summary row
-            // (size -1: id = the last id examined, hash = how many were examined).
+            // (size -1: id = the last id examined, hash = how many were examined, and
+            // the horizon probe: the table's highest visible id and the xmin / xmax of
+            // the statement's snapshot).
             scan: format!(
                 "WITH s AS (
                      SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
@@ -147,13 +149,17 @@ impl Sql {
                             OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($2))
                      ORDER BY o.id
                      LIMIT $4)
-                 (SELECT id, hash, size FROM s
+                 (SELECT id, hash, size, NULL::bigint AS top, NULL::bigint AS xmin, NULL::bigint AS xmax FROM s
                   WHERE ($5::int[] IS NULL OR hash <> ALL($5))
                     AND ($6::int[] IS NULL OR hash = ANY($6))
                   ORDER BY id
                   LIMIT $3)
                  UNION ALL
-                 SELECT coalesce(max(id), $1), count(*)::int, -1::bigint FROM s"
+                 SELECT coalesce(max(id), $1), count(*)::int, -1::bigint,
+                        (SELECT coalesce(max(t.id), 0) FROM {tbl} t),
+                        pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
+                        pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+                 FROM s"
             ),
             fetch: format!(
                 "SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
