@@ -202,7 +202,7 @@ async fn rabbitmq_bad_rows_fail_alone_with_readable_errors() {
     let missing = unique("no_such_exchange");
     // An exchange that exists with no queue bound: the message comes back (mandatory).
     let lonely = unique("lonely_exchange");
-    broker_declare(&lonely).await;
+    broker.declare_unbound(&lonely).await;
     let mut cases = common_cases(3);
     cases.extend([
         Case::new("unknown_exchange", &[missing.as_str(), "does not exist"], 3).dest(&missing),
@@ -234,29 +234,8 @@ async fn rabbitmq_bad_rows_fail_alone_with_readable_errors() {
         Duration::from_secs(30),
     );
     account("RabbitMQ", &table, cases.len(), relay, delivered).await;
-    broker_delete(&lonely).await;
+    broker.delete_exchange(&lonely).await;
     broker.cleanup_with(&table).await;
-}
-
-async fn broker_declare(name: &str) {
-    let conn = amqp_connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare(
-        name,
-        lapin::ExchangeKind::Topic,
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    let _ = conn.close(200, "declared").await;
-}
-
-async fn broker_delete(name: &str) {
-    let conn = amqp_connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    let _ = ch.exchange_delete(name, Default::default()).await;
-    let _ = conn.close(200, "deleted").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

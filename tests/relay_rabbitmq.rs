@@ -143,16 +143,7 @@ async fn unroutable_message_is_a_rejection() {
     let (table, broker) = table_and_broker("unroute").await;
     // An exchange that exists but has no queue bound: the message is returned (mandatory).
     let lonely = unique("lonely");
-    let conn = amqp_connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare(
-        &lonely,
-        lapin::ExchangeKind::Topic,
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    broker.declare_unbound(&lonely).await;
     let bad = table
         .insert("u1", "order.created", Some(&lonely), serde_json::json!({}))
         .await;
@@ -167,7 +158,55 @@ async fn unroutable_message_is_a_rejection() {
     assert_eq!(attempts, 3);
     assert!(err.unwrap().contains("unroutable"));
     assert_eq!(table.row(ok).await.0, "PROCESSED");
-    let _ = ch.exchange_delete(&lonely, Default::default()).await;
+    broker.delete_exchange(&lonely).await;
+    drop(relay);
+    broker.cleanup_with(&table).await;
+}
+
+/// Under load the broker confirms many messages with one `basic.ack` (multiple), and a
+/// `basic.return` is not tied to a delivery tag: the unroutable message must still be the
+/// one judged unroutable (by its message id), never a neighbour confirmed in the same ack.
+/// One attempt each (and `skip`, so a FAILED row holds nothing back), so a single mix-up
+/// shows: a good row FAILED, an unroutable one PROCESSED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unroutable_messages_among_thousands_are_told_apart() {
+    let (table, broker) = table_and_broker("unroute_many").await;
+    let lonely = unique("lonely_many");
+    broker.declare_unbound(&lonely).await;
+    let sql = format!(
+        "INSERT INTO \"{}\" (aggregate_type, aggregate_id, event_type, destination, payload)
+         SELECT 'order', 'm' || (g % 400), 'order.created',
+                CASE WHEN g % 10 = 0 THEN $1 END, '{{}}'
+         FROM generate_series(1, 20000) AS g",
+        table.name
+    );
+    sqlx::query(&sql)
+        .bind(&lonely)
+        .execute(&table.pool)
+        .await
+        .unwrap();
+    let mut env = relay_env(&table.name, &broker.exchange);
+    env.push(("OUTBOX_RELAY__RELAY__MAX_ATTEMPTS".into(), "1".into()));
+    env.push(("OUTBOX_RELAY__RELAY__ON_FAILED".into(), "skip".into()));
+    let relay = RelayProc::start(&env);
+    outbox_relay_testkit::wait::wait_until(
+        Duration::from_secs(120),
+        "20 000 rows settled",
+        || async { table.count("PROCESSED").await + table.count("FAILED").await == 20000 },
+    )
+    .await;
+    let wrong: Vec<(i64, Option<String>, String, Option<String>)> = sqlx::query_as(&format!(
+        "SELECT id, destination, status, last_error FROM \"{}\"
+         WHERE (destination IS NULL) = (status = 'FAILED')
+            OR (status = 'FAILED' AND last_error NOT LIKE 'unroutable%')
+         ORDER BY id LIMIT 10",
+        table.name
+    ))
+    .fetch_all(&table.pool)
+    .await
+    .unwrap();
+    assert!(wrong.is_empty(), "rows judged wrongly: {wrong:?}");
+    broker.delete_exchange(&lonely).await;
     drop(relay);
     broker.cleanup_with(&table).await;
 }

@@ -97,6 +97,12 @@ impl TestBroker {
         bound_exchange(&self.channel, name, &self.queue).await;
     }
 
+    /// Declare an exchange with no queue bound: what is published to it comes back
+    /// (mandatory), i.e. unroutable. `delete_exchange` removes it.
+    pub async fn declare_unbound(&self, name: &str) {
+        declare_exchange(&self.channel, name).await.unwrap();
+    }
+
     pub async fn delete_exchange(&self, name: &str) {
         let _ = self
             .channel

@@ -3,8 +3,9 @@
 //! outstanding on one channel.
 //!
 //! Invariants:
-//! - only `Confirmation::Ack(None)` counts as delivered (`Ack(Some(returned))` is an
-//!   unroutable message, `NotRequested` would mean confirms are off — never accepted);
+//! - only an ack counts as delivered, and only when no `basic.return` with the message's
+//!   id came in on its channel (lapin may attach a return to a neighbour's confirm:
+//!   `returns.rs`); `NotRequested` would mean confirms are off — never accepted;
 //! - a message RabbitMQ could not take whole (names over 255 bytes, a content header
 //!   larger than `frame_max`, a body over `max_message_size`, a destination exchange that
 //!   does not exist) is rejected before it is sent: sending it would close the channel or
@@ -25,13 +26,15 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 
 mod config;
 mod outcome;
+mod returns;
 pub mod tap;
 
 use super::{Confirm, Sink, SinkError};
 use crate::model::Message;
 use crate::secret::Secret;
 pub use config::RabbitmqConfig;
-use outcome::{broken, confirmation, describe, unavailable};
+use outcome::{broken, describe, judge, unavailable};
+use returns::Returns;
 
 /// How long an exchange found by a passive declare is trusted without asking again.
 const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(30);
@@ -50,6 +53,8 @@ pub struct RabbitSink {
     timeout: Duration,
     conn: Option<Connection>,
     channel: Option<Channel>,
+    /// The returns of the current channel (replaced with the channel).
+    returns: Returns,
     /// Exchanges named by rows' `destination` and when they were last seen to exist.
     known_exchanges: HashMap<String, Instant>,
 }
@@ -70,6 +75,7 @@ impl RabbitSink {
             timeout,
             conn: None,
             channel: None,
+            returns: Returns::default(),
             known_exchanges: HashMap::new(),
         })
     }
@@ -119,6 +125,7 @@ impl RabbitSink {
         }
         self.conn = Some(conn);
         self.channel = Some(channel);
+        self.returns = Returns::default();
         Ok(())
     }
 
@@ -145,6 +152,7 @@ impl RabbitSink {
                 .as_ref()
                 .ok_or_else(|| unavailable("no connection"))?;
             self.channel = Some(new_confirm_channel(conn).await?);
+            self.returns = Returns::default();
         }
         self.channel
             .clone()
@@ -295,8 +303,10 @@ impl Sink for RabbitSink {
         let (exchange, routing_key, props, body) = self.frame(m);
         let (exchange, routing_key) = (exchange.to_string(), routing_key.to_string());
         let body = body.to_vec();
+        let (id, returns) = (m.event_id.to_string(), self.returns.clone());
         Ok(Box::pin(async move {
-            confirmation(publish(channel, exchange, routing_key, body, props).await)
+            let confirm = publish(channel, exchange, routing_key, body, props).await;
+            judge(confirm, &id, &returns).await
         }))
     }
 
@@ -320,14 +330,15 @@ impl Sink for RabbitSink {
         );
         let props = props.with_headers(headers);
         let (routing_key, body) = (routing_key.to_string(), body.to_vec());
+        let (id, returns) = (message.event_id.to_string(), self.returns.clone());
         Ok(Some(Box::pin(async move {
-            match publish(channel, dlx.clone(), routing_key, body, props).await {
-                Ok(Confirmation::Ack(None)) => Ok(()),
-                Ok(other) => Err(SinkError::Rejected(format!(
-                    "dead-letter exchange {dlx:?} did not accept the message ({other:?})"
-                ))),
-                Err(e) => Err(broken(&e)),
-            }
+            let confirm = publish(channel, dlx.clone(), routing_key, body, props).await;
+            judge(confirm, &id, &returns).await.map_err(|e| match e {
+                SinkError::Rejected(why) => SinkError::Rejected(format!(
+                    "dead-letter exchange {dlx:?} did not accept the message: {why}"
+                )),
+                other => other,
+            })
         })))
     }
 

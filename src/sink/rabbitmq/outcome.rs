@@ -1,31 +1,40 @@
 //! What lapin's answers mean for one message: a publisher confirm or a lapin error
-//! becomes `Ok`, a `Rejected` (the broker judged the message) or an `Unavailable` (the
-//! channel or connection broke first); error texts are redacted of URL secrets.
+//! becomes `Ok`, a `Rejected` (the broker judged the message: nacked, or returned —
+//! matched by message id, `returns.rs`) or an `Unavailable` (the channel or connection
+//! broke first); error texts are redacted of URL secrets.
 
 use lapin::publisher_confirm::Confirmation;
 
+use super::returns::Returns;
 use crate::sink::SinkError;
 
-/// What a publisher confirm says about one message.
-pub(super) fn confirmation(c: Result<Confirmation, lapin::Error>) -> Result<(), SinkError> {
-    match c {
-        Ok(Confirmation::Ack(None)) => Ok(()),
-        Ok(Confirmation::Ack(Some(ret))) | Ok(Confirmation::Nack(Some(ret))) => {
-            Err(SinkError::Rejected(format!(
-                "unroutable: no queue is bound to exchange {:?} for routing key {:?} (returned {} {})",
-                ret.delivery.exchange.as_str(),
-                ret.delivery.routing_key.as_str(),
-                ret.reply_code,
-                ret.reply_text.as_str()
-            )))
-        }
-        Ok(Confirmation::Nack(None)) => {
-            Err(SinkError::Rejected("the broker nacked the message".into()))
-        }
-        Ok(Confirmation::NotRequested) => Err(SinkError::Rejected(
+/// What a publisher confirm says about message `id` (its `message_id`): a return is
+/// judged by its message id, whichever confirm lapin attached it to (`Returns`).
+pub(super) async fn judge(
+    c: Result<Confirmation, lapin::Error>,
+    id: &str,
+    returns: &Returns,
+) -> Result<(), SinkError> {
+    let c = match c {
+        Ok(c) => c,
+        Err(e) => return Err(broken(&e)),
+    };
+    returns.keep(&c);
+    if let Confirmation::NotRequested = c {
+        return Err(SinkError::Rejected(
             "publisher confirms are not enabled on the channel".into(),
-        )),
-        Err(e) => Err(broken(&e)),
+        ));
+    }
+    // The broker sends a message's return before its ack, but the ack that resolved this
+    // confirm may have resolved others that hold it: let every confirm already resolved
+    // hand in its return before this one is judged.
+    tokio::task::yield_now().await;
+    if let Some(why) = returns.take(id) {
+        return Err(SinkError::Rejected(why));
+    }
+    match c {
+        Confirmation::Nack(_) => Err(SinkError::Rejected("the broker nacked the message".into())),
+        _ => Ok(()),
     }
 }
 
