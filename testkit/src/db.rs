@@ -103,6 +103,49 @@ impl TestTable {
         .expect("insert")
     }
 
+    /// Insert `n` rows server-side, aggregate id given by the SQL expression `agg` over
+    /// `g` = 1..=n, in `g` order; returns the highest id inserted.
+    pub async fn insert_series(&self, agg: &str, n: i64) -> i64 {
+        let max: Option<i64> = sqlx::query_scalar(&format!(
+            "WITH ins AS (
+               INSERT INTO \"{}\" (aggregate_type, aggregate_id, event_type, payload)
+               SELECT 'order', {agg}, 'order.created', jsonb_build_object('seq', g)
+               FROM generate_series(1, {n}) g ORDER BY g RETURNING id)
+             SELECT max(id) FROM ins",
+            self.name
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .expect("insert series");
+        max.expect("rows inserted")
+    }
+
+    /// (PROCESSED rows with id > `after`, whether any row with id <= `after` is PENDING):
+    /// how far rows written after a backlog got while the backlog drains.
+    pub async fn progress_after(&self, after: i64) -> (i64, bool) {
+        sqlx::query_as(&format!(
+            "SELECT (SELECT count(*) FROM \"{t}\" WHERE id > $1 AND status = 'PROCESSED'),
+                    EXISTS (SELECT 1 FROM \"{t}\" WHERE id <= $1 AND status = 'PENDING')",
+            t = self.name
+        ))
+        .bind(after)
+        .fetch_one(&self.pool)
+        .await
+        .expect("progress")
+    }
+
+    /// PENDING rows with id <= `upto`.
+    pub async fn pending_upto(&self, upto: i64) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM \"{}\" WHERE id <= $1 AND status = 'PENDING'",
+            self.name
+        ))
+        .bind(upto)
+        .fetch_one(&self.pool)
+        .await
+        .expect("pending")
+    }
+
     /// Run set-up SQL with the table's triggers off, for rows in relay-owned states
     /// (PROCESSED, FAILED, …) that the insert guard of schema 3 would reset to PENDING.
     pub async fn setup_sql(&self, sql: &str) {

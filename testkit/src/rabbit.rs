@@ -27,6 +27,35 @@ pub async fn table_and_broker(prefix: &str) -> (TestTable, TestBroker) {
     (TestTable::new(prefix).await, TestBroker::new(prefix).await)
 }
 
+/// Run `scenario`; drop the broker's queue/exchange and the table even if it panicked.
+pub async fn guarded(
+    table: &TestTable,
+    broker: &TestBroker,
+    scenario: impl std::future::Future<Output = ()>,
+) {
+    use futures::FutureExt;
+    let outcome = std::panic::AssertUnwindSafe(scenario).catch_unwind().await;
+    broker.cleanup().await;
+    table.cleanup().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// One test per scenario `async fn body(&TestTable, &TestBroker)`: its own table, exchange
+/// and queue named from the prefix, dropped even on failure.
+#[macro_export]
+macro_rules! rabbit_scenario {
+    ($test:ident, $prefix:literal, $body:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $test() {
+            let table = $crate::db::TestTable::new($prefix).await;
+            let broker = $crate::rabbit::TestBroker::new($prefix).await;
+            $crate::rabbit::guarded(&table, &broker, $body(&table, &broker)).await;
+        }
+    };
+}
+
 /// A message as a consumer got it.
 #[derive(Debug, Clone)]
 pub struct Got {
@@ -101,6 +130,12 @@ impl TestBroker {
     /// (mandatory), i.e. unroutable. `delete_exchange` removes it.
     pub async fn declare_unbound(&self, name: &str) {
         declare_exchange(&self.channel, name).await.unwrap();
+    }
+
+    /// Everything in the queue (call with no relay running).
+    pub async fn drain_all(&self) -> Vec<Got> {
+        let n = self.depth().await as usize;
+        self.take(n, Duration::from_secs(180)).await
     }
 
     pub async fn delete_exchange(&self, name: &str) {

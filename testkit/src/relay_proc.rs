@@ -136,6 +136,25 @@ impl RelayProc {
         assert!(status.success());
     }
 
+    /// When `/readyz` first answered 200 (waits up to 30 s).
+    pub async fn ready(&self) -> std::time::Instant {
+        wait_for(Duration::from_secs(30), "relay /readyz 200", || async {
+            (self.get("/readyz").await?.0 == 200).then(std::time::Instant::now)
+        })
+        .await
+    }
+
+    /// SIGTERM, then wait for the exit (SIGKILL if it takes longer than 15 s).
+    pub async fn terminate(&mut self) {
+        self.signal("TERM");
+        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
