@@ -160,6 +160,7 @@ impl<S: Sink> Engine<S> {
                 }
                 self.last_confirm = Some(Instant::now());
                 self.window.finish(&flight.key);
+                self.delivered.record(&flight.key, id);
                 self.recording.insert(id, flight.hash);
                 self.completer.mark(id);
             }

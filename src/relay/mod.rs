@@ -23,6 +23,7 @@ mod claimer;
 mod completer;
 mod dispatch;
 mod doorbell;
+mod late;
 mod leases;
 mod partitions;
 mod probe;
@@ -49,6 +50,7 @@ use claimer::{Claimed, Plan, Sweep};
 use completer::{Completer, Recorded};
 use dispatch::{Broker, Flight, Pending};
 use doorbell::Doorbell;
+use late::Delivered;
 use leases::{Leases, Renewal};
 use window::{AggKey, Body, Entry, Inserted, Window};
 
@@ -102,6 +104,8 @@ struct Engine<S: Sink> {
     releasing: HashSet<i32>,
     release_task: Option<JoinHandle<Result<(), StoreError>>>,
     window: Window,
+    /// Highest delivered id per aggregate, for counting late rows.
+    delivered: Delivered,
     max_rows: usize,
     flights: HashMap<i64, Flight>,
     confirms: FuturesUnordered<Pending>,
@@ -147,6 +151,7 @@ impl<S: Sink> Engine<S> {
             releasing: HashSet::new(),
             release_task: None,
             window: Window::default(),
+            delivered: Delivered::default(),
             max_rows,
             flights: HashMap::new(),
             confirms: FuturesUnordered::new(),
@@ -362,7 +367,8 @@ impl<S: Sink> Engine<S> {
                 strikes: 0,
                 suspect: false,
             };
-            if self.window.insert(key, entry) == Inserted::Late {
+            let behind = self.delivered.is_behind(&key, id);
+            if self.window.insert(key, entry) == Inserted::Late || behind {
                 metrics::counter!(LATE_ROWS_TOTAL).increment(1);
                 tracing::warn!(
                     id,
