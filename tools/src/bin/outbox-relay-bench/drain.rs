@@ -37,11 +37,11 @@ impl Bench {
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             relay.check_alive()?;
-            let pending = t.pending().await?;
-            if pending == 0 {
+            if !t.any_pending().await? {
                 break;
             }
             if last_report.elapsed() > Duration::from_secs(5) {
+                let pending = t.pending().await?;
                 eprintln!(
                     "  {pending} rows pending after {:.0}s",
                     started.elapsed().as_secs_f64()
@@ -51,6 +51,7 @@ impl Bench {
             if started.elapsed() > limit {
                 let tail = relay.log_tail(10);
                 relay.stop().await;
+                let pending = t.pending().await?;
                 bail!("{pending} rows still pending after {limit:?}; relay log:\n{tail}");
             }
         }
