@@ -19,14 +19,7 @@ pub(super) async fn judge(
         Ok(c) => c,
         Err(e) => return Err(broken(&e)),
     };
-    if let Some(other) = returns.keep(&c) {
-        tracing::error!(
-            event_id = %other,
-            "RabbitMQ returned message {other} as unroutable after its confirm had been judged \
-             delivered: its row is PROCESSED but no queue got the message (publish it again \
-             once a queue is bound)"
-        );
-    }
+    returns.keep(&c);
     if let Confirmation::NotRequested = c {
         return Err(SinkError::Rejected(
             "publisher confirms are not enabled on the channel".into(),
