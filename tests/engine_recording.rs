@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use outbox_relay_testkit::{recording::*, wait::*};
+use outbox_relay_testkit::{db::insert_row, recording::*, wait::*};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -367,14 +367,7 @@ async fn a_row_committed_after_the_sweep_passed_its_id_goes_out_first() {
     with_table("eng_late", |table| async move {
         // Row x of "late": its id is drawn, its transaction stays open.
         let mut open = table.pool.begin().await.unwrap();
-        let x: i64 = sqlx::query_scalar(&format!(
-            "INSERT INTO \"{}\" (aggregate_type, aggregate_id, event_type, payload)
-             VALUES ('order', 'late', 'e', '{{}}') RETURNING id",
-            table.name
-        ))
-        .fetch_one(&mut *open)
-        .await
-        .unwrap();
+        let x = insert_row(&mut *open, &table.name, "late").await.unwrap();
         // 600 later rows of other aggregates commit: more than one claim's scan page, so
         // the sweep is still under way when x commits.
         let others: Vec<String> = (0..60).map(|i| format!("o{i}")).collect();

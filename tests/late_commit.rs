@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use outbox_relay_testkit::{rabbit::*, relay_proc::*};
+use outbox_relay_testkit::{db::insert_row, rabbit::*, relay_proc::*};
 use sqlx::{Connection, PgConnection};
 
 /// Insert one row of aggregate `agg` in an open transaction with the order lock off.
@@ -15,14 +15,7 @@ async fn insert_unlocked(conn: &mut PgConnection, table: &str, agg: &str) -> i64
         .execute(&mut *conn)
         .await
         .unwrap();
-    sqlx::query_scalar(&format!(
-        "INSERT INTO \"{table}\" (aggregate_type, aggregate_id, event_type, payload)
-         VALUES ('order', $1, 'order.created', '{{}}') RETURNING id"
-    ))
-    .bind(agg)
-    .fetch_one(&mut *conn)
-    .await
-    .unwrap()
+    insert_row(&mut *conn, table, agg).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -63,26 +56,9 @@ async fn a_row_committed_behind_a_sent_one_is_delivered_and_counted() {
     )
     .await;
     let got = broker.take(2, Duration::from_secs(10)).await;
-    let order: Vec<String> = got.iter().map(|g| g.message_id.clone()).collect();
-    let event_id = |id: i64| {
-        let sql = format!(
-            "SELECT event_id::text FROM \"{}\" WHERE id = $1",
-            table.name
-        );
-        let pool = table.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, String>(&sql)
-                .bind(id)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(
-        order,
-        vec![event_id(y).await, event_id(x).await],
-        "y went out first, x when it committed"
-    );
+    let index = table.index().await;
+    let order: Vec<i64> = got.iter().map(|g| index[&g.message_id].0).collect();
+    assert_eq!(order, vec![y, x], "y went out first, x when it committed");
     drop(relay);
     broker.cleanup_with(&table).await;
 }

@@ -26,22 +26,6 @@ async fn connect() -> PgConnection {
     PgConnection::connect(&pg_url()).await.unwrap()
 }
 
-/// One producer row on aggregate `agg` (type `order`); returns its id.
-async fn insert_row<'c>(
-    ex: impl sqlx::PgExecutor<'c>,
-    table: &str,
-    agg: &str,
-) -> sqlx::Result<i64> {
-    sqlx::query_scalar(&format!(
-        "INSERT INTO \"{table}\" (aggregate_type, aggregate_id, event_type, payload)
-         VALUES ('order', $1, 'order.updated', $2) RETURNING id"
-    ))
-    .bind(agg)
-    .bind(serde_json::json!({ "orderId": agg }))
-    .fetch_one(ex)
-    .await
-}
-
 /// Set `OUTBOX_RELAY__<key>` (later entries win).
 fn set(env: &mut Vec<(String, String)>, key: &str, value: &str) {
     env.push((format!("OUTBOX_RELAY__{key}"), value.to_string()));

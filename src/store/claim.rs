@@ -42,7 +42,7 @@ struct ScanRow {
     xmax: Option<i64>,
 }
 
-/// What a scan's snapshot says about ids that can still commit (see `relay::horizon`).
+/// What a scan's snapshot says about ids that can still commit (see `relay::claimer::Horizon`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Probe {
     /// The highest id visible to the scan (any status).

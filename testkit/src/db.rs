@@ -13,6 +13,23 @@ use sqlx::{Connection as _, PgPool};
 use crate::wait::wait_for;
 use crate::{pg_url, unique};
 
+/// One producer row of aggregate `agg` (type `order`) written through `ex` (a pool, a
+/// connection, or a transaction the caller keeps open); returns its id.
+pub async fn insert_row<'c>(
+    ex: impl sqlx::PgExecutor<'c>,
+    table: &str,
+    agg: &str,
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar(&format!(
+        "INSERT INTO \"{table}\" (aggregate_type, aggregate_id, event_type, payload)
+         VALUES ('order', $1, 'order.updated', $2) RETURNING id"
+    ))
+    .bind(agg)
+    .bind(serde_json::json!({ "orderId": agg }))
+    .fetch_one(ex)
+    .await
+}
+
 /// A migrated outbox table with a unique name, dropped by `cleanup`.
 pub struct TestTable {
     pub name: String,
@@ -136,14 +153,8 @@ impl TestTable {
 
     /// PENDING rows with id <= `upto`.
     pub async fn pending_upto(&self, upto: i64) -> i64 {
-        sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM \"{}\" WHERE id <= $1 AND status = 'PENDING'",
-            self.name
-        ))
-        .bind(upto)
-        .fetch_one(&self.pool)
-        .await
-        .expect("pending")
+        self.count_where(&format!("id <= {upto} AND status = 'PENDING'"))
+            .await
     }
 
     /// Run set-up SQL with the table's triggers off, for rows in relay-owned states
