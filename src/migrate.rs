@@ -38,10 +38,15 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "horizon",
         sql: include_str!("../migrations/0004_horizon.sql"),
     },
+    Migration {
+        version: 5,
+        description: "hot",
+        sql: include_str!("../migrations/0005_hot.sql"),
+    },
 ];
 
 /// The table comment the latest migration leaves; `run` refuses to start without it.
-pub const SCHEMA_MARKER: &str = "relay schema 4";
+pub const SCHEMA_MARKER: &str = "relay schema 5";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

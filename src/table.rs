@@ -74,6 +74,11 @@ impl TableName {
         self.derived("_relay_leases")
     }
 
+    /// The claim floor (schema 5): every pending, unparked row has an id above it.
+    pub fn floor(&self) -> String {
+        self.derived("_relay_floor")
+    }
+
     /// The relay membership (heartbeat) table.
     pub fn members(&self) -> String {
         self.derived("_relay_members")

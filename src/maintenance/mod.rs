@@ -1,9 +1,11 @@
 //! Table-wide maintenance, run by one instance at a time (river's leader-only
 //! maintenance): the holder of partition 0's lease is the leader. Each service is a file:
-//! `gauges` (the backlog gauges) and `retention` (deleting old `PROCESSED` rows). One loop
+//! `gauges` (the backlog gauges), `floor` (raising the claim floor) and `retention`
+//! (deleting old `PROCESSED` rows). One loop
 //! asks every 2 s whether this instance leads (one primary-key lookup) and tells both, so
 //! leadership follows the lease with no election of its own.
 
+mod floor;
 mod gauges;
 mod retention;
 
@@ -32,6 +34,7 @@ pub async fn run(store: Store, instance: String, retention: Duration, cancel: Ca
         watch,
         cancel.clone(),
     ));
+    let mut horizon = crate::relay::Horizon::default();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -42,6 +45,7 @@ pub async fn run(store: Store, instance: String, retention: Duration, cancel: Ca
         let leads = leads(&store, &instance).await;
         leading.send_replace(leads);
         if leads {
+            floor::raise(&store, &mut horizon).await;
             gauges::refresh(&store).await;
         } else {
             gauges::not_leading();

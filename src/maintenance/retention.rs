@@ -1,6 +1,8 @@
-//! Retention: the leader deletes `PROCESSED` rows older than `relay.retention`, 1 000
-//! rows per short statement, with a pause between statements so producers and the relay
-//! are never held up.
+//! Retention: the leader deletes `PROCESSED` rows older than `relay.retention`, walking
+//! ids from the oldest row 1 000 at a time (one short statement each, a pause between
+//! them so producers and the relay are never held up) until it reaches rows created
+//! after the cutoff. No index on `processed_at` (it would make marks non-HOT); rows it
+//! must keep (FAILED, pending) are read again by each sweep.
 
 use std::time::Duration;
 
@@ -36,13 +38,15 @@ pub(super) async fn run(
 /// Delete every old row now, a batch at a time. `false` when `cancel` fired meanwhile.
 async fn sweep(store: &Store, retention: Duration, cancel: &CancellationToken) -> bool {
     const BATCH: i64 = 1_000;
+    let mut after = 0;
     loop {
-        match store.delete_processed(retention, BATCH).await {
-            Ok(n) => {
-                metrics::counter!(m::RETENTION_DELETED_TOTAL).increment(n);
-                if n < BATCH as u64 {
+        match store.delete_processed(retention, after, BATCH).await {
+            Ok(step) => {
+                metrics::counter!(m::RETENTION_DELETED_TOTAL).increment(step.deleted);
+                if step.done {
                     return true;
                 }
+                after = step.next;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "retention delete failed");

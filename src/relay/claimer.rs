@@ -10,152 +10,15 @@
 //! while an earlier one is left behind.
 //! The database leaves those aggregates out of the sweep's scan, so a hot aggregate's
 //! backlog is passed over in one statement. When the sweep reaches the end it starts
-//! again from the first pending id. While a capped aggregate runs low in the window,
+//! again from its low water mark. While a capped aggregate runs low in the window,
 //! every other claim is a *refill*: the first pending rows of just those aggregates, so a
-//! hot aggregate keeps flowing without waiting for the sweep to wrap.
-//!
-//! Late commits: a row whose transaction is still open is invisible to the scan that
-//! passes its id; once it commits, its aggregate's next rows (drawn after it, schema 3's
-//! order lock) commit too and would be found first. So the cursor never moves past the
-//! *horizon*, the highest id at or below which no transaction can still commit (learnt
-//! from the scans' snapshots, `Horizon`); rows above it may be taken, and are looked at
-//! again by the next claim.
+//! hot aggregate keeps flowing without waiting for the sweep to wrap. The sweep's state
+//! between claims (cursor, horizon, where a wrap starts) is `sweep::Sweep`.
 
 use std::collections::{HashMap, HashSet};
 
 use crate::config::OnFailed;
-use crate::store::{ClaimedRow, Probe, ScanPage, ScanQuery, Store, StoreError};
-
-/// The highest id no transaction can still commit at or below, from two scan snapshots:
-/// a *candidate* (the highest id visible to a snapshot S1, and S1's xmax) becomes the
-/// horizon once a later snapshot's xmin reaches S1's xmax — every transaction running at
-/// S1 has ended by then. An id at or below the candidate was drawn before the candidate's
-/// row, which committed before S1, so by a transaction that had its xid before S1
-/// (migration 0004: the insert trigger takes the xid before it draws the id).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Horizon {
-    safe: i64,
-    candidate: Option<Probe>,
-}
-
-impl Horizon {
-    /// Take a scan's snapshot into account; returns the horizon valid for that scan.
-    pub fn observe(&mut self, p: Probe) -> i64 {
-        if p.xmin >= p.xmax {
-            // Nothing was running at the snapshot: everything visible is all there is.
-            self.safe = self.safe.max(p.top);
-            self.candidate = None;
-            return self.safe;
-        }
-        match self.candidate {
-            Some(c) if p.xmin >= c.xmax => {
-                self.safe = self.safe.max(c.top);
-                self.candidate = Some(p);
-            }
-            // Kept until it validates: replacing it with each newer snapshot could put
-            // the horizon off for ever under a steady stream of transactions.
-            Some(_) => {}
-            None => self.candidate = Some(p),
-        }
-        self.safe
-    }
-
-    pub fn safe(&self) -> i64 {
-        self.safe
-    }
-}
-
-/// The sweep's position between claims.
-#[derive(Debug, Default)]
-pub struct Sweep {
-    cursor: i64,
-    horizon: Horizon,
-    capped: HashSet<i32>,
-    last_was_refill: bool,
-    /// The last sweep claim did not reach the end of the table.
-    pub more: bool,
-    /// Bumped by `restart`: a claim planned before it must not move the cursor.
-    generation: u64,
-}
-
-impl Sweep {
-    /// The capped aggregates to refill now (those holding less than half their share),
-    /// unless the last claim was a refill already.
-    pub fn refill(&self, counts: &HashMap<i32, u32>, share: u32) -> Vec<i32> {
-        if self.last_was_refill {
-            return Vec::new();
-        }
-        self.capped
-            .iter()
-            .copied()
-            .filter(|h| counts.get(h).copied().unwrap_or(0) * 2 < share)
-            .collect()
-    }
-
-    /// Rows of this aggregate hash may not be taken again in this sweep.
-    pub fn cap(&mut self, hash: i32) {
-        self.capped.insert(hash);
-    }
-
-    /// Start the next claim: a refill of `only` from the first pending id, or the sweep
-    /// from its cursor, skipping its capped hashes. Returns the scan start and the skip set.
-    pub fn plan(&mut self, refill: bool) -> (i64, HashSet<i32>) {
-        self.last_was_refill = refill;
-        if refill {
-            (0, HashSet::new())
-        } else {
-            (self.cursor, self.capped.clone())
-        }
-    }
-
-    pub fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    /// Start over from the first pending id: rows of many aggregates left memory at once
-    /// (partitions let go or lost), so none of them may be skipped ahead.
-    pub fn restart(&mut self) {
-        self.cursor = 0;
-        self.capped.clear();
-        self.more = true;
-        self.generation += 1;
-    }
-
-    /// Take a claim's snapshot into account (every claim's, refills' too).
-    pub fn observe(&mut self, probe: Option<Probe>) {
-        if let Some(p) = probe {
-            self.horizon.observe(p);
-        }
-    }
-
-    /// Take a sweep claim's result into account (ignored if the sweep restarted since
-    /// that claim was planned): the cursor moves to `cursor`, but not past the horizon.
-    /// A claim held back by the horizon that took nothing does not ask for another at
-    /// once (the poll tick or a wake-up brings it, when the open transactions may have
-    /// ended).
-    pub fn advance<'a>(
-        &mut self,
-        generation: u64,
-        cursor: i64,
-        end: bool,
-        taken: usize,
-        capped: impl IntoIterator<Item = &'a i32>,
-    ) {
-        if generation != self.generation {
-            return;
-        }
-        if end {
-            self.more = false;
-            self.cursor = 0;
-            self.capped.clear();
-        } else {
-            let held_back = cursor > self.horizon.safe();
-            self.more = !(held_back && taken == 0);
-            self.cursor = cursor.min(self.horizon.safe());
-            self.capped.extend(capped.into_iter().copied());
-        }
-    }
-}
+use crate::store::{ClaimedRow, Floor, Probe, ScanPage, ScanQuery, Store, StoreError};
 
 /// Everything one claim needs, snapshotted from the engine when it starts.
 #[derive(Debug, Clone)]
@@ -286,8 +149,21 @@ pub struct Claimed {
     pub capped: Vec<i32>,
     /// Hashes passed over because their rows were not due or were blocked.
     pub passed: Vec<i32>,
+    /// What the scan saw of the table (for the sweep's horizon and floor).
+    pub seen: Seen,
+}
+
+/// What a claim's scan saw beside its rows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Seen {
+    /// Where the scan started (it looked at ids above it).
+    pub after: i64,
     /// The scan's snapshot.
     pub probe: Option<Probe>,
+    /// The first pending id it examined (of this instance's partitions, any hash).
+    pub first: Option<i64>,
+    /// The stored floor.
+    pub floor: Option<Floor>,
 }
 
 /// Run one claim against the store.
@@ -335,7 +211,12 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
         end: sel.end,
         capped: sel.capped,
         passed,
-        probe: page.probe,
+        seen: Seen {
+            after: plan.after,
+            probe: page.probe,
+            first: page.first,
+            floor: page.floor,
+        },
     })
 }
 
@@ -370,7 +251,7 @@ mod tests {
                 .collect(),
             last_examined: rows.last().map_or(0, |r| r.0),
             examined: rows.len() as u32,
-            probe: None,
+            ..ScanPage::default()
         }
     }
 
@@ -415,78 +296,5 @@ mod tests {
         );
         p.examined = 999;
         assert!(select(&plan(10, 10), &p).end);
-    }
-
-    #[test]
-    fn the_sweep_caps_until_it_wraps_and_refills_what_runs_low() {
-        let mut s = Sweep::default();
-        s.observe(Some(probe(1000, 5, 5)));
-        assert!(s.refill(&HashMap::new(), 4).is_empty());
-        assert_eq!(s.plan(false), (0, HashSet::new()));
-        let g = s.generation();
-        s.advance(g, 40, false, 1, &[7]);
-        assert!(s.more);
-        assert!(
-            s.refill(&[(7, 2)].into(), 4).is_empty(),
-            "half its share held"
-        );
-        assert_eq!(s.refill(&[(7, 1)].into(), 4), vec![7]);
-        assert_eq!(s.plan(true).0, 0);
-        assert!(
-            s.refill(&HashMap::new(), 4).is_empty(),
-            "one refill at a time"
-        );
-        assert_eq!(s.plan(false), (40, [7].into()));
-        s.advance(g, 90, false, 1, &[8]);
-        s.restart();
-        s.advance(g, 120, false, 1, &[]);
-        assert_eq!(
-            s.plan(false),
-            (0, HashSet::new()),
-            "a stale claim moves nothing"
-        );
-        s.advance(s.generation(), 90, true, 1, &[]);
-        assert_eq!(s.plan(false), (0, HashSet::new()));
-    }
-
-    fn probe(top: i64, xmin: i64, xmax: i64) -> Probe {
-        Probe { top, xmin, xmax }
-    }
-
-    #[test]
-    fn the_horizon_waits_for_every_transaction_running_at_its_snapshot() {
-        let mut h = Horizon::default();
-        // Transactions 10..20 were running when id 500 was the highest visible.
-        assert_eq!(h.observe(probe(500, 10, 20)), 0);
-        // Later snapshots: still running (xmin 15), and a newer candidate is not taken.
-        assert_eq!(h.observe(probe(600, 15, 30)), 0);
-        // Every transaction of the first snapshot has ended: 500 is safe, the candidate
-        // is now this snapshot.
-        assert_eq!(h.observe(probe(700, 20, 40)), 500);
-        assert_eq!(h.observe(probe(800, 39, 45)), 500);
-        assert_eq!(h.observe(probe(900, 40, 50)), 700);
-        // A snapshot with nothing running is safe at once.
-        assert_eq!(h.observe(probe(950, 60, 60)), 950);
-        assert_eq!(h.observe(probe(940, 60, 60)), 950, "never moves back");
-    }
-
-    #[test]
-    fn the_cursor_stops_at_the_horizon() {
-        let mut s = Sweep::default();
-        s.observe(Some(probe(100, 1, 1)));
-        let g = s.generation();
-        s.advance(g, 250, false, 3, &[4]);
-        assert_eq!(
-            s.plan(false),
-            (100, [4].into()),
-            "rows above 100 looked at again"
-        );
-        assert!(s.more, "it took rows: claim again");
-        s.advance(g, 250, false, 0, &[]);
-        assert!(!s.more, "held back and nothing taken: wait for the tick");
-        s.observe(Some(probe(300, 2, 2)));
-        s.advance(g, 250, false, 0, &[]);
-        assert_eq!(s.plan(false).0, 250);
-        assert!(s.more);
     }
 }

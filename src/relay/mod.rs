@@ -4,7 +4,8 @@
 //! sees only `Store` and `Sink`.
 //!
 //! Stages (one file each): `window` (per-aggregate FIFOs, bounded in rows and bytes),
-//! `claimer` (fair claims), `dispatch` (sending, outcomes, broker outages), `completer`
+//! `claimer` (fair claims), `sweep` (where the next claim looks: cursor, horizon, low
+//! water mark), `dispatch` (sending, outcomes, broker outages), `completer`
 //! (batched marks), `leases` (renew, rebalance, the fence), `partitions` (the engine's
 //! side of a renewal: dropping and handing back partitions), `probe` (broker and database
 //! reachability while idle), `doorbell` (wake-ups), `backoff`, `wake`.
@@ -27,8 +28,11 @@ mod late;
 mod leases;
 mod partitions;
 mod probe;
+mod sweep;
 pub mod wake;
 mod window;
+
+pub(crate) use sweep::Horizon;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -46,12 +50,13 @@ use crate::metrics as m;
 use crate::sink::Sink;
 use crate::store::{Store, StoreError};
 use backoff::Pacer;
-use claimer::{Claimed, Plan, Sweep};
+use claimer::{Claimed, Plan};
 use completer::{Completer, Recorded};
 use dispatch::{Broker, Flight, Pending};
 use doorbell::Doorbell;
 use late::Delivered;
 use leases::{Leases, Renewal};
+use sweep::Sweep;
 use window::{AggKey, Body, Entry, Inserted, Window};
 
 /// Late-committed rows seen behind a row of their aggregate that was already sent.
@@ -325,7 +330,7 @@ impl<S: Sink> Engine<S> {
         };
         metrics::gauge!(m::DATABASE_UP).set(1.0);
         self.db_pacer.reset();
-        self.sweep.observe(claimed.probe);
+        self.sweep.observe(claimed.generation, &claimed.seen);
         if !claimed.refill {
             self.sweep.advance(
                 claimed.generation,

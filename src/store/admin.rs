@@ -67,19 +67,21 @@ impl Store {
         })
     }
 
-    /// Pending count and oldest pending age only, from the pending index (cheap enough
-    /// for a periodic gauge refresh).
+    /// Pending count and oldest pending age only, cheap enough for a periodic gauge
+    /// refresh: the rows above the floor (primary key) and the parked ones below it
+    /// (blockers index).
     pub async fn pending_gauge(&self) -> Result<(i64, f64), StoreError> {
         let tbl = self.table().ident();
-        // Two index scans: the claim's index (not parked) and the blockers' (parked).
+        let floor = self.table().floor();
         let row: (i64, Option<f64>) = sqlx::query_as(&format!(
-            "SELECT sum(n)::bigint, extract(epoch FROM now() - min(oldest))::float8 FROM (
-                 SELECT count(*) AS n, min(created_at) AS oldest FROM {tbl} o
-                 WHERE o.status = 'PENDING' AND {unparked}
+            "WITH f AS (SELECT floor FROM {floor} WHERE singleton)
+             SELECT sum(n)::bigint, extract(epoch FROM now() - min(oldest))::float8 FROM (
+                 SELECT count(*) AS n, min(created_at) AS oldest FROM {tbl}
+                 WHERE id > (SELECT floor FROM f) AND status = 'PENDING'
                  UNION ALL
                  SELECT count(*), min(created_at) FROM {tbl}
-                 WHERE status = 'PENDING' AND next_attempt_at = 'infinity') x",
-            unparked = super::UNPARKED
+                 WHERE next_attempt_at IS NOT NULL AND id <= (SELECT floor FROM f)
+                   AND status = 'PENDING') x"
         ))
         .fetch_one(self.pool())
         .await?;
@@ -113,7 +115,7 @@ impl Store {
                      WHERE p.aggregate_type = f.aggregate_type AND p.aggregate_id = f.aggregate_id
                        AND p.status = 'PENDING' AND p.id > min(f.id)) AS waiting
              FROM {tbl} f
-             WHERE f.status = 'FAILED' AND f.discarded_at IS NULL
+             WHERE f.next_attempt_at IS NOT NULL AND f.status = 'FAILED' AND f.discarded_at IS NULL
              GROUP BY f.aggregate_type, f.aggregate_id
              ORDER BY failed_id LIMIT $1"
         ))
@@ -128,7 +130,8 @@ impl Store {
         let tbl = self.table().ident();
         let sql = format!(
             "UPDATE {tbl} SET status = 'PENDING', attempts = 0, next_attempt_at = NULL
-             WHERE status = 'FAILED' AND discarded_at IS NULL AND ($1::bigint[] IS NULL OR id = ANY($1))
+             WHERE next_attempt_at IS NOT NULL
+               AND status = 'FAILED' AND discarded_at IS NULL AND ($1::bigint[] IS NULL OR id = ANY($1))
              RETURNING id"
         );
         self.release_blockers(&sql, ids).await
@@ -139,7 +142,7 @@ impl Store {
     pub async fn discard(&self, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
         let tbl = self.table().ident();
         let sql = format!(
-            "UPDATE {tbl} SET discarded_at = now()
+            "UPDATE {tbl} SET discarded_at = now(), next_attempt_at = NULL
              WHERE status = 'FAILED' AND discarded_at IS NULL AND id = ANY($1)
              RETURNING id"
         );
@@ -147,7 +150,8 @@ impl Store {
     }
 
     /// Run `sql` (an UPDATE of FAILED rows bound to `ids`, returning their ids) and
-    /// un-park the rows behind the rows it changed, in one transaction.
+    /// un-park the rows behind the rows it changed, in one transaction that also lowers
+    /// the floor below every row it re-opened.
     async fn release_blockers(
         &self,
         sql: &str,
@@ -159,30 +163,55 @@ impl Store {
             .bind(ids)
             .fetch_all(&mut *tx)
             .await?;
-        super::park::unpark_behind(&mut tx, &tbl, &done).await?;
+        let mut opened = super::park::unpark_behind(&mut tx, &tbl, &done).await?;
+        opened.extend_from_slice(&done);
+        super::floor::lower(&mut tx, &self.table().floor(), &opened).await?;
         tx.commit().await?;
         Ok(done)
     }
 
-    /// Delete up to `limit` `PROCESSED` rows processed more than `older_than` ago. One
-    /// short statement per call; callers loop while it returns `limit`.
+    /// Retention, one step: look at up to `examine` rows after id `after` (in id order)
+    /// and delete those `PROCESSED` more than `older_than` ago. Ids follow time, so the
+    /// walk from the oldest row stops at the first row created after the cutoff.
     pub async fn delete_processed(
         &self,
         older_than: Duration,
-        limit: i64,
-    ) -> Result<u64, StoreError> {
+        after: i64,
+        examine: i64,
+    ) -> Result<RetentionStep, StoreError> {
         let tbl = self.table().ident();
-        let done = sqlx::query(&format!(
-            "DELETE FROM {tbl} WHERE id IN (
-                 SELECT id FROM {tbl}
-                 WHERE status = 'PROCESSED' AND processed_at < now() - $1 * interval '1 millisecond'
-                 ORDER BY processed_at LIMIT $2
-                 FOR UPDATE SKIP LOCKED)"
-        ))
-        .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
-        .bind(limit)
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected())
+        let (deleted, last, examined, young): (i64, Option<i64>, i64, bool) =
+            sqlx::query_as(&format!(
+                "WITH w AS (
+                     SELECT id, status = 'PROCESSED' AND processed_at < now() - $1 * interval '1 millisecond' AS old,
+                            created_at >= now() - $1 * interval '1 millisecond' AS young
+                     FROM {tbl} WHERE id > $2 ORDER BY id LIMIT $3),
+                 d AS (
+                     DELETE FROM {tbl} t USING w
+                     WHERE t.id = w.id AND w.old AND t.status = 'PROCESSED'
+                     RETURNING t.id)
+                 SELECT (SELECT count(*) FROM d), (SELECT max(id) FROM w), (SELECT count(*) FROM w),
+                        coalesce((SELECT bool_or(young) FROM w), false)"
+            ))
+            .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
+            .bind(after)
+            .bind(examine)
+            .fetch_one(self.pool())
+            .await?;
+        Ok(RetentionStep {
+            deleted: u64::try_from(deleted).unwrap_or(0),
+            next: last.unwrap_or(after),
+            done: young || examined < examine,
+        })
     }
+}
+
+/// What one retention step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionStep {
+    pub deleted: u64,
+    /// Where the next step starts (the last id looked at).
+    pub next: i64,
+    /// The walk reached rows too young, or the end of the table.
+    pub done: bool,
 }

@@ -1,4 +1,5 @@
-//! The engine's two-step claim: `scan` lists pending ids after a cursor with their
+//! The engine's two-step claim: `scan` lists pending ids after a cursor (walking the
+//! primary key) with their
 //! aggregate hash and stored size (no payloads, skipped aggregates left out in the
 //! database), the engine picks a fair share of them,
 //! and `fetch` reads the picked rows that are due and behind no blocker, stopping at a
@@ -40,6 +41,9 @@ struct ScanRow {
     top: Option<i64>,
     xmin: Option<i64>,
     xmax: Option<i64>,
+    first: Option<i64>,
+    floor: Option<i64>,
+    epoch: Option<i64>,
 }
 
 /// What a scan's snapshot says about ids that can still commit (see `relay::claimer::Horizon`).
@@ -64,6 +68,10 @@ pub struct ScanPage {
     pub examined: u32,
     /// The scan's snapshot (`None` in unit tests' pages).
     pub probe: Option<Probe>,
+    /// The first pending id examined.
+    pub first: Option<i64>,
+    /// The stored floor as the scan's snapshot saw it (`None` in unit tests' pages).
+    pub floor: Option<super::Floor>,
 }
 
 /// A fetched row with its aggregate hash.
@@ -135,6 +143,11 @@ impl Store {
             last_examined: summary.id,
             examined: u32::try_from(summary.hash).unwrap_or(0),
             probe: Some(probe),
+            first: summary.first,
+            floor: summary
+                .floor
+                .zip(summary.epoch)
+                .map(|(floor, epoch)| super::Floor { floor, epoch }),
         })
     }
 

@@ -2,18 +2,22 @@
 //! per kind, and (in submodules) partition leases and the operator's queries.
 //!
 //! Invariants:
-//! - a row is claimed by `status`, never by `id > last_seen` (ids are handed out before
-//!   commit, so a lower id can become visible later);
+//! - a row is claimed by `status` above the floor (`floor`), walking the primary key: no
+//!   index has a key or predicate on a column a mark changes, so marks are HOT updates;
+//!   the floor and the engine's sweep never pass an id that can still commit (ids are
+//!   handed out before commit, so a lower id can become visible later);
 //! - a claimed row is never behind a *blocker* of its aggregate: a FAILED row (in block
 //!   mode, not discarded) or a row waiting for its retry;
 //! - marks only touch rows still `PENDING`, so a late mark cannot undo an operator's action.
 
 pub mod admin;
 mod claim;
+mod floor;
 pub mod leases;
 mod park;
 
 pub use claim::{ClaimedRow, Probe, ScanPage, ScanQuery, Scanned};
+pub use floor::Floor;
 
 use std::time::Duration;
 
@@ -93,15 +97,15 @@ pub struct RejectOutcome {
     pub attempts: i32,
 }
 
-/// The predicate of `outbox_pending_idx` (with `status = 'PENDING'`): not parked. A query
-/// must say it to walk that index.
+/// With `status = 'PENDING'`: not parked (what the floor counts).
 pub(crate) const UNPARKED: &str =
     "(o.next_attempt_at IS NULL OR o.next_attempt_at < 'infinity'::timestamptz)";
 
 /// `NOT EXISTS` a blocker of row `o`'s aggregate before it: a FAILED row (when `$2`, block
 /// mode, and not discarded) or a row waiting for its retry. The probe goes through
-/// `outbox_blockers_idx`, keyed by the aggregate's hash (any key length fits), and then
-/// compares the keys in full.
+/// `outbox_blockers_idx` (rows with a `next_attempt_at`: retries, parked and FAILED
+/// rows), keyed by the aggregate's hash (any key length fits), and then compares the
+/// keys in full.
 pub(crate) fn blocker_clause(tbl: &str) -> String {
     format!(
         "NOT EXISTS (
@@ -111,6 +115,7 @@ pub(crate) fn blocker_clause(tbl: &str) -> String {
                AND b.aggregate_type = o.aggregate_type
                AND b.aggregate_id = o.aggregate_id
                AND b.id < o.id
+               AND b.next_attempt_at IS NOT NULL
                AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND $2)
                     OR (b.status = 'PENDING' AND b.next_attempt_at > now())))"
     )
@@ -131,13 +136,15 @@ impl Sql {
         let tbl = t.ident();
         let blocker = blocker_clause(&tbl);
         let unparked = UNPARKED;
+        let floor_tbl = t.floor();
         Self {
             // The inner scan examines at most $4 pending ids after $1 (no payloads);
             // the outer query leaves out the hashes in $5 (skipped for the rest of a
             // sweep) or keeps only those in $6 (a refill), and appends one summary row
             // (size -1: id = the last id examined, hash = how many were examined, and
             // the horizon probe: the table's highest visible id and the xmin / xmax of
-            // the statement's snapshot).
+            // the statement's snapshot; the first id examined; the stored floor and its
+            // epoch). The inner scan walks the primary key (`id > $1`, in id order).
             scan: format!(
                 "WITH s AS (
                      SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
@@ -149,7 +156,8 @@ impl Sql {
                             OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($2))
                      ORDER BY o.id
                      LIMIT $4)
-                 (SELECT id, hash, size, NULL::bigint AS top, NULL::bigint AS xmin, NULL::bigint AS xmax FROM s
+                 (SELECT id, hash, size, NULL::bigint AS top, NULL::bigint AS xmin, NULL::bigint AS xmax,
+                         NULL::bigint AS first, NULL::bigint AS floor, NULL::bigint AS epoch FROM s
                   WHERE ($5::int[] IS NULL OR hash <> ALL($5))
                     AND ($6::int[] IS NULL OR hash = ANY($6))
                   ORDER BY id
@@ -158,7 +166,10 @@ impl Sql {
                  SELECT coalesce(max(id), $1), count(*)::int, -1::bigint,
                         (SELECT coalesce(max(t.id), 0) FROM {tbl} t),
                         pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
-                        pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+                        pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
+                        min(id),
+                        (SELECT f.floor FROM {floor_tbl} f WHERE f.singleton),
+                        (SELECT f.epoch FROM {floor_tbl} f WHERE f.singleton)
                  FROM s"
             ),
             fetch: format!(
@@ -180,7 +191,7 @@ impl Sql {
                  FROM {tbl} o
                  WHERE o.status = 'PENDING' AND {unparked}
                    AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
-                   AND o.id <> ALL($4::bigint[])
+                   AND o.id > $4
                    AND ($1::int[] IS NULL
                         OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($1))
                    AND {blocker}
@@ -196,7 +207,7 @@ impl Sql {
                     attempts = t.attempts + 1,
                     last_error = r.err,
                     status = CASE WHEN r.fatal OR t.attempts + 1 >= $5 THEN 'FAILED' ELSE 'PENDING' END,
-                    next_attempt_at = CASE WHEN r.fatal OR t.attempts + 1 >= $5 THEN NULL
+                    next_attempt_at = CASE WHEN r.fatal OR t.attempts + 1 >= $5 THEN 'infinity'::timestamptz
                                            ELSE now() + r.delay_ms * interval '1 millisecond' END
                  FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[]) AS r(id, err, delay_ms, fatal)
                  WHERE t.id = r.id AND t.status = 'PENDING'
@@ -255,24 +266,23 @@ impl Store {
     }
 
     /// Up to `limit` due rows in `id` order from the given partitions (`None` = all),
-    /// none of them behind a blocker of its aggregate.
+    /// none of them behind a blocker of its aggregate. Walks the primary key from the
+    /// start: for tests and small tables (the engine scans from its sweep's cursor).
     pub async fn claim(
         &self,
         partitions: Option<&[i32]>,
         limit: u32,
         on_failed: OnFailed,
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        self.claim_excluding(partitions, &[], limit, on_failed)
-            .await
+        self.claim_after(0, partitions, limit, on_failed).await
     }
 
-    /// Like `claim`, leaving out the rows `exclude` names: rows this instance still holds
-    /// in memory (being published, or confirmed and being marked), so the next batch
-    /// can be claimed while the previous one is in flight.
-    pub async fn claim_excluding(
+    /// Like `claim`, for rows with `id > after` only (a caller that knows every row at
+    /// or below `after` is settled: the benchmark's claim + mark ceiling).
+    pub async fn claim_after(
         &self,
+        after: i64,
         partitions: Option<&[i32]>,
-        exclude: &[i64],
         limit: u32,
         on_failed: OnFailed,
     ) -> Result<Vec<OutboxRow>, StoreError> {
@@ -287,7 +297,7 @@ impl Store {
             .bind(partitions)
             .bind(on_failed == OnFailed::Block)
             .bind(i64::from(limit))
-            .bind(exclude)
+            .bind(after)
             .fetch_all(&self.pool)
             .await?;
         Ok(rows)
@@ -306,7 +316,8 @@ impl Store {
     }
 
     /// Record rejections in one statement: `attempts + 1`, `last_error`, the next try or
-    /// `FAILED` once `max_attempts` is reached (or at once for `fatal`).
+    /// `FAILED` once `max_attempts` is reached (or at once for `fatal`); a FAILED row's
+    /// `next_attempt_at` is 'infinity' (it is a blocker until replayed or discarded).
     pub async fn reject(
         &self,
         rejections: &[Rejection],

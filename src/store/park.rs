@@ -26,6 +26,7 @@ impl Store {
                  SELECT b.id, b.aggregate_type, b.aggregate_id
                  FROM {tbl} b
                  WHERE hashtext(b.aggregate_type || '/' || b.aggregate_id) = ANY($2)
+                   AND b.next_attempt_at IS NOT NULL
                    AND b.status = 'FAILED' AND b.discarded_at IS NULL
                  FOR SHARE SKIP LOCKED)
              UPDATE {tbl} p SET next_attempt_at = 'infinity'
@@ -43,42 +44,47 @@ impl Store {
     }
 
     /// Un-park every parked row (at the start of a run with `on_failed = "skip"`, where
-    /// nothing blocks on a `FAILED` row). Returns how many.
+    /// nothing blocks on a `FAILED` row), lowering the floor below them. Returns how many.
     pub async fn unpark_all(&self) -> Result<u64, StoreError> {
-        let done = sqlx::query(&format!(
+        let mut tx = self.pool().begin().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(&format!(
             "UPDATE {} SET next_attempt_at = NULL
-             WHERE next_attempt_at = 'infinity' AND status = 'PENDING'",
+             WHERE next_attempt_at = 'infinity' AND status = 'PENDING'
+             RETURNING id",
             self.table().ident()
         ))
-        .execute(self.pool())
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(done.rows_affected())
+        super::floor::lower(&mut tx, &self.table().floor(), &ids).await?;
+        tx.commit().await?;
+        Ok(ids.len() as u64)
     }
 }
 
 /// Inside an operator's transaction, after its replay/discard of `ids`: un-park the rows
 /// parked behind them (a statement of its own, so it sees parking that committed while
-/// the first statement waited for the blockers' locks).
+/// the first statement waited for the blockers' locks). Returns the ids un-parked.
 pub(super) async fn unpark_behind(
     tx: &mut Transaction<'_, Postgres>,
     tbl: &str,
     ids: &[i64],
-) -> Result<u64, StoreError> {
+) -> Result<Vec<i64>, StoreError> {
     if ids.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let conn: &mut PgConnection = tx;
-    let done = sqlx::query(&format!(
+    let done = sqlx::query_scalar(&format!(
         "UPDATE {tbl} p SET next_attempt_at = NULL
          FROM {tbl} f
          WHERE f.id = ANY($1)
            AND hashtext(p.aggregate_type || '/' || p.aggregate_id)
                = hashtext(f.aggregate_type || '/' || f.aggregate_id)
            AND p.aggregate_type = f.aggregate_type AND p.aggregate_id = f.aggregate_id
-           AND p.next_attempt_at = 'infinity' AND p.status = 'PENDING'"
+           AND p.next_attempt_at = 'infinity' AND p.status = 'PENDING'
+         RETURNING p.id"
     ))
     .bind(ids)
-    .execute(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(done.rows_affected())
+    Ok(done)
 }

@@ -34,10 +34,11 @@ impl Bench {
         let started = Instant::now();
         let limit = Duration::from_secs(600);
         let mut last_report = Instant::now();
+        let mut from = 0;
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             relay.check_alive()?;
-            if !t.any_pending().await? {
+            if !t.any_pending(&mut from).await? {
                 break;
             }
             if last_report.elapsed() > Duration::from_secs(5) {

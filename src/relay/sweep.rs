@@ -1,0 +1,354 @@
+//! The sweep's state between claims: its cursor, the aggregates it has capped, the
+//! *horizon* (the highest id at or below which no transaction can still commit) and the
+//! *low water mark* it wraps to (every pending, unparked row of this instance's
+//! partitions has an id above it).
+//!
+//! Late commits: a row whose transaction is still open is invisible to the scan that
+//! passes its id; once it commits, its aggregate's next rows (drawn after it, schema 3's
+//! order lock) commit too and would be found first. So the cursor never moves past the
+//! horizon (learnt from the scans' snapshots, `Horizon`); rows above it may be taken, and
+//! are looked at again by the next claim.
+//!
+//! Low water mark (schema 5: no index on `status`, a scan walks the primary key): a wrap
+//! starts at the mark, not at id 0, so it does not read again every row marked since the
+//! table began. The mark starts at the stored floor (`store::Floor`, raised by the
+//! leader) and rises with each scan that started at or below it: the first pending id it
+//! examined, less one, or the horizon when it found none, whichever is lower. A lowered
+//! floor (a new `epoch`: rows re-opened by replay or un-parking) resets it.
+
+use std::collections::{HashMap, HashSet};
+
+use super::claimer::Seen;
+use crate::store::Probe;
+
+/// The highest id no transaction can still commit at or below, from two scan snapshots:
+/// a *candidate* (the highest id visible to a snapshot S1, and S1's xmax) becomes the
+/// horizon once a later snapshot's xmin reaches S1's xmax — every transaction running at
+/// S1 has ended by then. An id at or below the candidate was drawn before the candidate's
+/// row, which committed before S1, so by a transaction that had its xid before S1
+/// (migration 0004: the insert trigger takes the xid before it draws the id).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Horizon {
+    safe: i64,
+    candidate: Option<Probe>,
+}
+
+impl Horizon {
+    /// Take a scan's snapshot into account; returns the horizon valid for that scan.
+    pub fn observe(&mut self, p: Probe) -> i64 {
+        if p.xmin >= p.xmax {
+            // Nothing was running at the snapshot: everything visible is all there is.
+            self.safe = self.safe.max(p.top);
+            self.candidate = None;
+            return self.safe;
+        }
+        match self.candidate {
+            Some(c) if p.xmin >= c.xmax => {
+                self.safe = self.safe.max(c.top);
+                self.candidate = Some(p);
+            }
+            // Kept until it validates: replacing it with each newer snapshot could put
+            // the horizon off for ever under a steady stream of transactions.
+            Some(_) => {}
+            None => self.candidate = Some(p),
+        }
+        self.safe
+    }
+
+    pub fn safe(&self) -> i64 {
+        self.safe
+    }
+}
+
+/// The sweep's position between claims.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    cursor: i64,
+    horizon: Horizon,
+    /// Every pending, unparked row of this instance's partitions has an id above it.
+    low: i64,
+    /// The stored floor last seen (its epoch changes when it is lowered).
+    floor: Option<crate::store::Floor>,
+    capped: HashSet<i32>,
+    last_was_refill: bool,
+    /// The last sweep claim did not reach the end of the table.
+    pub more: bool,
+    /// Bumped by `restart`: a claim planned before it must not move the cursor.
+    generation: u64,
+}
+
+impl Sweep {
+    /// The capped aggregates to refill now (those holding less than half their share),
+    /// unless the last claim was a refill already.
+    pub fn refill(&self, counts: &HashMap<i32, u32>, share: u32) -> Vec<i32> {
+        if self.last_was_refill {
+            return Vec::new();
+        }
+        self.capped
+            .iter()
+            .copied()
+            .filter(|h| counts.get(h).copied().unwrap_or(0) * 2 < share)
+            .collect()
+    }
+
+    /// Rows of this aggregate hash may not be taken again in this sweep.
+    pub fn cap(&mut self, hash: i32) {
+        self.capped.insert(hash);
+    }
+
+    /// Start the next claim: a refill of `only` from the first pending id, or the sweep
+    /// from its cursor, skipping its capped hashes. Returns the scan start and the skip set.
+    pub fn plan(&mut self, refill: bool) -> (i64, HashSet<i32>) {
+        self.last_was_refill = refill;
+        if refill {
+            (self.low, HashSet::new())
+        } else {
+            (self.cursor, self.capped.clone())
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Start over from the first pending id: rows of many aggregates left memory at once
+    /// (partitions let go or lost), so none of them may be skipped ahead.
+    pub fn restart(&mut self) {
+        // The mark was learnt for the partitions held then: back to the table's floor.
+        self.low = self.floor.map_or(0, |f| f.floor);
+        self.cursor = self.low;
+        self.capped.clear();
+        self.more = true;
+        self.generation += 1;
+    }
+
+    /// Take what a claim's scan saw into account (every claim's, refills' too): its
+    /// snapshot for the horizon, the stored floor, and (for a scan that started at or
+    /// below the mark, in the sweep's current generation) the first pending id.
+    pub fn observe(&mut self, generation: u64, seen: &Seen) {
+        if let Some(p) = seen.probe {
+            self.horizon.observe(p);
+        }
+        if let Some(f) = seen.floor {
+            let lowered = self.floor.is_some_and(|was| was.epoch != f.epoch);
+            self.floor = Some(f);
+            if lowered {
+                // Rows were re-opened below the mark: this scan may have started above
+                // them, so it says nothing; the next wrap starts at the floor.
+                self.low = self.low.min(f.floor);
+                return;
+            }
+            self.low = self.low.max(f.floor);
+        }
+        if generation == self.generation && seen.after <= self.low && seen.probe.is_some() {
+            let safe = self.horizon.safe();
+            let mark = seen.first.map_or(safe, |first| (first - 1).min(safe));
+            self.low = self.low.max(mark);
+        }
+    }
+
+    /// Take a sweep claim's result into account (ignored if the sweep restarted since
+    /// that claim was planned): the cursor moves to `cursor`, but not past the horizon.
+    /// A claim held back by the horizon that took nothing does not ask for another at
+    /// once (the poll tick or a wake-up brings it, when the open transactions may have
+    /// ended).
+    pub fn advance<'a>(
+        &mut self,
+        generation: u64,
+        cursor: i64,
+        end: bool,
+        taken: usize,
+        capped: impl IntoIterator<Item = &'a i32>,
+    ) {
+        if generation != self.generation {
+            return;
+        }
+        if end {
+            self.more = false;
+            self.cursor = self.low;
+            self.capped.clear();
+        } else {
+            let held_back = cursor > self.horizon.safe();
+            self.more = !(held_back && taken == 0);
+            self.cursor = cursor.min(self.horizon.safe());
+            self.capped.extend(capped.into_iter().copied());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Floor;
+
+    #[test]
+    fn the_sweep_caps_until_it_wraps_and_refills_what_runs_low() {
+        let mut s = Sweep::default();
+        s.observe(s.generation(), &snap(probe(1000, 5, 5)));
+        assert!(s.refill(&HashMap::new(), 4).is_empty());
+        assert_eq!(s.plan(false), (0, HashSet::new()));
+        let g = s.generation();
+        s.advance(g, 40, false, 1, &[7]);
+        assert!(s.more);
+        assert!(
+            s.refill(&[(7, 2)].into(), 4).is_empty(),
+            "half its share held"
+        );
+        assert_eq!(s.refill(&[(7, 1)].into(), 4), vec![7]);
+        assert_eq!(s.plan(true).0, 0);
+        assert!(
+            s.refill(&HashMap::new(), 4).is_empty(),
+            "one refill at a time"
+        );
+        assert_eq!(s.plan(false), (40, [7].into()));
+        s.advance(g, 90, false, 1, &[8]);
+        s.restart();
+        s.advance(g, 120, false, 1, &[]);
+        assert_eq!(
+            s.plan(false),
+            (0, HashSet::new()),
+            "a stale claim moves nothing"
+        );
+        s.advance(s.generation(), 90, true, 1, &[]);
+        assert_eq!(s.plan(false), (0, HashSet::new()));
+    }
+
+    /// A scan that started above the mark (says nothing about it).
+    fn snap(p: Probe) -> Seen {
+        Seen {
+            after: i64::MAX,
+            probe: Some(p),
+            ..Seen::default()
+        }
+    }
+
+    fn probe(top: i64, xmin: i64, xmax: i64) -> Probe {
+        Probe { top, xmin, xmax }
+    }
+
+    #[test]
+    fn the_horizon_waits_for_every_transaction_running_at_its_snapshot() {
+        let mut h = Horizon::default();
+        // Transactions 10..20 were running when id 500 was the highest visible.
+        assert_eq!(h.observe(probe(500, 10, 20)), 0);
+        // Later snapshots: still running (xmin 15), and a newer candidate is not taken.
+        assert_eq!(h.observe(probe(600, 15, 30)), 0);
+        // Every transaction of the first snapshot has ended: 500 is safe, the candidate
+        // is now this snapshot.
+        assert_eq!(h.observe(probe(700, 20, 40)), 500);
+        assert_eq!(h.observe(probe(800, 39, 45)), 500);
+        assert_eq!(h.observe(probe(900, 40, 50)), 700);
+        // A snapshot with nothing running is safe at once.
+        assert_eq!(h.observe(probe(950, 60, 60)), 950);
+        assert_eq!(h.observe(probe(940, 60, 60)), 950, "never moves back");
+    }
+
+    #[test]
+    fn the_cursor_stops_at_the_horizon() {
+        let mut s = Sweep::default();
+        s.observe(s.generation(), &snap(probe(100, 1, 1)));
+        let g = s.generation();
+        s.advance(g, 250, false, 3, &[4]);
+        assert_eq!(
+            s.plan(false),
+            (100, [4].into()),
+            "rows above 100 looked at again"
+        );
+        assert!(s.more, "it took rows: claim again");
+        s.advance(g, 250, false, 0, &[]);
+        assert!(!s.more, "held back and nothing taken: wait for the tick");
+        s.observe(s.generation(), &snap(probe(300, 2, 2)));
+        s.advance(g, 250, false, 0, &[]);
+        assert_eq!(s.plan(false).0, 250);
+        assert!(s.more);
+    }
+
+    #[test]
+    fn a_wrap_starts_at_the_low_water_mark() {
+        let mut s = Sweep::default();
+        let g = s.generation();
+        let floor = |floor, epoch| Some(Floor { floor, epoch });
+        // Stored floor 10; the scan from 0 found pending rows from 40; nothing running.
+        s.observe(
+            g,
+            &Seen {
+                after: 0,
+                probe: Some(probe(100, 1, 1)),
+                first: Some(40),
+                floor: floor(10, 0),
+            },
+        );
+        assert_eq!(s.plan(true).0, 39, "a refill starts at the mark");
+        s.advance(g, 90, true, 1, &[]);
+        assert_eq!(s.plan(false).0, 39, "so does a wrap");
+        // A scan from the mark that found nothing: the mark goes to the horizon, no
+        // further (ids above 200 may still commit).
+        s.observe(
+            g,
+            &Seen {
+                after: 39,
+                probe: Some(probe(200, 2, 2)),
+                first: None,
+                floor: floor(10, 0),
+            },
+        );
+        assert_eq!(s.plan(true).0, 200);
+        // A scan that started above the mark says nothing about it.
+        s.observe(
+            g,
+            &Seen {
+                after: 300,
+                probe: Some(probe(900, 3, 3)),
+                first: Some(800),
+                floor: floor(10, 0),
+            },
+        );
+        assert_eq!(s.plan(true).0, 200);
+        // The floor was lowered (rows re-opened): the mark follows it down, whatever
+        // the scan that brought the news found.
+        s.observe(
+            g,
+            &Seen {
+                after: 200,
+                probe: Some(probe(900, 3, 3)),
+                first: Some(850),
+                floor: floor(5, 1),
+            },
+        );
+        assert_eq!(s.plan(true).0, 5);
+        // A raised floor lifts the mark; a restart goes back to the stored floor.
+        s.observe(
+            g,
+            &Seen {
+                after: 900,
+                probe: None,
+                first: None,
+                floor: floor(60, 1),
+            },
+        );
+        assert_eq!(s.plan(true).0, 60);
+        s.observe(
+            g,
+            &Seen {
+                after: 60,
+                probe: Some(probe(900, 3, 3)),
+                first: Some(700),
+                floor: floor(60, 1),
+            },
+        );
+        assert_eq!(s.plan(true).0, 699);
+        s.restart();
+        assert_eq!(s.plan(false).0, 60);
+        // A scan planned before the restart is ignored.
+        s.observe(
+            g,
+            &Seen {
+                after: 0,
+                probe: Some(probe(900, 3, 3)),
+                first: Some(800),
+                floor: floor(60, 1),
+            },
+        );
+        assert_eq!(s.plan(true).0, 60);
+    }
+}
