@@ -1,6 +1,6 @@
 //! Store tests on a fresh database per test (`#[sqlx::test]`): claiming by status in id
-//! order, blockers scoped to their aggregate, parking, marks, leases, replay/discard,
-//! retention.
+//! order, blockers scoped to their aggregate, parking, marks, leases, replay/discard, the
+//! claim floor.
 
 use std::time::Duration;
 
@@ -270,18 +270,20 @@ async fn hash(pool: &PgPool, agg: &str) -> i32 {
 }
 
 async fn scanned(s: &Store) -> Vec<i64> {
-    let page = s
-        .scan(&outbox_relay::store::ScanQuery {
-            after: 0,
-            partitions: None,
-            limit: 100,
-            examine: 100,
-            skip: None,
-            only: None,
-        })
-        .await
-        .unwrap();
-    page.rows.iter().map(|r| r.id).collect()
+    scan_from(s, 0).await.rows.iter().map(|r| r.id).collect()
+}
+
+async fn scan_from(s: &Store, after: i64) -> outbox_relay::store::ScanPage {
+    s.scan(&outbox_relay::store::ScanQuery {
+        after,
+        partitions: None,
+        limit: 100,
+        examine: 100,
+        skip: None,
+        only: None,
+    })
+    .await
+    .unwrap()
 }
 
 #[sqlx::test(migrations = false)]
@@ -405,4 +407,54 @@ async fn the_order_lock_is_held_to_commit_unless_switched_off(pool: PgPool) {
         "switched off for producers that lock the aggregate themselves"
     );
     tx.commit().await.unwrap();
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_floor_rises_past_settled_rows_only_and_drops_for_reopened_ones(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let mut rows = Vec::new();
+    for i in 0..6 {
+        rows.push(insert(&pool, &format!("f{i}")).await);
+    }
+    s.mark_processed(&rows[..3]).await.unwrap();
+    let top = rows[5];
+    assert_eq!(
+        s.raise_floor(top).await.unwrap(),
+        rows[3] - 1,
+        "stops below the first pending row"
+    );
+    s.mark_processed(&rows[3..]).await.unwrap();
+    assert_eq!(
+        s.raise_floor(rows[4]).await.unwrap(),
+        rows[4],
+        "never past the horizon"
+    );
+    assert_eq!(s.raise_floor(top).await.unwrap(), top);
+
+    // A FAILED row is settled (the floor passes it); a parked one too.
+    let failed = insert(&pool, "g").await;
+    let parked = insert(&pool, "g").await;
+    let mut fatal = reject(failed, Duration::ZERO);
+    fatal.fatal = true;
+    s.reject(&[fatal], 5).await.unwrap();
+    assert_eq!(
+        s.park(&[parked], &[hash(&pool, "g").await]).await.unwrap(),
+        1
+    );
+    assert_eq!(s.raise_floor(parked).await.unwrap(), parked);
+    assert_eq!(scanned(&s).await, Vec::<i64>::new());
+
+    // Replay re-opens both below the floor: it drops, with a new epoch, and the scan
+    // from the floor finds them again.
+    let before = s.floor().await.unwrap();
+    assert_eq!(s.replay(Some(&[failed])).await.unwrap(), vec![failed]);
+    let after = s.floor().await.unwrap();
+    assert_eq!(after.floor, failed - 1);
+    assert_eq!(after.epoch, before.epoch + 1);
+    let page = scan_from(&s, after.floor).await;
+    assert_eq!(
+        page.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![failed, parked]
+    );
+    assert_eq!(page.floor, Some(after));
 }
