@@ -5,9 +5,10 @@
 --
 -- What replaces the indexes on status:
 -- - claims walk the primary key above a *floor* (`outbox_relay_floor`): every row at or
---   below it is settled (PROCESSED, FAILED, or parked). The relay raises it past settled
---   rows (never past an id that can still commit: the horizon of schema 4); replay,
---   discard and un-parking lower it again in the transaction that re-opens rows;
+--   below it is settled (PROCESSED, FAILED), parked, or waiting for a retry. The relay
+--   raises it past such rows (never past an id that can still commit: the horizon of
+--   schema 4); replay, discard and un-parking lower it again in the transaction that
+--   re-opens rows; retries that fall due are found through `outbox_due_idx`;
 -- - rows that hold an aggregate back are those with a next_attempt_at: waiting for a
 --   retry, parked ('infinity'), and FAILED rows not discarded (now 'infinity' too);
 --   `outbox_blockers_idx` keeps just those, keyed by the aggregate's hash;
@@ -38,6 +39,9 @@ UPDATE outbox SET next_attempt_at = NULL
 DROP INDEX IF EXISTS outbox_blockers_idx;
 CREATE INDEX IF NOT EXISTS outbox_blockers_idx
     ON outbox (hashtext(aggregate_type || '/' || aggregate_id), id)
+    WHERE next_attempt_at IS NOT NULL;
+-- Retries by due time ('infinity', FAILED and parked rows, sort last and are not read).
+CREATE INDEX IF NOT EXISTS outbox_due_idx ON outbox (next_attempt_at)
     WHERE next_attempt_at IS NOT NULL;
 DROP INDEX IF EXISTS outbox_pending_idx;
 DROP INDEX IF EXISTS outbox_processed_idx;

@@ -74,7 +74,7 @@ async fn a_row_in_backoff_holds_back_only_its_aggregate(pool: PgPool) {
     let b1 = insert(&pool, "b").await;
     let a2 = insert(&pool, "a").await;
     let out = s
-        .reject(&[reject(a1, Duration::from_secs(3600))], 5)
+        .reject(&[reject(a1, Duration::from_secs(3600))], 5, OnFailed::Block)
         .await
         .unwrap();
     assert_eq!((out[0].failed, out[0].attempts), (false, 1));
@@ -101,7 +101,10 @@ async fn failed_rows_block_or_skip_and_replay_discard_release(pool: PgPool) {
     let a1 = insert(&pool, "a").await;
     let a2 = insert(&pool, "a").await;
     let b1 = insert(&pool, "b").await;
-    let out = s.reject(&[reject(a1, Duration::ZERO)], 1).await.unwrap();
+    let out = s
+        .reject(&[reject(a1, Duration::ZERO)], 1, OnFailed::Block)
+        .await
+        .unwrap();
     assert!(out[0].failed, "max_attempts = 1: FAILED at once");
     assert_eq!(
         ids(&s.claim(None, 10, OnFailed::Block).await.unwrap()),
@@ -119,7 +122,9 @@ async fn failed_rows_block_or_skip_and_replay_discard_release(pool: PgPool) {
     assert_eq!(ids(&rows), vec![a1, a2, b1]);
     assert_eq!(rows[0].attempts, 0, "replay resets attempts");
 
-    s.reject(&[reject(a1, Duration::ZERO)], 1).await.unwrap();
+    s.reject(&[reject(a1, Duration::ZERO)], 1, OnFailed::Block)
+        .await
+        .unwrap();
     assert_eq!(s.discard(&[a1]).await.unwrap(), vec![a1]);
     assert_eq!(
         ids(&s.claim(None, 10, OnFailed::Block).await.unwrap()),
@@ -146,7 +151,7 @@ async fn fatal_rejections_fail_at_once_with_their_error(pool: PgPool) {
         retry_in: Duration::ZERO,
         fatal: true,
     };
-    let out = s.reject(&[r], 10).await.unwrap();
+    let out = s.reject(&[r], 10, OnFailed::Block).await.unwrap();
     assert!(out[0].failed);
     let (status, err): (String, String) =
         sqlx::query_as("SELECT status, last_error FROM outbox WHERE id = $1")
@@ -295,13 +300,17 @@ async fn parked_rows_leave_the_scan_and_come_back_in_order(pool: PgPool) {
     let a3 = insert(&pool, "a").await;
     let (ha, hb) = (hash(&pool, "a").await, hash(&pool, "b").await);
     assert_eq!(
-        s.park(&[a2, b1], &[ha, hb]).await.unwrap(),
+        s.park(&[a2, b1], &[ha, hb], OnFailed::Block).await.unwrap(),
         0,
         "nothing FAILED: nothing parks"
     );
-    s.reject(&[reject(a1, Duration::ZERO)], 1).await.unwrap();
+    s.reject(&[reject(a1, Duration::ZERO)], 1, OnFailed::Block)
+        .await
+        .unwrap();
     assert_eq!(
-        s.park(&[a2, a3, b1], &[ha, ha, hb]).await.unwrap(),
+        s.park(&[a2, a3, b1], &[ha, ha, hb], OnFailed::Block)
+            .await
+            .unwrap(),
         2,
         "only the rows behind the FAILED row park"
     );
@@ -319,13 +328,23 @@ async fn parked_rows_leave_the_scan_and_come_back_in_order(pool: PgPool) {
     );
 
     // Discard likewise; skip mode's start un-parks everything.
-    s.reject(&[reject(a1, Duration::ZERO)], 1).await.unwrap();
-    assert_eq!(s.park(&[a2, a3], &[ha, ha]).await.unwrap(), 2);
+    s.reject(&[reject(a1, Duration::ZERO)], 1, OnFailed::Block)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.park(&[a2, a3], &[ha, ha], OnFailed::Block).await.unwrap(),
+        2
+    );
     assert_eq!(s.discard(&[a1]).await.unwrap(), vec![a1]);
     assert_eq!(scanned(&s).await, vec![a2, b1, a3]);
     let a4 = insert(&pool, "a").await;
-    s.reject(&[reject(a2, Duration::ZERO)], 1).await.unwrap();
-    assert_eq!(s.park(&[a3, a4], &[ha, ha]).await.unwrap(), 2);
+    s.reject(&[reject(a2, Duration::ZERO)], 1, OnFailed::Block)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.park(&[a3, a4], &[ha, ha], OnFailed::Block).await.unwrap(),
+        2
+    );
     assert_eq!(scanned(&s).await, vec![b1]);
     assert_eq!(s.unpark_all().await.unwrap(), 2);
     assert_eq!(scanned(&s).await, vec![b1, a3, a4]);
@@ -436,9 +455,11 @@ async fn the_floor_rises_past_settled_rows_only_and_drops_for_reopened_ones(pool
     let parked = insert(&pool, "g").await;
     let mut fatal = reject(failed, Duration::ZERO);
     fatal.fatal = true;
-    s.reject(&[fatal], 5).await.unwrap();
+    s.reject(&[fatal], 5, OnFailed::Block).await.unwrap();
     assert_eq!(
-        s.park(&[parked], &[hash(&pool, "g").await]).await.unwrap(),
+        s.park(&[parked], &[hash(&pool, "g").await], OnFailed::Block)
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(s.raise_floor(parked).await.unwrap(), parked);
@@ -457,4 +478,55 @@ async fn the_floor_rises_past_settled_rows_only_and_drops_for_reopened_ones(pool
         vec![failed, parked]
     );
     assert_eq!(page.floor, Some(after));
+}
+
+#[sqlx::test(migrations = false)]
+async fn rows_behind_a_waiting_retry_park_and_come_back_when_it_is_released(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let (a1, a2) = (insert(&pool, "a").await, insert(&pool, "a").await);
+    let ha = hash(&pool, "a").await;
+    let wait = reject(a1, Duration::from_secs(3600));
+    s.reject(std::slice::from_ref(&wait), 5, OnFailed::Skip)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.park(&[a2], &[ha], OnFailed::Skip).await.unwrap(),
+        1,
+        "behind a waiting retry"
+    );
+    assert_eq!(
+        s.raise_floor(a2).await.unwrap(),
+        a2,
+        "neither holds the floor"
+    );
+    // Due: found below the cursor, through the due index.
+    sqlx::query("UPDATE outbox SET next_attempt_at = now() - interval '1 second' WHERE id = $1")
+        .bind(a1)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let page = scan_from(&s, a2).await;
+    assert_eq!(
+        (page.rows.len(), page.due.len(), page.due[0].id),
+        (0, 1, a1)
+    );
+    // Confirmed: marked with its parked row released, the floor lowered below it.
+    let epoch = s.floor().await.unwrap().epoch;
+    assert_eq!(s.mark_released(&[a1]).await.unwrap(), 1);
+    assert_eq!(s.floor().await.unwrap().floor, a2 - 1);
+    assert_eq!(s.floor().await.unwrap().epoch, epoch + 1);
+    assert_eq!(scanned(&s).await, vec![a2]);
+
+    // Skip mode: a retry that ends FAILED releases what waited behind it.
+    let a3 = insert(&pool, "a").await;
+    s.reject(&[reject(a2, Duration::from_secs(3600))], 2, OnFailed::Skip)
+        .await
+        .unwrap();
+    assert_eq!(s.park(&[a3], &[ha], OnFailed::Skip).await.unwrap(), 1);
+    let out = s
+        .reject(&[reject(a2, Duration::ZERO)], 2, OnFailed::Skip)
+        .await
+        .unwrap();
+    assert!(out[0].failed);
+    assert_eq!(scanned(&s).await, vec![a3]);
 }

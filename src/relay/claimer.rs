@@ -25,6 +25,8 @@ use crate::store::{ClaimedRow, Floor, Probe, ScanPage, ScanQuery, Store, StoreEr
 pub struct Plan {
     /// The sweep's generation when planned.
     pub generation: u64,
+    /// The floor's epoch the sweep knows (`None` before its first scan).
+    pub epoch: Option<i64>,
     pub after: i64,
     /// Aggregate hashes not to take rows of (capped in the sweep, held back, …).
     pub capped: HashSet<i32>,
@@ -65,6 +67,29 @@ pub fn select(plan: &Plan, page: &ScanPage) -> Selection {
     let mut counts: HashMap<i32, u32> = HashMap::new();
     let mut capped: HashSet<i32> = HashSet::new();
     let mut bytes = 0usize;
+    // Retries due below the cursor first (they do not move it).
+    for s in &page.due {
+        if plan.exclude.contains(&s.id) || plan.capped.contains(&s.hash) || capped.contains(&s.hash)
+        {
+            continue;
+        }
+        let held = plan.counts.get(&s.hash).copied().unwrap_or(0);
+        let taken = counts.entry(s.hash).or_insert(0);
+        if held + *taken >= plan.max_per_aggregate {
+            capped.insert(s.hash);
+            sel.capped.push(s.hash);
+            continue;
+        }
+        let size = usize::try_from(s.size).unwrap_or(0);
+        if sel.take.len() >= plan.room_rows
+            || (!sel.take.is_empty() && bytes + size > plan.room_bytes)
+        {
+            return sel;
+        }
+        *taken += 1;
+        bytes += size;
+        sel.take.push(s.id);
+    }
     for s in &page.rows {
         if plan.exclude.contains(&s.id) {
             sel.cursor = s.id;
@@ -117,22 +142,24 @@ fn left_out(take: &[i64], rows: &[ClaimedRow], truncated: bool) -> HashSet<i64> 
         .collect()
 }
 
-/// Park the rows left out because a FAILED row blocks them (the store parks only what a
-/// FAILED row holds back; rows behind a retry stay pending).
+/// Park the rows left out because a FAILED row (block mode) or a retry not yet due
+/// holds them back (the store parks only those; rows merely not due stay as they are).
 async fn park_blocked(
     store: &Store,
     page: &ScanPage,
     left_out: &HashSet<i64>,
+    on_failed: OnFailed,
 ) -> Result<(), StoreError> {
     let (ids, hashes): (Vec<i64>, Vec<i32>) = page
         .rows
         .iter()
+        .chain(&page.due)
         .filter(|s| left_out.contains(&s.id))
         .map(|s| (s.id, s.hash))
         .unzip();
-    let parked = store.park(&ids, &hashes).await?;
+    let parked = store.park(&ids, &hashes, on_failed).await?;
     if parked > 0 {
-        tracing::debug!(parked, "parked rows behind FAILED rows");
+        tracing::debug!(parked, "parked rows behind blockers");
     }
     Ok(())
 }
@@ -154,16 +181,32 @@ pub struct Claimed {
 }
 
 /// What a claim's scan saw beside its rows.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Seen {
     /// Where the scan started (it looked at ids above it).
     pub after: i64,
     /// The scan's snapshot.
     pub probe: Option<Probe>,
-    /// The first pending id it examined (of this instance's partitions, any hash).
+    /// The first pending id with no retry schedule it examined (of this instance's
+    /// partitions, any hash).
     pub first: Option<i64>,
+    /// How far it looked: the last id examined when it stopped at its examine limit,
+    /// `i64::MAX` when it reached the end of the table.
+    pub reach: i64,
     /// The stored floor.
     pub floor: Option<Floor>,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Self {
+            after: 0,
+            probe: None,
+            first: None,
+            reach: i64::MAX,
+            floor: None,
+        }
+    }
 }
 
 /// Run one claim against the store.
@@ -179,15 +222,44 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
             only: plan.only.as_deref(),
         })
         .await?;
+    let epoch = page.floor.map(|f| f.epoch);
+    let seen = Seen {
+        after: plan.after,
+        probe: page.probe,
+        first: page.first,
+        reach: if page.examined < plan.examine {
+            i64::MAX
+        } else {
+            page.last_examined
+        },
+        floor: page.floor,
+    };
+    if plan.epoch.is_some() && epoch != plan.epoch {
+        // Rows were re-opened below the sweep (replay, un-parking): rows of their
+        // aggregates above it must not go first. Take nothing; the sweep starts over.
+        return Ok(Claimed {
+            refill: plan.only.is_some(),
+            generation: plan.generation,
+            rows: Vec::new(),
+            cursor: plan.after,
+            end: false,
+            capped: Vec::new(),
+            passed: Vec::new(),
+            seen,
+        });
+    }
     let mut sel = select(&plan, &page);
+    // The fetch re-checks the epoch the scan saw: a re-opening that commits between the
+    // two statements makes it return nothing.
     let (rows, truncated) = store
-        .fetch(&sel.take, plan.on_failed, plan.room_bytes)
+        .fetch(&sel.take, plan.on_failed, plan.room_bytes, epoch)
         .await?;
     if truncated {
         // The byte budget ran out: continue right after the last row read, so the rows
-        // not read are looked at again (capping them could skip them for the sweep).
+        // not read are looked at again (capping them could skip them for the sweep); a
+        // due retry read last (below the cursor) leaves the cursor where it was.
         if let Some(last) = rows.last() {
-            sel.cursor = last.row.id;
+            sel.cursor = last.row.id.max(plan.after);
         }
         sel.end = false;
     }
@@ -195,13 +267,18 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
     // The sweep passes over the rows left out: their aggregates are capped until it
     // wraps, or a later row of theirs could go out first once a retry falls due.
     let mut passed: Vec<i32> = Vec::new();
-    for s in page.rows.iter().filter(|s| left_out.contains(&s.id)) {
+    for s in page
+        .rows
+        .iter()
+        .chain(&page.due)
+        .filter(|s| left_out.contains(&s.id))
+    {
         if !sel.capped.contains(&s.hash) && !passed.contains(&s.hash) {
             passed.push(s.hash);
         }
     }
-    if plan.on_failed == OnFailed::Block && !left_out.is_empty() {
-        park_blocked(&store, &page, &left_out).await?;
+    if !left_out.is_empty() {
+        park_blocked(&store, &page, &left_out, plan.on_failed).await?;
     }
     Ok(Claimed {
         refill: plan.only.is_some(),
@@ -211,12 +288,7 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
         end: sel.end,
         capped: sel.capped,
         passed,
-        seen: Seen {
-            after: plan.after,
-            probe: page.probe,
-            first: page.first,
-            floor: page.floor,
-        },
+        seen,
     })
 }
 
@@ -228,6 +300,7 @@ mod tests {
     fn plan(max_per_aggregate: u32, room_rows: usize) -> Plan {
         Plan {
             generation: 0,
+            epoch: None,
             after: 0,
             capped: HashSet::new(),
             only: None,
@@ -296,5 +369,20 @@ mod tests {
         );
         p.examined = 999;
         assert!(select(&plan(10, 10), &p).end);
+    }
+
+    #[test]
+    fn due_retries_below_the_cursor_are_taken_first_and_leave_it_alone() {
+        let mut p = plan(10, 2);
+        p.after = 500;
+        let mut pg = page(&[(600, 1), (601, 2)]);
+        pg.due = vec![Scanned {
+            id: 7,
+            hash: 3,
+            size: 10,
+        }];
+        let sel = select(&p, &pg);
+        assert_eq!(sel.take, vec![7, 600]);
+        assert_eq!(sel.cursor, 600, "the walk goes on from its own rows");
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use super::backoff::Pacer;
+use crate::config::OnFailed;
 use crate::health::Health;
 use crate::metrics as m;
 use crate::store::{Rejection, Store, StoreError};
@@ -26,8 +27,11 @@ pub enum Recorded {
 pub struct Completer {
     store: Store,
     max_attempts: u32,
+    on_failed: OnFailed,
     health: Arc<Health>,
     marks: Vec<i64>,
+    /// Confirmed rows that had been retried: rows may be parked behind them.
+    releases: Vec<i64>,
     marking: Option<JoinHandle<Vec<i64>>>,
     rejects: Vec<Rejection>,
     rejecting: Option<JoinHandle<Vec<i64>>>,
@@ -36,12 +40,14 @@ pub struct Completer {
 }
 
 impl Completer {
-    pub fn new(store: Store, max_attempts: u32, health: Arc<Health>) -> Self {
+    pub fn new(store: Store, max_attempts: u32, on_failed: OnFailed, health: Arc<Health>) -> Self {
         Self {
             store,
             max_attempts,
+            on_failed,
             health,
             marks: Vec::new(),
+            releases: Vec::new(),
             marking: None,
             rejects: Vec::new(),
             rejecting: None,
@@ -49,8 +55,14 @@ impl Completer {
         }
     }
 
-    pub fn mark(&mut self, id: i64) {
-        self.marks.push(id);
+    /// Record a confirm; `retried` (the row had been rejected before) marks it in a
+    /// transaction that also un-parks the rows parked behind it while it waited.
+    pub fn mark(&mut self, id: i64, retried: bool) {
+        if retried {
+            self.releases.push(id);
+        } else {
+            self.marks.push(id);
+        }
         self.backlog += 1;
     }
 
@@ -70,15 +82,21 @@ impl Completer {
 
     /// Start a statement for what has accumulated, if none of its kind is running.
     pub fn kick(&mut self) {
-        if self.marking.is_none() && !self.marks.is_empty() {
+        if self.marking.is_none() && !(self.marks.is_empty() && self.releases.is_empty()) {
             let ids = std::mem::take(&mut self.marks);
+            let releases = std::mem::take(&mut self.releases);
             let (store, health) = (self.store.clone(), self.health.clone());
-            self.marking = Some(tokio::spawn(mark(store, ids, health)));
+            self.marking = Some(tokio::spawn(async move {
+                let mut done = mark(&store, ids, &health, false).await;
+                done.extend(mark(&store, releases, &health, true).await);
+                done
+            }));
         }
         if self.rejecting.is_none() && !self.rejects.is_empty() {
             let rs = std::mem::take(&mut self.rejects);
             let (store, health) = (self.store.clone(), self.health.clone());
-            self.rejecting = Some(tokio::spawn(reject(store, rs, self.max_attempts, health)));
+            let policy = (self.max_attempts, self.on_failed);
+            self.rejecting = Some(tokio::spawn(reject(store, rs, policy, health)));
         }
     }
 
@@ -120,14 +138,18 @@ async fn join(h: &mut Option<JoinHandle<Vec<i64>>>) -> Vec<i64> {
     }
 }
 
-/// Mark confirmed ids `PROCESSED`, retrying while the database is unreachable; a
-/// statement refused for another reason is retried row by row, so one row cannot hold
-/// the others' marks back.
-async fn mark(store: Store, ids: Vec<i64>, health: Arc<Health>) -> Vec<i64> {
-    if let Err(e) = mark_with_retry(&store, &ids, &health).await {
+/// Mark confirmed ids `PROCESSED` (`release`: and un-park what waits behind them),
+/// retrying while the database is unreachable; a statement refused for another reason
+/// is retried row by row, so one row cannot hold the others' marks back.
+async fn mark(store: &Store, ids: Vec<i64>, health: &Health, release: bool) -> Vec<i64> {
+    if ids.is_empty() {
+        return ids;
+    }
+    if let Err(e) = mark_with_retry(store, &ids, health, release).await {
         tracing::warn!(error = %e, rows = ids.len(), "marking PROCESSED failed; marking the rows one by one");
         for id in &ids {
-            if let Err(e) = mark_with_retry(&store, std::slice::from_ref(id), &health).await {
+            if let Err(e) = mark_with_retry(store, std::slice::from_ref(id), health, release).await
+            {
                 tracing::error!(id, error = %e, "cannot mark this row PROCESSED; it stays PENDING and will be published again");
             }
         }
@@ -135,10 +157,25 @@ async fn mark(store: Store, ids: Vec<i64>, health: Arc<Health>) -> Vec<i64> {
     ids
 }
 
-async fn mark_with_retry(store: &Store, ids: &[i64], health: &Health) -> Result<(), StoreError> {
-    let n = until_reachable(health, "marking PROCESSED", ids.len(), Pacer::MAX, || {
-        store.mark_processed(ids)
-    })
+async fn mark_with_retry(
+    store: &Store,
+    ids: &[i64],
+    health: &Health,
+    release: bool,
+) -> Result<(), StoreError> {
+    let n = until_reachable(
+        health,
+        "marking PROCESSED",
+        ids.len(),
+        Pacer::MAX,
+        || async move {
+            if release {
+                store.mark_released(ids).await
+            } else {
+                store.mark_processed(ids).await
+            }
+        },
+    )
     .await?;
     metrics::counter!(m::PUBLISHED_TOTAL).increment(n);
     Ok(())
@@ -176,22 +213,21 @@ where
     }
 }
 
-/// Record rejections: one statement, or row by row when the statement itself is refused.
+/// Record rejections under `policy` (`max_attempts`, `on_failed`): one statement, or row
+/// by row when the statement itself is refused.
 async fn reject(
     store: Store,
     rs: Vec<Rejection>,
-    max_attempts: u32,
+    policy: (u32, OnFailed),
     health: Arc<Health>,
 ) -> Vec<i64> {
     let ids: Vec<i64> = rs.iter().map(|r| r.id).collect();
-    match with_retry(&store, &rs, max_attempts, &health).await {
+    match with_retry(&store, &rs, policy, &health).await {
         Ok(()) => ids,
         Err(e) => {
             tracing::warn!(error = %e, rows = rs.len(), "recording rejections failed; recording them one by one");
             for r in &rs {
-                if let Err(e) =
-                    with_retry(&store, std::slice::from_ref(r), max_attempts, &health).await
-                {
+                if let Err(e) = with_retry(&store, std::slice::from_ref(r), policy, &health).await {
                     tracing::error!(id = r.id, error = %e, "cannot record this row's rejection; it stays PENDING and will be tried again");
                 }
             }
@@ -205,7 +241,7 @@ async fn reject(
 async fn with_retry(
     store: &Store,
     rs: &[Rejection],
-    max_attempts: u32,
+    (max_attempts, on_failed): (u32, OnFailed),
     health: &Health,
 ) -> Result<(), StoreError> {
     let outcomes = until_reachable(
@@ -213,7 +249,7 @@ async fn with_retry(
         "recording rejections",
         rs.len(),
         Duration::from_secs(5),
-        || store.reject(rs, max_attempts),
+        || store.reject(rs, max_attempts, on_failed),
     )
     .await?;
     for o in &outcomes {

@@ -162,7 +162,7 @@ impl<S: Sink> Engine<S> {
                 self.window.finish(&flight.key);
                 self.delivered.record(&flight.key, id);
                 self.recording.insert(id, flight.hash);
-                self.completer.mark(id);
+                self.completer.mark(id, flight.msg.attempts > 0);
             }
             Outcome::Answered(Err(SinkError::Rejected(why))) => {
                 let Some(entry) = self.window.head(&flight.key) else {

@@ -143,7 +143,12 @@ struct Engine<S: Sink> {
 impl<S: Sink> Engine<S> {
     fn new(r: Relay<S>) -> Self {
         let leases = Leases::new(r.instance, r.cfg.lease_timeout);
-        let completer = Completer::new(r.store.clone(), r.cfg.max_attempts, r.health.clone());
+        let completer = Completer::new(
+            r.store.clone(),
+            r.cfg.max_attempts,
+            r.cfg.on_failed,
+            r.health.clone(),
+        );
         let max_rows = (r.cfg.max_in_flight as usize * 2).max(r.cfg.batch_size as usize);
         let confirm_timeout = r.sink.confirm_timeout(r.cfg.effective_publish_timeout());
         Self {
@@ -284,13 +289,12 @@ impl<S: Sink> Engine<S> {
         let (after, mut capped) = self.sweep.plan(!refill.is_empty());
         let skipping = !capped.is_empty();
         capped.extend(frozen);
-        // Only ids the scan can return (after its start) need leaving out.
+        // Every id held (the scan's due retries come from below its start too).
         let exclude: HashSet<i64> = self
             .window
             .ids()
             .chain(self.recording.keys())
             .copied()
-            .filter(|id| *id > after)
             .collect();
         // Ids the scan returns: enough to fill the room (with slack for rows skipped in
         // memory), so a busy sweep does not read the same rows claim after claim.
@@ -298,6 +302,7 @@ impl<S: Sink> Engine<S> {
         let scan_limit = u32::try_from(take.saturating_mul(2).max(256)).unwrap_or(u32::MAX);
         let plan = Plan {
             generation: self.sweep.generation(),
+            epoch: self.sweep.epoch(),
             after,
             capped,
             only: (!refill.is_empty()).then_some(refill),

@@ -14,7 +14,9 @@
 //! table began. The mark starts at the stored floor (`store::Floor`, raised by the
 //! leader) and rises with each scan that started at or below it: the first pending id it
 //! examined, less one, or the horizon when it found none, whichever is lower. A lowered
-//! floor (a new `epoch`: rows re-opened by replay or un-parking) resets it.
+//! floor (a new `epoch`: rows re-opened by replay or un-parking) resets it and starts
+//! the sweep over from there (a claim that sees the new epoch takes nothing: rows of the
+//! re-opened aggregates above the cursor must not go before them).
 
 use std::collections::{HashMap, HashSet};
 
@@ -111,6 +113,11 @@ impl Sweep {
         self.generation
     }
 
+    /// The floor's epoch last seen (`None` before the first scan).
+    pub fn epoch(&self) -> Option<i64> {
+        self.floor.map(|f| f.epoch)
+    }
+
     /// Start over from the first pending id: rows of many aggregates left memory at once
     /// (partitions let go or lost), so none of them may be skipped ahead.
     pub fn restart(&mut self) {
@@ -134,15 +141,20 @@ impl Sweep {
             self.floor = Some(f);
             if lowered {
                 // Rows were re-opened below the mark: this scan may have started above
-                // them, so it says nothing; the next wrap starts at the floor.
+                // them, so it says nothing, and the sweep starts over from the floor
+                // (a later row of their aggregates must not be taken first).
                 self.low = self.low.min(f.floor);
+                self.cursor = self.low;
+                self.capped.clear();
+                self.more = true;
+                self.generation += 1;
                 return;
             }
             self.low = self.low.max(f.floor);
         }
         if generation == self.generation && seen.after <= self.low && seen.probe.is_some() {
             let safe = self.horizon.safe();
-            let mark = seen.first.map_or(safe, |first| (first - 1).min(safe));
+            let mark = seen.first.map_or(seen.reach, |first| first - 1).min(safe);
             self.low = self.low.max(mark);
         }
     }
@@ -275,6 +287,7 @@ mod tests {
                 after: 0,
                 probe: Some(probe(100, 1, 1)),
                 first: Some(40),
+                reach: i64::MAX,
                 floor: floor(10, 0),
             },
         );
@@ -289,6 +302,7 @@ mod tests {
                 after: 39,
                 probe: Some(probe(200, 2, 2)),
                 first: None,
+                reach: i64::MAX,
                 floor: floor(10, 0),
             },
         );
@@ -300,6 +314,7 @@ mod tests {
                 after: 300,
                 probe: Some(probe(900, 3, 3)),
                 first: Some(800),
+                reach: i64::MAX,
                 floor: floor(10, 0),
             },
         );
@@ -312,10 +327,18 @@ mod tests {
                 after: 200,
                 probe: Some(probe(900, 3, 3)),
                 first: Some(850),
+                reach: i64::MAX,
                 floor: floor(5, 1),
             },
         );
         assert_eq!(s.plan(true).0, 5);
+        assert_eq!(
+            s.plan(false),
+            (5, HashSet::new()),
+            "the sweep starts over there"
+        );
+        assert_ne!(s.generation(), g, "claims planned before it move nothing");
+        let g = s.generation();
         // A raised floor lifts the mark; a restart goes back to the stored floor.
         s.observe(
             g,
@@ -323,6 +346,7 @@ mod tests {
                 after: 900,
                 probe: None,
                 first: None,
+                reach: i64::MAX,
                 floor: floor(60, 1),
             },
         );
@@ -333,6 +357,7 @@ mod tests {
                 after: 60,
                 probe: Some(probe(900, 3, 3)),
                 first: Some(700),
+                reach: i64::MAX,
                 floor: floor(60, 1),
             },
         );
@@ -346,9 +371,28 @@ mod tests {
                 after: 0,
                 probe: Some(probe(900, 3, 3)),
                 first: Some(800),
+                reach: i64::MAX,
                 floor: floor(60, 1),
             },
         );
         assert_eq!(s.plan(true).0, 60);
+    }
+
+    #[test]
+    fn a_scan_that_stopped_short_raises_the_mark_only_as_far_as_it_looked() {
+        let mut s = Sweep::default();
+        let g = s.generation();
+        // Only rows waiting for a retry among the rows examined, and more after them.
+        s.observe(
+            g,
+            &Seen {
+                after: 0,
+                probe: Some(probe(900, 3, 3)),
+                first: None,
+                reach: 300,
+                floor: None,
+            },
+        );
+        assert_eq!(s.plan(true).0, 300);
     }
 }

@@ -38,6 +38,7 @@ struct ScanRow {
     id: i64,
     hash: i32,
     size: i64,
+    due: bool,
     top: Option<i64>,
     xmin: Option<i64>,
     xmax: Option<i64>,
@@ -61,6 +62,8 @@ pub struct Probe {
 #[derive(Debug, Clone, Default)]
 pub struct ScanPage {
     pub rows: Vec<Scanned>,
+    /// Retries that fell due at or below `after` (not part of the walk).
+    pub due: Vec<Scanned>,
     /// The highest id examined (`after` when none was).
     pub last_examined: i64,
     /// How many pending rows were examined (a page with fewer than `examine` reached
@@ -68,7 +71,7 @@ pub struct ScanPage {
     pub examined: u32,
     /// The scan's snapshot (`None` in unit tests' pages).
     pub probe: Option<Probe>,
-    /// The first pending id examined.
+    /// The first pending id examined with no retry schedule.
     pub first: Option<i64>,
     /// The stored floor as the scan's snapshot saw it (`None` in unit tests' pages).
     pub floor: Option<super::Floor>,
@@ -112,7 +115,8 @@ impl Store {
     /// Pending rows with `id > after`, in `id` order, from the given partitions
     /// (`None` = all): ids, hashes and stored sizes only. At most `examine` rows are
     /// looked at; of those, rows whose hash is in `skip` are left out, and with `only`
-    /// just those hashes are kept; at most `limit` are returned.
+    /// just those hashes are kept; at most `limit` are returned. Beside them, up to
+    /// `limit` retries due now with `id <= after` (the same filters).
     pub async fn scan(&self, q: &ScanQuery<'_>) -> Result<ScanPage, StoreError> {
         let mut rows = sqlx::query_as::<_, ScanRow>(&self.sql.scan)
             .bind(q.after)
@@ -131,15 +135,15 @@ impl Store {
             (Some(top), Some(xmin), Some(xmax)) => Probe { top, xmin, xmax },
             _ => return Err(StoreError::Unexpected("scan summary without its snapshot")),
         };
+        let (due, rows): (Vec<ScanRow>, Vec<ScanRow>) = rows.into_iter().partition(|r| r.due);
+        let scanned = |r: ScanRow| Scanned {
+            id: r.id,
+            hash: r.hash,
+            size: r.size,
+        };
         Ok(ScanPage {
-            rows: rows
-                .into_iter()
-                .map(|r| Scanned {
-                    id: r.id,
-                    hash: r.hash,
-                    size: r.size,
-                })
-                .collect(),
+            rows: rows.into_iter().map(scanned).collect(),
+            due: due.into_iter().map(scanned).collect(),
             last_examined: summary.id,
             examined: u32::try_from(summary.hash).unwrap_or(0),
             probe: Some(probe),
@@ -154,12 +158,14 @@ impl Store {
     /// The rows among `ids` that are still `PENDING`, due, and behind no blocker of
     /// their aggregate, in `id` order; stops once `budget` bytes were read (at least one
     /// row is always returned when any qualifies). The flag says whether it stopped
-    /// early: rows after the last one returned were not looked at.
+    /// early: rows after the last one returned were not looked at. With `epoch`, nothing
+    /// is returned unless the floor's epoch is still that one (no rows re-opened since).
     pub async fn fetch(
         &self,
         ids: &[i64],
         on_failed: OnFailed,
         budget: usize,
+        epoch: Option<i64>,
     ) -> Result<(Vec<ClaimedRow>, bool), StoreError> {
         if ids.is_empty() {
             return Ok((Vec::new(), false));
@@ -167,6 +173,7 @@ impl Store {
         let mut stream = sqlx::query_as::<_, ClaimedRow>(&self.sql.fetch)
             .bind(ids)
             .bind(on_failed == OnFailed::Block)
+            .bind(epoch)
             .fetch(self.pool());
         let mut out = Vec::new();
         let mut used = 0usize;

@@ -1,6 +1,7 @@
-//! The claim floor (schema 5): every `PENDING` row that is not parked has an id above
-//! it, so claims walk the primary key from there instead of an index on `status` (which
-//! would make every mark a non-HOT update).
+//! The claim floor (schema 5): every `PENDING` row with no `next_attempt_at` (not
+//! parked, not waiting for a retry) has an id above it, so claims walk the primary key
+//! from there instead of an index on `status` (which would make every mark a non-HOT
+//! update); retries that fall due are found through `outbox_due_idx`.
 //!
 //! Raised by the maintenance leader past settled rows, never past the horizon (an id at
 //! or below which no transaction can still commit). Lowered, with `epoch + 1`, in the
@@ -10,7 +11,7 @@
 
 use sqlx::{PgConnection, Postgres, Transaction};
 
-use super::{Probe, Store, StoreError, UNPARKED};
+use super::{Probe, Store, StoreError};
 
 /// The floor row as read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,8 +47,8 @@ impl Store {
         Ok(Probe { top, xmin, xmax })
     }
 
-    /// Raise the floor to just below the first pending, unparked row, but not past
-    /// `horizon`. Returns the floor now stored (unchanged when a lowering raced it).
+    /// Raise the floor to just below the first pending row with no `next_attempt_at`,
+    /// but not past `horizon`. Returns the floor now stored (unchanged when a lowering raced it).
     pub async fn raise_floor(&self, horizon: i64) -> Result<i64, StoreError> {
         let was = self.floor().await?;
         if horizon <= was.floor {
@@ -56,7 +57,7 @@ impl Store {
         let tbl = self.table().ident();
         let first: Option<i64> = sqlx::query_scalar(&format!(
             "SELECT o.id FROM {tbl} o
-             WHERE o.id > $1 AND o.id <= $2 AND o.status = 'PENDING' AND {UNPARKED}
+             WHERE o.id > $1 AND o.id <= $2 AND o.status = 'PENDING' AND o.next_attempt_at IS NULL
              ORDER BY o.id LIMIT 1"
         ))
         .bind(was.floor)
@@ -83,7 +84,8 @@ impl Store {
     }
 }
 
-/// Inside the transaction that re-opens rows (`ids`): lower the floor below the lowest.
+/// Inside the transaction that re-opens rows (`ids`: replayed, un-parked): lower the
+/// floor below the lowest.
 pub(super) async fn lower(
     tx: &mut Transaction<'_, Postgres>,
     floor_tbl: &str,

@@ -138,36 +138,54 @@ impl Sql {
         let unparked = UNPARKED;
         let floor_tbl = t.floor();
         Self {
-            // The inner scan examines at most $4 pending ids after $1 (no payloads);
-            // the outer query leaves out the hashes in $5 (skipped for the rest of a
-            // sweep) or keeps only those in $6 (a refill), and appends one summary row
-            // (size -1: id = the last id examined, hash = how many were examined, and
-            // the horizon probe: the table's highest visible id and the xmin / xmax of
-            // the statement's snapshot; the first id examined; the stored floor and its
-            // epoch). The inner scan walks the primary key (`id > $1`, in id order).
+            // `s` examines at most $4 pending ids after $1 (no payloads), walking the
+            // primary key; `d` adds the retries that fell due at or below $1 (below the
+            // floor: a waiting retry does not hold it), through `outbox_due_idx`. The
+            // outer query leaves out the hashes in $5 (skipped for the rest of a sweep)
+            // or keeps only those in $6 (a refill), and appends one summary row (size
+            // -1: id = the last id `s` examined, hash = how many, the horizon probe: the
+            // table's highest visible id and the xmin / xmax of the statement's
+            // snapshot; the first id examined with no retry schedule; the stored floor
+            // and its epoch).
             scan: format!(
                 "WITH s AS (
                      SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
                             (pg_column_size(o.payload) + pg_column_size(o.headers)
-                             + octet_length(o.aggregate_id))::bigint AS size
+                             + octet_length(o.aggregate_id))::bigint AS size,
+                            o.next_attempt_at IS NULL AS fresh
                      FROM {tbl} o
                      WHERE o.status = 'PENDING' AND {unparked} AND o.id > $1
                        AND ($2::int[] IS NULL
                             OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($2))
                      ORDER BY o.id
-                     LIMIT $4)
-                 (SELECT id, hash, size, NULL::bigint AS top, NULL::bigint AS xmin, NULL::bigint AS xmax,
-                         NULL::bigint AS first, NULL::bigint AS floor, NULL::bigint AS epoch FROM s
+                     LIMIT $4),
+                 d AS (
+                     SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
+                            (pg_column_size(o.payload) + pg_column_size(o.headers)
+                             + octet_length(o.aggregate_id))::bigint AS size
+                     FROM {tbl} o
+                     WHERE o.next_attempt_at <= now() AND o.status = 'PENDING' AND o.id <= $1
+                       AND ($2::int[] IS NULL
+                            OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($2))
+                     ORDER BY o.next_attempt_at
+                     LIMIT $3)
+                 (SELECT id, hash, size, false AS due, NULL::bigint AS top, NULL::bigint AS xmin,
+                         NULL::bigint AS xmax, NULL::bigint AS first, NULL::bigint AS floor,
+                         NULL::bigint AS epoch FROM s
                   WHERE ($5::int[] IS NULL OR hash <> ALL($5))
                     AND ($6::int[] IS NULL OR hash = ANY($6))
                   ORDER BY id
                   LIMIT $3)
                  UNION ALL
-                 SELECT coalesce(max(id), $1), count(*)::int, -1::bigint,
+                 SELECT id, hash, size, true, NULL, NULL, NULL, NULL, NULL, NULL FROM d
+                 WHERE ($5::int[] IS NULL OR hash <> ALL($5))
+                   AND ($6::int[] IS NULL OR hash = ANY($6))
+                 UNION ALL
+                 SELECT coalesce(max(id), $1), count(*)::int, -1::bigint, false,
                         (SELECT coalesce(max(t.id), 0) FROM {tbl} t),
                         pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
                         pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
-                        min(id),
+                        min(id) FILTER (WHERE fresh),
                         (SELECT f.floor FROM {floor_tbl} f WHERE f.singleton),
                         (SELECT f.epoch FROM {floor_tbl} f WHERE f.singleton)
                  FROM s"
@@ -182,6 +200,8 @@ impl Sql {
                    AND o.status = 'PENDING'
                    AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
                    AND {blocker}
+                   AND ($3::bigint IS NULL
+                        OR (SELECT f.epoch FROM {floor_tbl} f WHERE f.singleton) = $3)
                  ORDER BY o.id"
             ),
             claim: format!(
@@ -317,11 +337,14 @@ impl Store {
 
     /// Record rejections in one statement: `attempts + 1`, `last_error`, the next try or
     /// `FAILED` once `max_attempts` is reached (or at once for `fatal`); a FAILED row's
-    /// `next_attempt_at` is 'infinity' (it is a blocker until replayed or discarded).
+    /// `next_attempt_at` is 'infinity' (it is a blocker until replayed or discarded). In
+    /// skip mode a row that fails holds nothing back: the rows parked behind it while it
+    /// waited for its retries are un-parked in the same transaction.
     pub async fn reject(
         &self,
         rejections: &[Rejection],
         max_attempts: u32,
+        on_failed: OnFailed,
     ) -> Result<Vec<RejectOutcome>, StoreError> {
         if rejections.is_empty() {
             return Ok(Vec::new());
@@ -333,14 +356,22 @@ impl Store {
             .map(|r| i64::try_from(r.retry_in.as_millis()).unwrap_or(i64::MAX))
             .collect();
         let fatal: Vec<bool> = rejections.iter().map(|r| r.fatal).collect();
+        let mut tx = self.pool.begin().await?;
         let rows: Vec<(i64, bool, i32)> = sqlx::query_as(&self.sql.reject)
             .bind(&ids)
             .bind(&errs)
             .bind(&delays)
             .bind(&fatal)
             .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        if on_failed == OnFailed::Skip {
+            let failed: Vec<i64> = rows.iter().filter(|r| r.1).map(|r| r.0).collect();
+            if !failed.is_empty() {
+                self.release_in(&mut tx, &failed).await?;
+            }
+        }
+        tx.commit().await?;
         Ok(rows
             .into_iter()
             .map(|(id, failed, attempts)| RejectOutcome {

@@ -1,22 +1,30 @@
-//! Parked rows: a `PENDING` row behind a `FAILED` row of its aggregate (block mode) gets
-//! `next_attempt_at = 'infinity'` and so leaves `outbox_pending_idx`: claims stop reading
-//! it again and again. It stays `PENDING` (and a blocker of the rows after it) until the
-//! blocker is replayed or discarded, which un-parks its aggregate in the same transaction.
+//! Parked rows: a `PENDING` row behind a `FAILED` row of its aggregate (block mode) or
+//! behind a retry not yet due gets `next_attempt_at = 'infinity'` and so falls below the
+//! claim floor: claims stop reading it again and again. It stays `PENDING` (and a blocker
+//! of the rows after it) until its blocker is released — replayed or discarded by an
+//! operator, or, for a retry, marked `PROCESSED` or (skip mode) `FAILED` — which un-parks
+//! its aggregate in the same transaction and lowers the floor below what it un-parked.
 //!
-//! Race with an operator: parking locks the `FAILED` blockers it relies on (`FOR SHARE
-//! SKIP LOCKED`, re-checked at their latest version), so a replay or discard either
-//! commits first (its blocker is no longer `FAILED` and nothing is parked behind it) or
-//! waits for the parking to commit and then, in a statement of its own, un-parks what was
-//! parked.
+//! Race with the releaser: parking locks the blockers it relies on (`FOR SHARE SKIP
+//! LOCKED`, re-checked at their latest version), so a release either commits first (the
+//! row is no longer a blocker and nothing is parked behind it) or waits for the parking to
+//! commit and then, in a statement of its own, un-parks what was parked.
 
 use sqlx::{PgConnection, Postgres, Transaction};
 
 use super::{Store, StoreError};
+use crate::config::OnFailed;
 
 impl Store {
     /// Park those of `ids` (with their aggregate hashes) that are `PENDING`, not parked,
-    /// and behind a `FAILED`, non-discarded row of their aggregate. Returns how many.
-    pub async fn park(&self, ids: &[i64], hashes: &[i32]) -> Result<u64, StoreError> {
+    /// and behind a retry not yet due or (block mode) a `FAILED`, non-discarded row of
+    /// their aggregate. Returns how many.
+    pub async fn park(
+        &self,
+        ids: &[i64],
+        hashes: &[i32],
+        on_failed: OnFailed,
+    ) -> Result<u64, StoreError> {
         if ids.is_empty() {
             return Ok(0);
         }
@@ -27,7 +35,9 @@ impl Store {
                  FROM {tbl} b
                  WHERE hashtext(b.aggregate_type || '/' || b.aggregate_id) = ANY($2)
                    AND b.next_attempt_at IS NOT NULL
-                   AND b.status = 'FAILED' AND b.discarded_at IS NULL
+                   AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND $3)
+                        OR (b.status = 'PENDING' AND b.next_attempt_at > now()
+                            AND b.next_attempt_at < 'infinity'))
                  FOR SHARE SKIP LOCKED)
              UPDATE {tbl} p SET next_attempt_at = 'infinity'
              WHERE p.id = ANY($1) AND p.status = 'PENDING' AND p.next_attempt_at IS NULL
@@ -38,9 +48,39 @@ impl Store {
         ))
         .bind(ids)
         .bind(hashes)
+        .bind(on_failed == OnFailed::Block)
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected())
+    }
+
+    /// Mark confirmed rows that had been retried (`attempts > 0`: rows may be parked
+    /// behind them) `PROCESSED` and un-park what waits behind them, in one transaction.
+    /// Returns how many were marked.
+    pub async fn mark_released(&self, ids: &[i64]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool().begin().await?;
+        let marked: Vec<i64> =
+            sqlx::query_scalar(&format!("{} RETURNING id", self.sql.mark_processed))
+                .bind(ids)
+                .fetch_all(&mut *tx)
+                .await?;
+        self.release_in(&mut tx, &marked).await?;
+        tx.commit().await?;
+        Ok(marked.len() as u64)
+    }
+
+    /// Inside a transaction that released `ids` (no longer blockers): un-park the rows
+    /// behind them and lower the floor below the lowest of them.
+    pub(super) async fn release_in(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        ids: &[i64],
+    ) -> Result<(), StoreError> {
+        let unparked = unpark_behind(tx, &self.table().ident(), ids).await?;
+        super::floor::lower(tx, &self.table().floor(), &unparked).await
     }
 
     /// Un-park every parked row (at the start of a run with `on_failed = "skip"`, where
