@@ -4,7 +4,9 @@
 //! aggregates written at 100 rows/s meanwhile are relayed while the claims read only them
 //! (the index entries the claims read, counted by Postgres, not a clock), and `replay` of
 //! one blocker releases its parked rows in id order. The latency of the other rows is
-//! printed for the record, not asserted.
+//! printed for the record, not asserted. And (schema 5) a retry waiting for an hour holds
+//! back neither the claim floor nor the rest: the rows behind it park, and go out after it
+//! once it does.
 //! In the serial phase of `scripts/test.sh` (a `faults_` binary): it loads the database.
 
 use std::time::{Duration, Instant};
@@ -171,6 +173,104 @@ async fn parked_rows_cost_other_aggregates_nothing_and_replay_releases_them_in_o
     .unwrap();
     assert_eq!(left, 0);
     drop(relay);
+    broker.cleanup().await;
+    table.cleanup().await;
+}
+
+/// The stored claim floor of `table`.
+async fn floor(table: &TestTable) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT floor FROM \"{}_relay_floor\" WHERE singleton",
+        table.name
+    ))
+    .fetch_one(&table.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_waiting_an_hour_holds_back_neither_the_floor_nor_its_neighbours() {
+    let table = TestTable::new("parkretry").await;
+    let broker = TestBroker::new("parkretry").await;
+    let nowhere = format!("{}_nowhere", broker.exchange);
+    broker.declare_unbound(&nowhere).await;
+    let mut env = relay_env(&table.name, &broker.exchange);
+    env.push(("OUTBOX_RELAY__RELAY__BACKOFF_INITIAL".into(), "1h".into()));
+    env.push(("OUTBOX_RELAY__RELAY__BACKOFF_MAX".into(), "1h".into()));
+    let relay = RelayProc::start(&env);
+    // a1 cannot be routed: rejected once, it waits an hour; a2 and a3 are behind it.
+    let a1 = table
+        .insert(
+            "held",
+            "order.created",
+            Some(&nowhere),
+            serde_json::json!({}),
+        )
+        .await;
+    let a2 = table
+        .insert("held", "order.paid", None, serde_json::json!({}))
+        .await;
+    wait_for(
+        Duration::from_secs(30),
+        "a1 rejected once and a2 parked",
+        || async {
+            let parked: bool = sqlx::query_scalar(&format!(
+                "SELECT coalesce(next_attempt_at = 'infinity', false) FROM \"{}\" WHERE id = $1",
+                table.name
+            ))
+            .bind(a2)
+            .fetch_one(&table.pool)
+            .await
+            .unwrap();
+            (table.row(a1).await.1 == 1 && parked).then_some(())
+        },
+    )
+    .await;
+    for i in 0..200 {
+        table
+            .insert(
+                &format!("free-{i}"),
+                "order.paid",
+                None,
+                serde_json::json!({}),
+            )
+            .await;
+    }
+    let a3 = table
+        .insert("held", "order.shipped", None, serde_json::json!({}))
+        .await;
+    table
+        .wait_status("PROCESSED", 200, Duration::from_secs(60))
+        .await;
+    let free = broker.take(200, Duration::from_secs(30)).await;
+    assert_eq!(free.len(), 200, "the other aggregates flowed");
+    // The leader raises the floor past the waiting retry and the rows parked behind it.
+    wait_for(
+        Duration::from_secs(30),
+        "the floor past every row of the held aggregate",
+        || async { (floor(&table).await >= a3).then_some(()) },
+    )
+    .await;
+
+    // Fixed by hand and due now: a1 goes out, then the rows parked behind it, in order.
+    table
+        .setup_sql(&format!(
+            "UPDATE \"{}\" SET destination = NULL, next_attempt_at = now() WHERE id = {a1}",
+            table.name
+        ))
+        .await;
+    let got = broker.take(3, Duration::from_secs(30)).await;
+    let index = table.index().await;
+    let ids: Vec<i64> = got
+        .iter()
+        .map(|g| index.get(&g.message_id).expect("a row of the table").0)
+        .collect();
+    assert_eq!(ids, vec![a1, a2, a3]);
+    table
+        .wait_status("PROCESSED", 203, Duration::from_secs(30))
+        .await;
+    drop(relay);
+    broker.delete_exchange(&nowhere).await;
     broker.cleanup().await;
     table.cleanup().await;
 }
