@@ -148,6 +148,7 @@ pub async fn run(
         store.clone(),
         instance.clone(),
         settings.relay.retention,
+        settings.relay.on_failed,
         cancel.clone(),
     ));
     let sink = build_sink(&settings)?;

@@ -83,6 +83,44 @@ impl Store {
         super::floor::lower(tx, &self.table().floor(), &unparked).await
     }
 
+    /// Un-park up to `limit` parked rows whose blockers are all gone (a safety net: the
+    /// release that should have un-parked them did not, e.g. a rejection recorded late
+    /// by an instance that had lost the partition made a row a blocker again after its
+    /// new holder sent it). Rows parked behind parked rows only count as orphans too.
+    /// Lowers the floor below what it un-parks, in the same transaction. Returns how many.
+    pub async fn unpark_orphans(&self, on_failed: OnFailed, limit: i64) -> Result<u64, StoreError> {
+        let tbl = self.table().ident();
+        let mut tx = self.pool().begin().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(&format!(
+            "WITH o AS (
+                 SELECT p.id FROM {tbl} p
+                 WHERE p.next_attempt_at = 'infinity' AND p.status = 'PENDING'
+                   AND NOT EXISTS (
+                       SELECT 1 FROM {tbl} b
+                       WHERE hashtext(b.aggregate_type || '/' || b.aggregate_id)
+                             = hashtext(p.aggregate_type || '/' || p.aggregate_id)
+                         AND b.aggregate_type = p.aggregate_type
+                         AND b.aggregate_id = p.aggregate_id
+                         AND b.id < p.id
+                         AND b.next_attempt_at IS NOT NULL
+                         AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND $1)
+                              OR (b.status = 'PENDING' AND b.next_attempt_at > now()
+                                  AND b.next_attempt_at < 'infinity')))
+                 ORDER BY p.id LIMIT $2
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE {tbl} t SET next_attempt_at = NULL FROM o
+             WHERE t.id = o.id AND t.next_attempt_at = 'infinity' AND t.status = 'PENDING'
+             RETURNING t.id"
+        ))
+        .bind(on_failed == OnFailed::Block)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        super::floor::lower(&mut tx, &self.table().floor(), &ids).await?;
+        tx.commit().await?;
+        Ok(ids.len() as u64)
+    }
+
     /// Un-park every parked row (at the start of a run with `on_failed = "skip"`, where
     /// nothing blocks on a `FAILED` row), lowering the floor below them. Returns how many.
     pub async fn unpark_all(&self) -> Result<u64, StoreError> {

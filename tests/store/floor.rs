@@ -110,3 +110,36 @@ async fn rows_behind_a_waiting_retry_park_and_come_back_when_it_is_released(pool
     assert!(out[0].failed);
     assert_eq!(scanned(&s).await, vec![a3]);
 }
+
+#[sqlx::test(migrations = false)]
+async fn parked_rows_whose_blocker_is_gone_are_unparked_by_the_safety_net(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let (a1, a2, a3) = (
+        insert(&pool, "a").await,
+        insert(&pool, "a").await,
+        insert(&pool, "a").await,
+    );
+    let ha = hash(&pool, "a").await;
+    s.reject(&[reject(a1, Duration::from_secs(3600))], 5, OnFailed::Block)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.park(&[a2, a3], &[ha, ha], OnFailed::Block).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        s.unpark_orphans(OnFailed::Block, 10).await.unwrap(),
+        0,
+        "a1 still waits"
+    );
+    // a1 marked without its release (what a late rejection by a former holder can leave).
+    s.mark_processed(&[a1]).await.unwrap();
+    let epoch = s.floor().await.unwrap().epoch;
+    assert_eq!(
+        s.unpark_orphans(OnFailed::Block, 10).await.unwrap(),
+        2,
+        "both, though a3 is behind the parked a2"
+    );
+    assert_eq!(s.floor().await.unwrap().epoch, epoch + 1);
+    assert_eq!(scanned(&s).await, vec![a2, a3]);
+}
