@@ -18,7 +18,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::config::OnFailed;
-use crate::store::{ClaimedRow, Floor, Probe, ScanPage, ScanQuery, Store, StoreError};
+use crate::store::{ClaimedRow, Floor, Probe, ScanPage, ScanQuery, Scanned, Store, StoreError};
 
 /// Everything one claim needs, snapshotted from the engine when it starts.
 #[derive(Debug, Clone)]
@@ -58,67 +58,80 @@ pub struct Selection {
     pub capped: Vec<i32>,
 }
 
+/// What `Picker::pick` did with one scanned row.
+#[derive(Debug, PartialEq, Eq)]
+enum Pick {
+    /// Left out (held, capped, or its aggregate's share reached): look further.
+    Passed,
+    Taken,
+    /// No room for it: stop here.
+    Full,
+}
+
+/// The fairness and room rules of one selection, applied row by row.
+struct Picker<'a> {
+    plan: &'a Plan,
+    sel: Selection,
+    counts: HashMap<i32, u32>,
+    capped: HashSet<i32>,
+    bytes: usize,
+}
+
+impl Picker<'_> {
+    fn pick(&mut self, s: &Scanned) -> Pick {
+        let plan = self.plan;
+        if plan.exclude.contains(&s.id)
+            || plan.capped.contains(&s.hash)
+            || self.capped.contains(&s.hash)
+        {
+            return Pick::Passed;
+        }
+        let held = plan.counts.get(&s.hash).copied().unwrap_or(0);
+        let taken = self.counts.entry(s.hash).or_insert(0);
+        if held + *taken >= plan.max_per_aggregate {
+            self.capped.insert(s.hash);
+            self.sel.capped.push(s.hash);
+            return Pick::Passed;
+        }
+        let size = usize::try_from(s.size).unwrap_or(0);
+        if self.sel.take.len() >= plan.room_rows
+            || (!self.sel.take.is_empty() && self.bytes + size > plan.room_bytes)
+        {
+            return Pick::Full;
+        }
+        *taken += 1;
+        self.bytes += size;
+        self.sel.take.push(s.id);
+        Pick::Taken
+    }
+}
+
 /// Pick rows from a scan page (pure; see the module doc).
 pub fn select(plan: &Plan, page: &ScanPage) -> Selection {
-    let mut sel = Selection {
-        cursor: plan.after,
-        ..Selection::default()
+    let mut p = Picker {
+        plan,
+        sel: Selection {
+            cursor: plan.after,
+            ..Selection::default()
+        },
+        counts: HashMap::new(),
+        capped: HashSet::new(),
+        bytes: 0,
     };
-    let mut counts: HashMap<i32, u32> = HashMap::new();
-    let mut capped: HashSet<i32> = HashSet::new();
-    let mut bytes = 0usize;
     // Retries due below the cursor first (they do not move it).
     for s in &page.due {
-        if plan.exclude.contains(&s.id) || plan.capped.contains(&s.hash) || capped.contains(&s.hash)
-        {
-            continue;
+        if p.pick(s) == Pick::Full {
+            return p.sel;
         }
-        let held = plan.counts.get(&s.hash).copied().unwrap_or(0);
-        let taken = counts.entry(s.hash).or_insert(0);
-        if held + *taken >= plan.max_per_aggregate {
-            capped.insert(s.hash);
-            sel.capped.push(s.hash);
-            continue;
-        }
-        let size = usize::try_from(s.size).unwrap_or(0);
-        if sel.take.len() >= plan.room_rows
-            || (!sel.take.is_empty() && bytes + size > plan.room_bytes)
-        {
-            return sel;
-        }
-        *taken += 1;
-        bytes += size;
-        sel.take.push(s.id);
     }
     for s in &page.rows {
-        if plan.exclude.contains(&s.id) {
-            sel.cursor = s.id;
-            continue;
-        }
-        if plan.capped.contains(&s.hash) || capped.contains(&s.hash) {
-            sel.cursor = s.id;
-            continue;
-        }
-        let held = plan.counts.get(&s.hash).copied().unwrap_or(0);
-        let taken = counts.entry(s.hash).or_insert(0);
-        if held + *taken >= plan.max_per_aggregate {
-            capped.insert(s.hash);
-            sel.capped.push(s.hash);
-            sel.cursor = s.id;
-            continue;
-        }
-        let size = usize::try_from(s.size).unwrap_or(0);
-        if sel.take.len() >= plan.room_rows
-            || (!sel.take.is_empty() && bytes + size > plan.room_bytes)
-        {
+        if p.pick(s) == Pick::Full {
             // Full: the sweep continues at this row next time.
-            return sel;
+            return p.sel;
         }
-        *taken += 1;
-        bytes += size;
-        sel.take.push(s.id);
-        sel.cursor = s.id;
+        p.sel.cursor = s.id;
     }
+    let mut sel = p.sel;
     if page.rows.len() < plan.scan_limit as usize {
         // Every row examined was looked at (the database left out only skipped hashes).
         sel.cursor = sel.cursor.max(page.last_examined);
@@ -295,7 +308,6 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Scanned;
 
     fn plan(max_per_aggregate: u32, room_rows: usize) -> Plan {
         Plan {

@@ -157,15 +157,12 @@ impl Store {
         sql: &str,
         ids: Option<&[i64]>,
     ) -> Result<Vec<i64>, StoreError> {
-        let tbl = self.table().ident();
         let mut tx = self.pool().begin().await?;
         let done: Vec<i64> = sqlx::query_scalar(sql)
             .bind(ids)
             .fetch_all(&mut *tx)
             .await?;
-        let mut opened = super::park::unpark_behind(&mut tx, &tbl, &done).await?;
-        opened.extend_from_slice(&done);
-        super::floor::lower(&mut tx, &self.table().floor(), &opened).await?;
+        self.release_in(&mut tx, &done, &done).await?;
         tx.commit().await?;
         Ok(done)
     }

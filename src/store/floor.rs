@@ -37,10 +37,8 @@ impl Store {
     /// summary reports, for a horizon kept outside the engine).
     pub async fn probe(&self) -> Result<Probe, StoreError> {
         let (top, xmin, xmax): (i64, i64, i64) = sqlx::query_as(&format!(
-            "SELECT (SELECT coalesce(max(t.id), 0) FROM {} t),
-                    pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
-                    pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
-            self.table().ident()
+            "SELECT {}",
+            super::probe_columns(&self.table().ident())
         ))
         .fetch_one(self.pool())
         .await?;

@@ -107,17 +107,39 @@ pub(crate) const UNPARKED: &str =
 /// rows), keyed by the aggregate's hash (any key length fits), and then compares the
 /// keys in full.
 pub(crate) fn blocker_clause(tbl: &str) -> String {
+    no_blocker(tbl, "o", "$2", true)
+}
+
+/// `NOT EXISTS` a blocker of row `row`'s aggregate before it (see `blocker_clause`);
+/// `block` is the boolean parameter saying block mode; with `parked = false` parked rows
+/// (waiting for ever) do not count as blockers.
+pub(crate) fn no_blocker(tbl: &str, row: &str, block: &str, parked: bool) -> String {
+    let parked = if parked {
+        ""
+    } else {
+        " AND b.next_attempt_at < 'infinity'"
+    };
     format!(
         "NOT EXISTS (
              SELECT 1 FROM {tbl} b
              WHERE hashtext(b.aggregate_type || '/' || b.aggregate_id)
-                   = hashtext(o.aggregate_type || '/' || o.aggregate_id)
-               AND b.aggregate_type = o.aggregate_type
-               AND b.aggregate_id = o.aggregate_id
-               AND b.id < o.id
+                   = hashtext({row}.aggregate_type || '/' || {row}.aggregate_id)
+               AND b.aggregate_type = {row}.aggregate_type
+               AND b.aggregate_id = {row}.aggregate_id
+               AND b.id < {row}.id
                AND b.next_attempt_at IS NOT NULL
-               AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND $2)
-                    OR (b.status = 'PENDING' AND b.next_attempt_at > now())))"
+               AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND {block})
+                    OR (b.status = 'PENDING' AND b.next_attempt_at > now(){parked})))"
+    )
+}
+
+/// The horizon probe's three columns (`Probe`): the table's highest visible id and the
+/// statement snapshot's xmin / xmax.
+pub(crate) fn probe_columns(tbl: &str) -> String {
+    format!(
+        "(SELECT coalesce(max(t.id), 0) FROM {tbl} t),
+         pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
+         pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
     )
 }
 
@@ -137,6 +159,7 @@ impl Sql {
         let blocker = blocker_clause(&tbl);
         let unparked = UNPARKED;
         let floor_tbl = t.floor();
+        let probe = probe_columns(&tbl);
         Self {
             // `s` examines at most $4 pending ids after $1 (no payloads), walking the
             // primary key; `d` adds the retries that fell due at or below $1 (below the
@@ -182,9 +205,7 @@ impl Sql {
                    AND ($6::int[] IS NULL OR hash = ANY($6))
                  UNION ALL
                  SELECT coalesce(max(id), $1), count(*)::int, -1::bigint, false,
-                        (SELECT coalesce(max(t.id), 0) FROM {tbl} t),
-                        pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
-                        pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
+                        {probe},
                         min(id) FILTER (WHERE fresh),
                         (SELECT f.floor FROM {floor_tbl} f WHERE f.singleton),
                         (SELECT f.epoch FROM {floor_tbl} f WHERE f.singleton)
@@ -368,7 +389,7 @@ impl Store {
         if on_failed == OnFailed::Skip {
             let failed: Vec<i64> = rows.iter().filter(|r| r.1).map(|r| r.0).collect();
             if !failed.is_empty() {
-                self.release_in(&mut tx, &failed).await?;
+                self.release_in(&mut tx, &failed, &[]).await?;
             }
         }
         tx.commit().await?;

@@ -67,20 +67,23 @@ impl Store {
                 .bind(ids)
                 .fetch_all(&mut *tx)
                 .await?;
-        self.release_in(&mut tx, &marked).await?;
+        self.release_in(&mut tx, &marked, &[]).await?;
         tx.commit().await?;
         Ok(marked.len() as u64)
     }
 
-    /// Inside a transaction that released `ids` (no longer blockers): un-park the rows
-    /// behind them and lower the floor below the lowest of them.
+    /// Inside a transaction that released `ids` (no longer blockers) and re-opened
+    /// `reopened`: un-park the rows behind `ids` and lower the floor below the lowest row
+    /// un-parked or re-opened.
     pub(super) async fn release_in(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         ids: &[i64],
+        reopened: &[i64],
     ) -> Result<(), StoreError> {
-        let unparked = unpark_behind(tx, &self.table().ident(), ids).await?;
-        super::floor::lower(tx, &self.table().floor(), &unparked).await
+        let mut opened = unpark_behind(tx, &self.table().ident(), ids).await?;
+        opened.extend_from_slice(reopened);
+        super::floor::lower(tx, &self.table().floor(), &opened).await
     }
 
     /// Un-park up to `limit` parked rows whose blockers are all gone (a safety net: the
@@ -90,22 +93,14 @@ impl Store {
     /// Lowers the floor below what it un-parks, in the same transaction. Returns how many.
     pub async fn unpark_orphans(&self, on_failed: OnFailed, limit: i64) -> Result<u64, StoreError> {
         let tbl = self.table().ident();
+        // Rows parked behind parked rows only are orphans too: parked rows do not count.
+        let no_blocker = super::no_blocker(&tbl, "p", "$1", false);
         let mut tx = self.pool().begin().await?;
         let ids: Vec<i64> = sqlx::query_scalar(&format!(
             "WITH o AS (
                  SELECT p.id FROM {tbl} p
                  WHERE p.next_attempt_at = 'infinity' AND p.status = 'PENDING'
-                   AND NOT EXISTS (
-                       SELECT 1 FROM {tbl} b
-                       WHERE hashtext(b.aggregate_type || '/' || b.aggregate_id)
-                             = hashtext(p.aggregate_type || '/' || p.aggregate_id)
-                         AND b.aggregate_type = p.aggregate_type
-                         AND b.aggregate_id = p.aggregate_id
-                         AND b.id < p.id
-                         AND b.next_attempt_at IS NOT NULL
-                         AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND $1)
-                              OR (b.status = 'PENDING' AND b.next_attempt_at > now()
-                                  AND b.next_attempt_at < 'infinity')))
+                   AND {no_blocker}
                  ORDER BY p.id LIMIT $2
                  FOR UPDATE SKIP LOCKED)
              UPDATE {tbl} t SET next_attempt_at = NULL FROM o
@@ -142,7 +137,7 @@ impl Store {
 /// Inside an operator's transaction, after its replay/discard of `ids`: un-park the rows
 /// parked behind them (a statement of its own, so it sees parking that committed while
 /// the first statement waited for the blockers' locks). Returns the ids un-parked.
-pub(super) async fn unpark_behind(
+async fn unpark_behind(
     tx: &mut Transaction<'_, Postgres>,
     tbl: &str,
     ids: &[i64],
