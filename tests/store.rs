@@ -430,3 +430,46 @@ async fn the_order_lock_is_held_to_commit_unless_switched_off(pool: PgPool) {
 
 #[path = "store/floor.rs"]
 mod floor;
+
+/// A retry blocks the rows after it in the fetch, due or not, unless it is read in the
+/// same fetch or the caller holds it already (a retry that fell due between a claim's
+/// scan and its fetch must not let a later row go first).
+#[sqlx::test(migrations = false)]
+async fn a_retry_holds_back_the_fetch_of_later_rows_unless_read_with_them_or_held(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let a1 = insert(&pool, "r").await;
+    let a2 = insert(&pool, "r").await;
+    s.reject(&[reject(a1, Duration::ZERO)], 5, OnFailed::Block)
+        .await
+        .unwrap();
+    let fetch = |want: Vec<i64>, held: Vec<i64>| {
+        let s = s.clone();
+        async move {
+            let (rows, _) = s
+                .fetch(&want, OnFailed::Block, 1 << 20, None, &held)
+                .await
+                .unwrap();
+            rows.iter().map(|r| r.row.id).collect::<Vec<i64>>()
+        }
+    };
+    assert_eq!(
+        fetch(vec![a2], vec![]).await,
+        Vec::<i64>::new(),
+        "due, not read"
+    );
+    assert_eq!(fetch(vec![a1, a2], vec![]).await, vec![a1, a2]);
+    assert_eq!(
+        fetch(vec![a2], vec![a1]).await,
+        vec![a2],
+        "held ahead of it"
+    );
+    s.reject(&[reject(a1, Duration::from_secs(3600))], 5, OnFailed::Block)
+        .await
+        .unwrap();
+    assert_eq!(fetch(vec![a1, a2], vec![]).await, Vec::<i64>::new());
+    assert_eq!(
+        fetch(vec![a2], vec![a1]).await,
+        Vec::<i64>::new(),
+        "not due"
+    );
+}

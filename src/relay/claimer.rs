@@ -34,6 +34,8 @@ pub struct Plan {
     pub only: Option<Vec<i32>>,
     /// Ids held in memory or being recorded.
     pub exclude: HashSet<i64>,
+    /// Held ids that were tried before (their retry time may still be in the database).
+    pub retried: Vec<i64>,
     /// Rows held per aggregate hash.
     pub counts: HashMap<i32, u32>,
     pub max_per_aggregate: u32,
@@ -265,7 +267,13 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
     // The fetch re-checks the epoch the scan saw: a re-opening that commits between the
     // two statements makes it return nothing.
     let (rows, truncated) = store
-        .fetch(&sel.take, plan.on_failed, plan.room_bytes, epoch)
+        .fetch(
+            &sel.take,
+            plan.on_failed,
+            plan.room_bytes,
+            epoch,
+            &plan.retried,
+        )
         .await?;
     if truncated {
         // The byte budget ran out: continue right after the last row read, so the rows
@@ -317,6 +325,7 @@ mod tests {
             capped: HashSet::new(),
             only: None,
             exclude: HashSet::new(),
+            retried: Vec::new(),
             counts: HashMap::new(),
             max_per_aggregate,
             room_rows,

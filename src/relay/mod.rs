@@ -286,6 +286,12 @@ impl<S: Sink> Engine<S> {
             .chain(self.rejected.values().map(|(_, h)| *h))
             .collect();
         refill.retain(|h| !frozen.contains(h));
+        // The scan leaves frozen aggregates out and the cursor moves past their rows:
+        // capped for the rest of the sweep, so a row after those (the aggregate dropped
+        // from memory since) is never taken before them.
+        for h in &frozen {
+            self.sweep.cap(*h);
+        }
         let (after, mut capped) = self.sweep.plan(!refill.is_empty());
         let skipping = !capped.is_empty();
         capped.extend(frozen);
@@ -307,6 +313,7 @@ impl<S: Sink> Engine<S> {
             capped,
             only: (!refill.is_empty()).then_some(refill),
             exclude,
+            retried: self.window.retried_ids().collect(),
             counts: self.window.per_hash().clone(),
             max_per_aggregate: share,
             room_rows: take,

@@ -23,12 +23,20 @@ use std::collections::{HashMap, HashSet};
 use super::claimer::Seen;
 use crate::store::Probe;
 
-/// The highest id no transaction can still commit at or below, from two scan snapshots:
-/// a *candidate* (the highest id visible to a snapshot S1, and S1's xmax) becomes the
-/// horizon once a later snapshot's xmin reaches S1's xmax — every transaction running at
-/// S1 has ended by then. An id at or below the candidate was drawn before the candidate's
-/// row, which committed before S1, so by a transaction that had its xid before S1
-/// (migration 0004: the insert trigger takes the xid before it draws the id).
+/// The highest id no transaction can still commit at or below, from two probes (`Probe`):
+/// a *candidate* (the highest id visible to a statement's snapshot S1, and the xid X1
+/// that statement took after S1) becomes the horizon once a later snapshot's xmin
+/// reaches X1. An id at or below the candidate was drawn before S1 by a transaction that
+/// had its xid before it drew the id (migration 0004: the insert trigger takes the xid
+/// first), so an xid older than X1; a snapshot whose xmin is X1 or more sees every one of
+/// them ended.
+///
+/// Not S1's own xmin / xmax: a snapshot's xmax is one past the newest *ended*
+/// transaction, and a transaction with a newer xid that is still running appears
+/// neither in its list of running xids nor in its xmin. (The first version of the
+/// horizon trusted a snapshot whose xmin equalled its xmax as "nothing running": a
+/// producer that drew id 5 after another drew 6 but took its xid later could still be
+/// open then, and the sweep passed row 5 before it committed.)
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Horizon {
     safe: i64,
@@ -36,23 +44,18 @@ pub struct Horizon {
 }
 
 impl Horizon {
-    /// Take a scan's snapshot into account; returns the horizon valid for that scan.
+    /// Take a probe into account; returns the horizon valid for the statement it came from.
     pub fn observe(&mut self, p: Probe) -> i64 {
-        if p.xmin >= p.xmax {
-            // Nothing was running at the snapshot: everything visible is all there is.
-            self.safe = self.safe.max(p.top);
-            self.candidate = None;
-            return self.safe;
-        }
-        match self.candidate {
-            Some(c) if p.xmin >= c.xmax => {
+        if let Some(c) = self.candidate {
+            if p.xmin >= c.xid {
                 self.safe = self.safe.max(c.top);
-                self.candidate = Some(p);
+                self.candidate = None;
             }
-            // Kept until it validates: replacing it with each newer snapshot could put
-            // the horizon off for ever under a steady stream of transactions.
-            Some(_) => {}
-            None => self.candidate = Some(p),
+        }
+        // A pending candidate is kept until it validates: replacing it with each newer
+        // probe could put the horizon off for ever under a steady stream of transactions.
+        if self.candidate.is_none() {
+            self.candidate = Some(p);
         }
         self.safe
     }
@@ -196,6 +199,7 @@ mod tests {
     #[test]
     fn the_sweep_caps_until_it_wraps_and_refills_what_runs_low() {
         let mut s = Sweep::default();
+        prime(&mut s, 1000, 5);
         s.observe(s.generation(), &snap(probe(1000, 5, 5)));
         assert!(s.refill(&HashMap::new(), 4).is_empty());
         assert_eq!(s.plan(false), (0, HashSet::new()));
@@ -234,30 +238,51 @@ mod tests {
         }
     }
 
-    fn probe(top: i64, xmin: i64, xmax: i64) -> Probe {
-        Probe { top, xmin, xmax }
+    /// Make `top` the horizon before a probe with `xmin` and the same `xid` comes (as
+    /// though the statements before it had seen it settle).
+    fn prime(s: &mut Sweep, top: i64, xmin: i64) {
+        s.observe(s.generation(), &snap(probe(top, xmin, xmin)));
+    }
+
+    fn probe(top: i64, xmin: i64, xid: i64) -> Probe {
+        Probe { top, xmin, xid }
     }
 
     #[test]
-    fn the_horizon_waits_for_every_transaction_running_at_its_snapshot() {
+    fn the_horizon_waits_for_every_transaction_older_than_the_probes_own_xid() {
         let mut h = Horizon::default();
-        // Transactions 10..20 were running when id 500 was the highest visible.
+        // Id 500 the highest visible; the probe's own xid 20 (taken after its snapshot).
         assert_eq!(h.observe(probe(500, 10, 20)), 0);
-        // Later snapshots: still running (xmin 15), and a newer candidate is not taken.
+        // Later probes: transaction 15 still running; a newer candidate is not taken.
         assert_eq!(h.observe(probe(600, 15, 30)), 0);
-        // Every transaction of the first snapshot has ended: 500 is safe, the candidate
-        // is now this snapshot.
+        // Every transaction older than 20 has ended: 500 is safe, this probe the candidate.
         assert_eq!(h.observe(probe(700, 20, 40)), 500);
         assert_eq!(h.observe(probe(800, 39, 45)), 500);
         assert_eq!(h.observe(probe(900, 40, 50)), 700);
-        // A snapshot with nothing running is safe at once.
-        assert_eq!(h.observe(probe(950, 60, 60)), 950);
-        assert_eq!(h.observe(probe(940, 60, 60)), 950, "never moves back");
+        assert_eq!(h.observe(probe(950, 60, 60)), 900);
+        assert_eq!(h.observe(probe(940, 61, 61)), 950);
+        assert_eq!(h.observe(probe(10, 70, 70)), 950, "never moves back");
+    }
+
+    /// The failure the xid taken after the snapshot prevents: transaction 101 drew id 5
+    /// after transaction 100 drew id 6 and committed; at that snapshot xmin = xmax = 101
+    /// (101 is newer than every ended transaction, so it shows nowhere), yet row 5 is not
+    /// committed. Nothing passes 5 until a snapshot's xmin is past the probe's own xid.
+    #[test]
+    fn a_snapshot_with_nothing_listed_running_is_not_enough() {
+        let mut h = Horizon::default();
+        // Snapshot xmin 101 (= its xmax), the probe's xid 102: 101 may still run.
+        assert_eq!(h.observe(probe(6, 101, 102)), 0);
+        // 101 still running: a later probe's xmin is 101.
+        assert_eq!(h.observe(probe(6, 101, 103)), 0);
+        // 101 (and 102) ended.
+        assert_eq!(h.observe(probe(6, 104, 105)), 6);
     }
 
     #[test]
     fn the_cursor_stops_at_the_horizon() {
         let mut s = Sweep::default();
+        prime(&mut s, 100, 1);
         s.observe(s.generation(), &snap(probe(100, 1, 1)));
         let g = s.generation();
         s.advance(g, 250, false, 3, &[4]);
@@ -269,6 +294,7 @@ mod tests {
         assert!(s.more, "it took rows: claim again");
         s.advance(g, 250, false, 0, &[]);
         assert!(!s.more, "held back and nothing taken: wait for the tick");
+        prime(&mut s, 300, 2);
         s.observe(s.generation(), &snap(probe(300, 2, 2)));
         s.advance(g, 250, false, 0, &[]);
         assert_eq!(s.plan(false).0, 250);
@@ -281,6 +307,7 @@ mod tests {
         let g = s.generation();
         let floor = |floor, epoch| Some(Floor { floor, epoch });
         // Stored floor 10; the scan from 0 found pending rows from 40; nothing running.
+        prime(&mut s, 100, 1);
         s.observe(
             g,
             &Seen {
@@ -296,6 +323,7 @@ mod tests {
         assert_eq!(s.plan(false).0, 39, "so does a wrap");
         // A scan from the mark that found nothing: the mark goes to the horizon, no
         // further (ids above 200 may still commit).
+        prime(&mut s, 200, 2);
         s.observe(
             g,
             &Seen {
@@ -308,6 +336,7 @@ mod tests {
         );
         assert_eq!(s.plan(true).0, 200);
         // A scan that started above the mark says nothing about it.
+        prime(&mut s, 900, 3);
         s.observe(
             g,
             &Seen {
@@ -321,6 +350,7 @@ mod tests {
         assert_eq!(s.plan(true).0, 200);
         // The floor was lowered (rows re-opened): the mark follows it down, whatever
         // the scan that brought the news found.
+        prime(&mut s, 900, 3);
         s.observe(
             g,
             &Seen {
@@ -351,6 +381,7 @@ mod tests {
             },
         );
         assert_eq!(s.plan(true).0, 60);
+        prime(&mut s, 900, 3);
         s.observe(
             g,
             &Seen {
@@ -365,6 +396,7 @@ mod tests {
         s.restart();
         assert_eq!(s.plan(false).0, 60);
         // A scan planned before the restart is ignored.
+        prime(&mut s, 900, 3);
         s.observe(
             g,
             &Seen {
@@ -383,6 +415,7 @@ mod tests {
         let mut s = Sweep::default();
         let g = s.generation();
         // Only rows waiting for a retry among the rows examined, and more after them.
+        prime(&mut s, 900, 3);
         s.observe(
             g,
             &Seen {

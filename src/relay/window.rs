@@ -99,6 +99,17 @@ impl Window {
         self.ids.iter()
     }
 
+    /// Held rows that were tried before (`attempts > 0`): in the database they may still
+    /// carry their retry time, which must not hold back the rows claimed after them.
+    pub fn retried_ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.aggs.values().flat_map(|a| {
+            a.queue.iter().filter_map(|e| match &e.body {
+                Body::Message(m) if m.attempts > 0 => Some(e.id),
+                _ => None,
+            })
+        })
+    }
+
     /// Rows held per aggregate hash (a claim's per-aggregate caps start from these).
     pub fn per_hash(&self) -> &HashMap<i32, u32> {
         &self.per_hash

@@ -41,21 +41,23 @@ struct ScanRow {
     due: bool,
     top: Option<i64>,
     xmin: Option<i64>,
-    xmax: Option<i64>,
+    xid: Option<i64>,
     first: Option<i64>,
     floor: Option<i64>,
     epoch: Option<i64>,
 }
 
-/// What a scan's snapshot says about ids that can still commit (see `relay::claimer::Horizon`).
+/// What a statement's snapshot says about ids that can still commit (see
+/// `relay::Horizon`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Probe {
-    /// The highest id visible to the scan (any status).
+    /// The highest id visible to the snapshot (any status).
     pub top: i64,
     /// The snapshot's xmin: every transaction older than it has ended.
     pub xmin: i64,
-    /// The snapshot's xmax: every transaction running at the snapshot is older than it.
-    pub xmax: i64,
+    /// A transaction id the statement took after its snapshot: every transaction that
+    /// drew an id at or below `top` is older than it.
+    pub xid: i64,
 }
 
 /// One page of a scan.
@@ -131,8 +133,8 @@ impl Store {
             .pop()
             .filter(|r| r.size == -1)
             .ok_or_else(|| StoreError::Unexpected("scan returned no summary row"))?;
-        let probe = match (summary.top, summary.xmin, summary.xmax) {
-            (Some(top), Some(xmin), Some(xmax)) => Probe { top, xmin, xmax },
+        let probe = match (summary.top, summary.xmin, summary.xid) {
+            (Some(top), Some(xmin), Some(xid)) => Probe { top, xmin, xid },
             _ => return Err(StoreError::Unexpected("scan summary without its snapshot")),
         };
         let (due, rows): (Vec<ScanRow>, Vec<ScanRow>) = rows.into_iter().partition(|r| r.due);
@@ -158,14 +160,18 @@ impl Store {
     /// The rows among `ids` that are still `PENDING`, due, and behind no blocker of
     /// their aggregate, in `id` order; stops once `budget` bytes were read (at least one
     /// row is always returned when any qualifies). The flag says whether it stopped
-    /// early: rows after the last one returned were not looked at. With `epoch`, nothing
-    /// is returned unless the floor's epoch is still that one (no rows re-opened since).
+    /// early: rows after the last one returned were not looked at. A retry of the
+    /// aggregate before a row blocks it, due or not, unless it is read here too or is in
+    /// `held` (rows the caller holds already, ahead of this one in its queue). With
+    /// `epoch`, nothing is returned unless the floor's epoch is still that one (no rows
+    /// re-opened since).
     pub async fn fetch(
         &self,
         ids: &[i64],
         on_failed: OnFailed,
         budget: usize,
         epoch: Option<i64>,
+        held: &[i64],
     ) -> Result<(Vec<ClaimedRow>, bool), StoreError> {
         if ids.is_empty() {
             return Ok((Vec::new(), false));
@@ -174,6 +180,7 @@ impl Store {
             .bind(ids)
             .bind(on_failed == OnFailed::Block)
             .bind(epoch)
+            .bind(held)
             .fetch(self.pool());
         let mut out = Vec::new();
         let mut used = 0usize;

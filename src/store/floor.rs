@@ -33,16 +33,16 @@ impl Store {
         Ok(Floor { floor, epoch })
     }
 
-    /// The table's highest visible id and the snapshot's xmin / xmax (what a scan's
-    /// summary reports, for a horizon kept outside the engine).
+    /// The horizon probe a scan's summary reports (`Probe`), for a horizon kept outside
+    /// the engine.
     pub async fn probe(&self) -> Result<Probe, StoreError> {
-        let (top, xmin, xmax): (i64, i64, i64) = sqlx::query_as(&format!(
+        let (top, xmin, xid): (i64, i64, i64) = sqlx::query_as(&format!(
             "SELECT {}",
             super::probe_columns(&self.table().ident())
         ))
         .fetch_one(self.pool())
         .await?;
-        Ok(Probe { top, xmin, xmax })
+        Ok(Probe { top, xmin, xid })
     }
 
     /// Raise the floor to just below the first pending row with no `next_attempt_at`,

@@ -107,18 +107,27 @@ pub(crate) const UNPARKED: &str =
 /// rows), keyed by the aggregate's hash (any key length fits), and then compares the
 /// keys in full.
 pub(crate) fn blocker_clause(tbl: &str) -> String {
-    no_blocker(tbl, "o", "$2", true)
+    no_blocker(tbl, "o", "$2", WAITING)
 }
 
+/// Which earlier `PENDING` rows with a `next_attempt_at` block (see `no_blocker`): those
+/// still waiting for their retry, parked ones included.
+pub(crate) const WAITING: &str = "b.next_attempt_at > now()";
+/// Those waiting for a retry that will come (parked rows do not count).
+pub(crate) const WAITING_UNPARKED: &str =
+    "b.next_attempt_at > now() AND b.next_attempt_at < 'infinity'";
+/// Every retry, due or not, parked rows included, except the due ones the statement
+/// reads itself (`$1`) or the engine holds already, ahead in its queue (`$4`): a retry
+/// that falls due between a claim's scan and its fetch, or that the scan's list of due
+/// retries left out, must not let the rows after it go first.
+pub(crate) const UNTAKEN_RETRY: &str =
+    "NOT ((b.id = ANY($1) OR b.id = ANY($4)) AND b.next_attempt_at <= now())";
+
 /// `NOT EXISTS` a blocker of row `row`'s aggregate before it (see `blocker_clause`);
-/// `block` is the boolean parameter saying block mode; with `parked = false` parked rows
-/// (waiting for ever) do not count as blockers.
-pub(crate) fn no_blocker(tbl: &str, row: &str, block: &str, parked: bool) -> String {
-    let parked = if parked {
-        ""
-    } else {
-        " AND b.next_attempt_at < 'infinity'"
-    };
+/// `block` is the boolean parameter saying block mode; `pending` says which earlier
+/// `PENDING` rows with a `next_attempt_at` count (`WAITING`, `WAITING_UNPARKED`,
+/// `UNTAKEN_RETRY`).
+pub(crate) fn no_blocker(tbl: &str, row: &str, block: &str, pending: &str) -> String {
     format!(
         "NOT EXISTS (
              SELECT 1 FROM {tbl} b
@@ -129,17 +138,21 @@ pub(crate) fn no_blocker(tbl: &str, row: &str, block: &str, parked: bool) -> Str
                AND b.id < {row}.id
                AND b.next_attempt_at IS NOT NULL
                AND ((b.status = 'FAILED' AND b.discarded_at IS NULL AND {block})
-                    OR (b.status = 'PENDING' AND b.next_attempt_at > now(){parked})))"
+                    OR (b.status = 'PENDING' AND {pending})))"
     )
 }
 
-/// The horizon probe's three columns (`Probe`): the table's highest visible id and the
-/// statement snapshot's xmin / xmax.
+/// The horizon probe's three columns (`Probe`): the table's highest visible id, the
+/// statement snapshot's xmin, and a transaction id the statement takes *after* its
+/// snapshot (every transaction that drew an id at or below the first column had its xid
+/// before, so an older one). The transaction commits asynchronously: it writes nothing,
+/// its commit need not wait for a WAL flush.
 pub(crate) fn probe_columns(tbl: &str) -> String {
     format!(
         "(SELECT coalesce(max(t.id), 0) FROM {tbl} t),
          pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
-         pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+         (CASE WHEN set_config('synchronous_commit', 'off', true) IS NOT NULL
+               THEN pg_current_xact_id() END)::text::bigint"
     )
 }
 
@@ -157,6 +170,7 @@ impl Sql {
     fn new(t: &TableName) -> Self {
         let tbl = t.ident();
         let blocker = blocker_clause(&tbl);
+        let untaken = no_blocker(&tbl, "o", "$2", UNTAKEN_RETRY);
         let unparked = UNPARKED;
         let floor_tbl = t.floor();
         let probe = probe_columns(&tbl);
@@ -166,10 +180,10 @@ impl Sql {
             // floor: a waiting retry does not hold it), through `outbox_due_idx`. The
             // outer query leaves out the hashes in $5 (skipped for the rest of a sweep)
             // or keeps only those in $6 (a refill), and appends one summary row (size
-            // -1: id = the last id `s` examined, hash = how many, the horizon probe: the
-            // table's highest visible id and the xmin / xmax of the statement's
-            // snapshot; the first id examined with no retry schedule; the stored floor
-            // and its epoch).
+            // -1: id = the last id `s` examined, hash = how many, the horizon probe (the
+            // table's highest visible id, the snapshot's xmin, an xid taken after it);
+            // the first id examined with no retry schedule; the stored floor and its
+            // epoch).
             scan: format!(
                 "WITH s AS (
                      SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
@@ -193,7 +207,7 @@ impl Sql {
                      ORDER BY o.next_attempt_at
                      LIMIT $3)
                  (SELECT id, hash, size, false AS due, NULL::bigint AS top, NULL::bigint AS xmin,
-                         NULL::bigint AS xmax, NULL::bigint AS first, NULL::bigint AS floor,
+                         NULL::bigint AS xid, NULL::bigint AS first, NULL::bigint AS floor,
                          NULL::bigint AS epoch FROM s
                   WHERE ($5::int[] IS NULL OR hash <> ALL($5))
                     AND ($6::int[] IS NULL OR hash = ANY($6))
@@ -220,7 +234,7 @@ impl Sql {
                  WHERE o.id = ANY($1)
                    AND o.status = 'PENDING'
                    AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
-                   AND {blocker}
+                   AND {untaken}
                    AND ($3::bigint IS NULL
                         OR (SELECT f.epoch FROM {floor_tbl} f WHERE f.singleton) = $3)
                  ORDER BY o.id"

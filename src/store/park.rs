@@ -94,7 +94,7 @@ impl Store {
     pub async fn unpark_orphans(&self, on_failed: OnFailed, limit: i64) -> Result<u64, StoreError> {
         let tbl = self.table().ident();
         // Rows parked behind parked rows only are orphans too: parked rows do not count.
-        let no_blocker = super::no_blocker(&tbl, "p", "$1", false);
+        let no_blocker = super::no_blocker(&tbl, "p", "$1", super::WAITING_UNPARKED);
         let mut tx = self.pool().begin().await?;
         let ids: Vec<i64> = sqlx::query_scalar(&format!(
             "WITH o AS (

@@ -143,3 +143,45 @@ async fn parked_rows_whose_blocker_is_gone_are_unparked_by_the_safety_net(pool: 
     assert_eq!(s.floor().await.unwrap().epoch, epoch + 1);
     assert_eq!(scanned(&s).await, vec![a2, a3]);
 }
+
+/// The horizon probe's contract: its own transaction id is newer than that of every
+/// producer whose id it can see past, even one newer than every ended transaction (listed
+/// in no snapshot: its snapshot's `xmin = xmax`), so a later `xmin` reaches that id only
+/// once such a producer has ended. T took its xid after U, drew its id before U; U
+/// commits, T stays open.
+#[sqlx::test(migrations = false)]
+async fn the_probe_takes_an_xid_newer_than_every_open_producer(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let (mut u, mut t) = (pool.begin().await.unwrap(), pool.begin().await.unwrap());
+    let xid = "SELECT pg_current_xact_id()::text::bigint";
+    let ux: i64 = sqlx::query_scalar(xid).fetch_one(&mut *u).await.unwrap();
+    let tx: i64 = sqlx::query_scalar(xid).fetch_one(&mut *t).await.unwrap();
+    assert!(tx > ux);
+    let open = insert_in(&mut t, "t").await;
+    let sent = insert_in(&mut u, "u").await;
+    assert!(open < sent);
+    u.commit().await.unwrap();
+    let p1 = s.probe().await.unwrap();
+    assert_eq!(p1.top, sent, "row `open` is not visible, a later one is");
+    assert!(
+        p1.xid > tx,
+        "the probe's xid is newer than the open producer's"
+    );
+    let p2 = s.probe().await.unwrap();
+    assert!(
+        p2.xmin <= tx && p2.xmin < p1.xid,
+        "while T is open no snapshot validates p1"
+    );
+    t.commit().await.unwrap();
+}
+
+async fn insert_in(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, agg: &str) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+         VALUES ('order', $1, 'e', '{}') RETURNING id",
+    )
+    .bind(agg)
+    .fetch_one(&mut **tx)
+    .await
+    .unwrap()
+}
