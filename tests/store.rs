@@ -21,12 +21,13 @@ async fn store(pool: PgPool) -> Store {
     Store::from_pool(pool, table)
 }
 
-async fn insert(pool: &PgPool, agg: &str) -> i64 {
+/// Insert one row of `agg` (through the pool, or inside an open transaction).
+async fn insert<'c>(ex: impl sqlx::PgExecutor<'c>, agg: &str) -> i64 {
     sqlx::query_scalar(
         "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', $1, 'e', '{\"a\": 1}') RETURNING id",
     )
     .bind(agg)
-    .fetch_one(pool)
+    .fetch_one(ex)
     .await
     .unwrap()
 }

@@ -35,8 +35,8 @@ use crate::store::Probe;
 /// transaction, and a transaction with a newer xid that is still running appears
 /// neither in its list of running xids nor in its xmin. (The first version of the
 /// horizon trusted a snapshot whose xmin equalled its xmax as "nothing running": a
-/// producer that drew id 5 after another drew 6 but took its xid later could still be
-/// open then, and the sweep passed row 5 before it committed.)
+/// producer that took its xid after another's but drew id 5 before that one drew 6 could
+/// still be open then, and the sweep passed row 5 before it committed.)
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Horizon {
     safe: i64,
@@ -265,7 +265,7 @@ mod tests {
     }
 
     /// The failure the xid taken after the snapshot prevents: transaction 101 drew id 5
-    /// after transaction 100 drew id 6 and committed; at that snapshot xmin = xmax = 101
+    /// before transaction 100 drew id 6 and committed; at that snapshot xmin = xmax = 101
     /// (101 is newer than every ended transaction, so it shows nowhere), yet row 5 is not
     /// committed. Nothing passes 5 until a snapshot's xmin is past the probe's own xid.
     #[test]

@@ -145,8 +145,8 @@ pub(crate) fn no_blocker(tbl: &str, row: &str, block: &str, pending: &str) -> St
 /// The horizon probe's three columns (`Probe`): the table's highest visible id, the
 /// statement snapshot's xmin, and a transaction id the statement takes *after* its
 /// snapshot (every transaction that drew an id at or below the first column had its xid
-/// before, so an older one). The transaction commits asynchronously: it writes nothing,
-/// its commit need not wait for a WAL flush.
+/// before, so an older one). The transaction writes only its commit record, and commits
+/// asynchronously: no wait for a WAL flush.
 pub(crate) fn probe_columns(tbl: &str) -> String {
     format!(
         "(SELECT coalesce(max(t.id), 0) FROM {tbl} t),

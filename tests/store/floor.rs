@@ -157,8 +157,8 @@ async fn the_probe_takes_an_xid_newer_than_every_open_producer(pool: PgPool) {
     let ux: i64 = sqlx::query_scalar(xid).fetch_one(&mut *u).await.unwrap();
     let tx: i64 = sqlx::query_scalar(xid).fetch_one(&mut *t).await.unwrap();
     assert!(tx > ux);
-    let open = insert_in(&mut t, "t").await;
-    let sent = insert_in(&mut u, "u").await;
+    let open = insert(&mut *t, "t").await;
+    let sent = insert(&mut *u, "u").await;
     assert!(open < sent);
     u.commit().await.unwrap();
     let p1 = s.probe().await.unwrap();
@@ -173,15 +173,4 @@ async fn the_probe_takes_an_xid_newer_than_every_open_producer(pool: PgPool) {
         "while T is open no snapshot validates p1"
     );
     t.commit().await.unwrap();
-}
-
-async fn insert_in(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, agg: &str) -> i64 {
-    sqlx::query_scalar(
-        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-         VALUES ('order', $1, 'e', '{}') RETURNING id",
-    )
-    .bind(agg)
-    .fetch_one(&mut **tx)
-    .await
-    .unwrap()
 }
