@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -134,16 +133,21 @@ pub async fn run(
     tracing::info!(%instance, table = %store.table(), sink = %settings.sink.kind, "relay starting");
 
     let tracker = TaskTracker::new();
-    let wake = Arc::new(Notify::new());
-    if settings.relay.listen {
+    let bell = if settings.relay.listen {
         let channel = store.notify_channel().await?;
+        let key = store.doorbell_key().await?;
+        let (bell, wire) = crate::relay::wake::pair();
         tracker.spawn(crate::relay::wake::listen(
             settings.database.url.clone(),
             channel,
-            wake.clone(),
+            key,
+            wire,
             cancel.clone(),
         ));
-    }
+        bell
+    } else {
+        crate::relay::wake::Bell::default()
+    };
     tracker.spawn(maintenance::run(
         store.clone(),
         instance.clone(),
@@ -152,7 +156,7 @@ pub async fn run(
         cancel.clone(),
     ));
     let sink = build_sink(&settings)?;
-    let relay = Relay::new(store, sink, settings.relay.clone(), instance, wake, health);
+    let relay = Relay::new(store, sink, settings.relay.clone(), instance, bell, health);
     tracker.spawn(relay.run(cancel.clone()));
     tracker.close();
 

@@ -43,10 +43,15 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "hot",
         sql: include_str!("../migrations/0005_hot.sql"),
     },
+    Migration {
+        version: 6,
+        description: "doorbell",
+        sql: include_str!("../migrations/0006_doorbell.sql"),
+    },
 ];
 
 /// The table comment the latest migration leaves; `run` refuses to start without it.
-pub const SCHEMA_MARKER: &str = "relay schema 5";
+pub const SCHEMA_MARKER: &str = "relay schema 6";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

@@ -402,8 +402,8 @@ async fn a_producer_with_insert_only_cannot_set_relay_owned_columns(pool: PgPool
 #[sqlx::test(migrations = false)]
 async fn the_order_lock_is_held_to_commit_unless_switched_off(pool: PgPool) {
     let _s = store(pool.clone()).await;
-    let held =
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()";
+    // Order locks have one 64-bit key (objsubid 1); the doorbell's slots have two keys.
+    let held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND pid = pg_backend_pid()";
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'a', 'e', '{}'), ('order', 'b', 'e', '{}'), ('order', 'a', 'e', '{}')")
         .execute(&mut *tx)
@@ -431,6 +431,9 @@ async fn the_order_lock_is_held_to_commit_unless_switched_off(pool: PgPool) {
 
 #[path = "store/floor.rs"]
 mod floor;
+
+#[path = "store/doorbell.rs"]
+mod doorbell;
 
 /// A retry blocks the rows after it in the fetch, due or not, unless it is read in the
 /// same fetch or the caller holds it already (a retry that fell due between a claim's

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, SinkKind};
@@ -231,11 +230,17 @@ fn spawn_relay(
     settings: &Settings,
     cancel: &CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let wake = Arc::new(Notify::new());
     let health = Arc::new(Health::new(Duration::from_secs(3600)));
     let mut cfg = settings.relay.clone();
     cfg.poll_interval = cfg.poll_interval.min(Duration::from_millis(100));
-    let relay = Relay::new(store.clone(), sink, cfg, instance_id(), wake, health);
+    let relay = Relay::new(
+        store.clone(),
+        sink,
+        cfg,
+        instance_id(),
+        Default::default(),
+        health,
+    );
     tokio::spawn(relay.run(cancel.clone()))
 }
 

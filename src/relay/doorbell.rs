@@ -2,18 +2,15 @@
 //! at the producer's commit, held through its WAL flush, so it is only worth its cost to
 //! a relay that is waiting: while rows flow fast (or a backlog is being drained) the
 //! relay finds the next rows by claiming again on a short tick instead, and producers'
-//! commits carry no notification. The choice lives in the instance's member row
-//! (`listening`), read by the insert trigger (migration 0003).
+//! commits carry no notification. The LISTEN task (`wake`) holds the doorbell's locks
+//! while this asks for them (migration 0006: the insert trigger notifies only then).
 //!
-//! The engine records each claim; `tick` writes the member row when the wish changes
-//! (one statement at a time, in its own task).
+//! The engine records each claim; `tick` passes the wish on when it changes.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use tokio::task::JoinHandle;
-
-use crate::store::{Store, StoreError};
+use super::wake::{Bell, Ring};
 
 /// How far back the claim rate is measured.
 pub const WINDOW: Duration = Duration::from_millis(250);
@@ -28,84 +25,34 @@ pub const QUIET_RATE: usize = 50;
 /// The claim tick while not listening.
 pub const BUSY_POLL: Duration = Duration::from_millis(5);
 
-#[derive(Debug)]
 pub struct Doorbell {
-    /// `relay.listen`: without it the relay never listens and polls on `poll_interval`.
-    enabled: bool,
-    /// What the member row says (as last written successfully).
-    listening: bool,
+    /// The LISTEN task (none with `relay.listen` off: never listens, polls on
+    /// `poll_interval`).
+    bell: Bell,
+    /// What was last asked of it.
+    asked: bool,
     /// Claims within `WINDOW`: when, and how many rows each returned.
     recent: VecDeque<(Instant, usize)>,
     /// A claim said a backlog remains: busy at least until then.
     busy_until: Option<Instant>,
-    /// The member row being written, and the value being written.
-    writing: Option<(JoinHandle<Result<bool, StoreError>>, bool)>,
-    /// After a failed write, not before then.
-    retry_at: Option<Instant>,
-    /// The member row was written once.
-    started: bool,
 }
 
 impl Doorbell {
-    pub fn new(enabled: bool) -> Self {
+    pub fn new(bell: Bell) -> Self {
         Self {
-            enabled,
-            listening: false,
+            bell,
+            asked: false,
             recent: VecDeque::new(),
             busy_until: None,
-            writing: None,
-            retry_at: None,
-            started: false,
         }
     }
 
-    /// Start writing the member row if what it should say changed.
-    pub fn tick(&mut self, now: Instant, store: &Store, instance: &str) {
-        if self.writing.is_some() || self.retry_at.is_some_and(|t| now < t) {
-            return;
-        }
+    /// Pass the wish on if it changed.
+    pub fn tick(&mut self, now: Instant) {
         let want = self.wanted(now);
-        // Written once at start even when disabled (a restart may find `true` there).
-        if self.started && want == self.listening {
-            return;
-        }
-        let (store, instance) = (store.clone(), instance.to_string());
-        let task = tokio::spawn(async move { store.set_listening(&instance, want).await });
-        self.writing = Some((task, want));
-    }
-
-    /// Wait for the running write (pending forever when there is none). Returns whether
-    /// the relay should claim now: it just started listening, and a row committed while
-    /// the flag was being written may have sent no notification.
-    pub async fn written_next(&mut self) -> bool {
-        let Some((task, want)) = self.writing.as_mut() else {
-            return std::future::pending().await;
-        };
-        let want = *want;
-        let r = task.await;
-        self.writing = None;
-        match r {
-            Ok(Ok(false)) => {
-                // No member row yet: the first heartbeat writes it.
-                self.retry_at = Some(Instant::now() + Duration::from_millis(100));
-                false
-            }
-            Ok(Ok(true)) => {
-                self.started = true;
-                self.retry_at = None;
-                self.written(want);
-                want
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "writing the listening flag failed; retrying");
-                self.retry_at = Some(Instant::now() + Duration::from_secs(1));
-                false
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "listening flag task failed");
-                self.retry_at = Some(Instant::now() + Duration::from_secs(1));
-                false
-            }
+        if want != self.asked {
+            self.asked = want;
+            self.bell.ask(want);
         }
     }
 
@@ -134,29 +81,25 @@ impl Doorbell {
         rows.saturating_mul(1000) / WINDOW.as_millis().max(1) as usize
     }
 
-    /// The value the member row should hold now.
+    /// Whether wake-ups are wanted now.
     pub fn wanted(&mut self, now: Instant) -> bool {
-        if !self.enabled {
+        if !self.bell.wired() {
             return false;
         }
         self.trim(now);
         let backlog = self.busy_until.is_some_and(|t| now < t);
         let rate = self.rate();
-        if self.listening {
+        if self.asked {
             !(backlog || rate >= BUSY_RATE)
         } else {
             !backlog && rate < QUIET_RATE
         }
     }
 
-    /// The member row now says `listening`.
-    pub fn written(&mut self, listening: bool) {
-        self.listening = listening;
-    }
-
-    /// How long to wait before claiming again when nothing wakes the relay.
+    /// How long to wait before claiming again when nothing wakes the relay: the short
+    /// tick while producers' commits do not notify.
     pub fn poll_interval(&self, configured: Duration) -> Duration {
-        if self.enabled && !self.listening {
+        if self.bell.wired() && self.bell.ring() == Ring::Off {
             BUSY_POLL.min(configured)
         } else {
             configured
@@ -167,13 +110,21 @@ impl Doorbell {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::wake::{pair, Wire};
+
+    fn wired() -> (Doorbell, Wire) {
+        let (bell, wire) = pair();
+        (Doorbell::new(bell), wire)
+    }
 
     #[test]
     fn listens_when_quiet_and_stops_under_load() {
         let t0 = Instant::now();
-        let mut d = Doorbell::new(true);
-        assert!(d.wanted(t0), "an idle relay asks for wake-ups");
-        d.written(true);
+        let (mut d, wire) = wired();
+        assert_eq!(d.poll_interval(Duration::from_millis(500)), BUSY_POLL);
+        d.tick(t0);
+        assert!(wire.asked(), "an idle relay asks for wake-ups");
+        wire.set(Ring::Held);
         assert_eq!(
             d.poll_interval(Duration::from_millis(500)),
             Duration::from_millis(500)
@@ -182,13 +133,15 @@ mod tests {
         for i in 0..25u64 {
             d.record(t0 + Duration::from_millis(10 * i), 1, false);
         }
-        assert!(d.wanted(t0 + Duration::from_millis(250)));
+        d.tick(t0 + Duration::from_millis(250));
+        assert!(wire.asked());
         // 1 000 rows/s: stop.
         for i in 250..500u64 {
             d.record(t0 + Duration::from_millis(i), 1, false);
         }
-        assert!(!d.wanted(t0 + Duration::from_millis(500)));
-        d.written(false);
+        d.tick(t0 + Duration::from_millis(500));
+        assert!(!wire.asked());
+        wire.set(Ring::Off);
         assert_eq!(d.poll_interval(Duration::from_millis(500)), BUSY_POLL);
         // 100 rows/s: in between, stays off (hysteresis).
         let mut t = t0 + Duration::from_millis(500);
@@ -196,26 +149,42 @@ mod tests {
             t += Duration::from_millis(10);
             d.record(t, 1, false);
         }
-        assert!(!d.wanted(t));
+        d.tick(t);
+        assert!(!wire.asked());
         // Quiet again: back on.
-        assert!(d.wanted(t + WINDOW + Duration::from_millis(1)));
+        d.tick(t + WINDOW + Duration::from_millis(1));
+        assert!(wire.asked());
     }
 
     #[test]
     fn a_backlog_needs_no_wake_ups() {
         let t0 = Instant::now();
-        let mut d = Doorbell::new(true);
-        d.written(true);
+        let (mut d, wire) = wired();
+        d.tick(t0);
+        assert!(wire.asked());
         d.record(t0, 10, true);
-        assert!(!d.wanted(t0));
-        d.written(false);
-        assert!(!d.wanted(t0 + WINDOW / 2));
-        assert!(d.wanted(t0 + WINDOW * 2));
+        d.tick(t0);
+        assert!(!wire.asked());
+        d.tick(t0 + WINDOW / 2);
+        assert!(!wire.asked());
+        d.tick(t0 + WINDOW * 2);
+        assert!(wire.asked());
     }
 
     #[test]
-    fn disabled_never_listens() {
-        let mut d = Doorbell::new(false);
+    fn another_instance_holding_the_bell_is_as_good_as_holding_it() {
+        let (mut d, wire) = wired();
+        d.tick(Instant::now());
+        wire.set(Ring::Covered);
+        assert_eq!(
+            d.poll_interval(Duration::from_millis(500)),
+            Duration::from_millis(500)
+        );
+    }
+
+    #[test]
+    fn unwired_never_listens() {
+        let mut d = Doorbell::new(Bell::default());
         assert!(!d.wanted(Instant::now()));
         assert_eq!(
             d.poll_interval(Duration::from_millis(500)),

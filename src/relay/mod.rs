@@ -67,7 +67,7 @@ pub struct Relay<S: Sink> {
     sink: S,
     cfg: RelayConfig,
     instance: String,
-    wake: Arc<Notify>,
+    bell: wake::Bell,
     health: Arc<Health>,
 }
 
@@ -77,7 +77,7 @@ impl<S: Sink> Relay<S> {
         sink: S,
         cfg: RelayConfig,
         instance: String,
-        wake: Arc<Notify>,
+        bell: wake::Bell,
         health: Arc<Health>,
     ) -> Self {
         Self {
@@ -85,7 +85,7 @@ impl<S: Sink> Relay<S> {
             sink,
             cfg,
             instance,
-            wake,
+            bell,
             health,
         }
     }
@@ -154,7 +154,7 @@ impl<S: Sink> Engine<S> {
         Self {
             store: r.store,
             sink: r.sink,
-            wake: r.wake,
+            wake: r.bell.woken.clone(),
             health: r.health,
             leases,
             renewing: None,
@@ -179,7 +179,7 @@ impl<S: Sink> Engine<S> {
             db_pacer: Pacer::default(),
             dropped: HashSet::new(),
             last_poll: Instant::now(),
-            doorbell: Doorbell::new(r.cfg.listen),
+            doorbell: Doorbell::new(r.bell),
             probes: probe::Probes::new(Instant::now()),
             cfg: r.cfg,
         }
@@ -206,7 +206,6 @@ impl<S: Sink> Engine<S> {
                 r = self.completer.next() => self.on_recorded(r),
                 p = self.probes.next() => self.on_probed(p).await,
                 _ = self.wake.notified() => self.claim_due = true,
-                claim = self.doorbell.written_next() => self.claim_due |= claim,
                 _ = tokio::time::sleep_until(timer.into()) => {}
             }
         }
@@ -220,7 +219,7 @@ impl<S: Sink> Engine<S> {
             self.claim_due = true;
             self.last_poll = now;
         }
-        self.doorbell.tick(now, &self.store, &self.leases.instance);
+        self.doorbell.tick(now);
         if self.renewing.is_none() && now >= self.leases.next_renew() {
             let (store, instance) = (self.store.clone(), self.leases.instance.clone());
             let (ttl, have) = (self.leases.ttl(), self.leases.held().len());

@@ -42,21 +42,6 @@ impl Store {
         Ok(live)
     }
 
-    /// Say in this instance's member row whether it waits for NOTIFY wake-ups (the
-    /// insert trigger notifies only while a live member listens). Returns false when
-    /// there is no member row (before the first heartbeat, or after leaving).
-    pub async fn set_listening(&self, instance: &str, listening: bool) -> Result<bool, StoreError> {
-        let done = sqlx::query(&format!(
-            "UPDATE {} SET listening = $2 WHERE instance = $1",
-            self.table().members()
-        ))
-        .bind(instance)
-        .bind(listening)
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
     /// Extend every lease this instance holds; returns the partitions still held.
     pub async fn renew_leases(
         &self,

@@ -12,6 +12,7 @@
 
 pub mod admin;
 mod claim;
+pub mod doorbell;
 mod floor;
 pub mod leases;
 mod park;

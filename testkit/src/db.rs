@@ -80,15 +80,17 @@ impl TestTable {
         self.pool.close().await;
     }
 
-    fn drop_statements(&self) -> [String; 7] {
+    fn drop_statements(&self) -> [String; 9] {
         [
             format!("DROP TABLE IF EXISTS \"{}\" CASCADE", self.name),
             format!("DROP TABLE IF EXISTS \"{}_relay_leases\"", self.name),
             format!("DROP TABLE IF EXISTS \"{}_relay_members\"", self.name),
             format!("DROP TABLE IF EXISTS \"{}_relay_migrations\"", self.name),
+            format!("DROP TABLE IF EXISTS \"{}_relay_floor\"", self.name),
             format!("DROP TABLE IF EXISTS \"{}_demo_orders\"", self.name),
             format!("DROP FUNCTION IF EXISTS \"{}_notify\"() CASCADE", self.name),
             format!("DROP FUNCTION IF EXISTS \"{}_insert\"() CASCADE", self.name),
+            format!("DROP FUNCTION IF EXISTS \"{}_guard\"() CASCADE", self.name),
         ]
     }
 

@@ -51,7 +51,7 @@ impl Running {
             sink,
             cfg,
             instance.clone(),
-            Arc::default(),
+            Default::default(),
             Arc::new(Health::new(Duration::from_secs(300))),
         );
         let cancel = CancellationToken::new();
