@@ -93,11 +93,13 @@ pub async fn terminate_relay_backends(pool: &PgPool) -> i64 {
     .unwrap_or(0)
 }
 
-/// Number of relay backends currently LISTENing (the wake-up connection).
+/// Number of relay backends currently LISTENing (the wake-up connection, whose last
+/// statement is its LISTEN or a doorbell lock).
 pub async fn relay_listeners(pool: &PgPool) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity
-         WHERE application_name = 'outbox-relay' AND query ILIKE 'LISTEN%'",
+         WHERE application_name = 'outbox-relay'
+           AND (query ILIKE 'LISTEN%' OR query ILIKE '%advisory_lock%' OR query ILIKE '%advisory_unlock%')",
     )
     .fetch_one(pool)
     .await

@@ -100,7 +100,7 @@ pub struct Args {
     #[arg(long, default_value_t = 5.0)]
     pub notify_secs: f64,
     /// Rounds of the producers phase (bare / schema / draining alternating).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     pub notify_rounds: u32,
     /// Phases to run (comma separated); all by default.
     #[arg(

@@ -24,16 +24,24 @@ impl Drain {
     }
 }
 
-/// Producer commits/s per round: bare SPEC table, relay schema (no relay), relay schema
-/// with the relay draining.
+/// Producer commits/s per round, for two shapes of producer transaction: one outbox row
+/// alone, and a business row then the outbox row (as issue #11 measures an order service).
 #[derive(Debug, Clone, Default)]
 pub struct Producers {
+    pub outbox_only: ProducerRuns,
+    pub with_business_row: ProducerRuns,
+}
+
+/// Commits/s per round: bare SPEC table, relay schema (no relay), relay schema with the
+/// relay draining.
+#[derive(Debug, Clone, Default)]
+pub struct ProducerRuns {
     pub bare: Vec<f64>,
     pub schema: Vec<f64>,
     pub draining: Vec<f64>,
 }
 
-impl Producers {
+impl ProducerRuns {
     pub fn means(&self) -> (f64, f64, f64) {
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         (mean(&self.bare), mean(&self.schema), mean(&self.draining))

@@ -58,7 +58,10 @@ impl Bench {
         let started = Instant::now();
         let commits = pg::produce(
             &self.args.database_url,
-            &t.name,
+            &pg::Target {
+                outbox: &t.name,
+                business: None,
+            },
             self.args.producers,
             Some(self.rate_for(kind)),
             self.args.latency_secs,

@@ -1,14 +1,15 @@
 //! Producers phase: what the relay's schema costs the order service. Producer commits/s,
 //! flat out, into a bare table with exactly SPEC §1's columns, into the relay's schema
 //! with no relay running, and into the relay's schema while a relay drains it — in
-//! alternating rounds, so drift hits all three alike.
+//! alternating rounds, so drift hits all three alike; for a transaction of one outbox row
+//! and for one of a business row then the outbox row.
 
 use anyhow::{anyhow, Result};
 use outbox_relay::migrate::{render, MIGRATIONS};
 use outbox_relay::table::TableName;
 
 use crate::bench::Bench;
-use crate::figures::{Kind, Producers};
+use crate::figures::{Kind, ProducerRuns, Producers};
 use crate::pg;
 use crate::report::int;
 
@@ -29,61 +30,85 @@ impl Bench {
             return Err(anyhow!("no broker for the draining relay"));
         };
         let bare = format!("{}_bare", self.prefix);
+        let orders = format!("{}_orders", self.prefix);
         let bare_table = TableName::parse(&bare).map_err(|e| anyhow!("{e}"))?;
         sqlx::raw_sql(&render(MIGRATIONS[0].sql, &bare_table))
             .execute(&self.pool)
             .await?;
+        pg::business_table(&self.pool, &orders).await?;
         let t = self.table("producers").await?;
         let mut out = Producers::default();
         let mut result = Ok(());
-        for round in 0..self.args.notify_rounds {
-            for v in [Variant::Bare, Variant::Schema, Variant::Draining] {
-                if let Err(e) = self
-                    .producer_round(kind, &bare, &t, v, round, &mut out)
-                    .await
-                {
-                    result = Err(e);
-                    break;
+        'rounds: for round in 0..self.args.notify_rounds {
+            for business in [None, Some(orders.as_str())] {
+                for v in [Variant::Bare, Variant::Schema, Variant::Draining] {
+                    let runs = if business.is_some() {
+                        &mut out.with_business_row
+                    } else {
+                        &mut out.outbox_only
+                    };
+                    let round = Round {
+                        kind,
+                        bare: &bare,
+                        business,
+                        v,
+                        round,
+                    };
+                    if let Err(e) = self.producer_round(&round, &t, runs).await {
+                        result = Err(e);
+                        break 'rounds;
+                    }
                 }
             }
         }
-        let _ = sqlx::raw_sql(&format!("DROP TABLE IF EXISTS \"{bare}\""))
-            .execute(&self.pool)
-            .await;
+        for table in [&bare, &orders] {
+            let _ = sqlx::raw_sql(&format!("DROP TABLE IF EXISTS \"{table}\""))
+                .execute(&self.pool)
+                .await;
+        }
         self.drop_table(&t).await;
         result?;
-        let (b, s, d) = out.means();
-        println!(
-            "postgres: producer commits/s ({} producers, one row per transaction, flat out): bare SPEC table {} / relay schema, no relay {} ({:.2}×) / relay schema, relay draining {} ({:.2}×)",
-            self.args.producers,
-            int(b),
-            int(s),
-            s / b,
-            int(d),
-            d / b
-        );
+        for (shape, runs) in [
+            ("one outbox row", &out.outbox_only),
+            ("a business row + an outbox row", &out.with_business_row),
+        ] {
+            let (b, s, d) = runs.means();
+            println!(
+                "postgres: producer commits/s ({} producers, {shape} per transaction, flat out): bare SPEC table {} / relay schema, no relay {} ({:.2}×) / relay schema, relay draining {} ({:.2}×)",
+                self.args.producers,
+                int(b),
+                int(s),
+                s / b,
+                int(d),
+                d / b
+            );
+        }
         Ok(out)
     }
 
     async fn producer_round(
         &self,
-        kind: Kind,
-        bare: &str,
+        r: &Round<'_>,
         t: &pg::BenchTable,
-        v: Variant,
-        round: u32,
-        out: &mut Producers,
+        out: &mut ProducerRuns,
     ) -> Result<()> {
-        let table = if v == Variant::Bare { bare } else { &t.name };
-        let relay = if v == Variant::Draining {
-            let env = self.relay_env(kind, &t.name, "producers").await?;
+        let table = if r.v == Variant::Bare {
+            r.bare
+        } else {
+            &t.name
+        };
+        let relay = if r.v == Variant::Draining {
+            let env = self.relay_env(r.kind, &t.name, "producers").await?;
             Some(self.spawn_relay(&env, "producers")?)
         } else {
             None
         };
         let commits = pg::produce(
             &self.args.database_url,
-            table,
+            &pg::Target {
+                outbox: table,
+                business: r.business,
+            },
             self.args.producers,
             None,
             self.args.notify_secs,
@@ -91,27 +116,47 @@ impl Bench {
             self.args.payload_bytes,
         )
         .await;
-        if let Some(r) = relay {
-            r.stop().await;
+        if let Some(relay) = relay {
+            relay.stop().await;
         }
         let rate = commits?.len() as f64 / self.args.notify_secs;
-        let label = match v {
+        let label = match r.v {
             Variant::Bare => "bare SPEC table     ",
             Variant::Schema => "relay schema        ",
             Variant::Draining => "schema, relay drains",
         };
-        eprintln!("  round {}: {label}: {} commits/s", round + 1, int(rate));
-        match v {
+        let shape = if r.business.is_some() {
+            "business + outbox"
+        } else {
+            "outbox only      "
+        };
+        eprintln!(
+            "  round {}: {shape}: {label}: {} commits/s",
+            r.round + 1,
+            int(rate)
+        );
+        match r.v {
             Variant::Bare => out.bare.push(rate),
             Variant::Schema => out.schema.push(rate),
             Variant::Draining => out.draining.push(rate),
         }
-        sqlx::raw_sql(&format!("TRUNCATE \"{table}\""))
-            .execute(&self.pool)
-            .await?;
-        if let (Some(r), Kind::Rabbit) = (&self.rabbit, kind) {
-            r.purge().await?;
+        let mut truncate = format!("TRUNCATE \"{table}\"");
+        if let Some(b) = r.business {
+            truncate += &format!(", \"{b}\"");
+        }
+        sqlx::raw_sql(&truncate).execute(&self.pool).await?;
+        if let (Some(rabbit), Kind::Rabbit) = (&self.rabbit, r.kind) {
+            rabbit.purge().await?;
         }
         Ok(())
     }
+}
+
+/// One measurement of the producers phase.
+struct Round<'a> {
+    kind: Kind,
+    bare: &'a str,
+    business: Option<&'a str>,
+    v: Variant,
+    round: u32,
 }
