@@ -172,12 +172,14 @@ impl Bench {
                             .unwrap_or_default()
                     };
                     println!(
-                        "{k}: drain {} rows in {:.2}s = {} rows/s{}{}; relay peak RSS {:.1} MB, CPU {:.2}s ({:.1} µs/row)  [{}]",
+                        "{k}: drain {} rows in {:.2}s = {} rows/s{}{}; first row marked after {:.2}s, from then on {} rows/s; relay peak RSS {:.1} MB, CPU {:.2}s ({:.1} µs/row)  [{}]",
                         d.rows,
                         d.secs,
                         int(d.rate()),
                         vs(s.ceiling, "broker ceiling"),
                         vs(pg_ceiling, "Postgres ceiling"),
+                        d.startup,
+                        int(d.steady_rate()),
                         d.usage.peak_rss_mb,
                         d.usage.cpu_secs,
                         1e6 * d.usage.cpu_secs / d.rows as f64,

@@ -61,6 +61,7 @@ impl Bench {
         let usage = relay.stop().await;
         let wal = pg::wal_since(&self.pool, &lsn0).await?;
         let end = t.max_processed_at().await?.context("no processed_at")?;
+        let first = t.min_processed_at().await?.context("no processed_at")?;
         let processed = t.count_status("PROCESSED").await? as u64;
         let hot_share = t.hot_share_since(upd0, processed).await?;
         // Read after the statistics settled (hot_share_since waits for them).
@@ -77,9 +78,11 @@ impl Bench {
             }
         }
         let secs = (end - t0).to_std().unwrap_or_default().as_secs_f64();
+        let startup = (first - t0).to_std().unwrap_or_default().as_secs_f64();
         Ok(Drain {
             rows: processed,
             secs,
+            startup,
             usage,
             split,
             wal_per_row: wal / processed.max(1) as f64,

@@ -6,7 +6,11 @@ use crate::procs::{CpuSplit, RelayUsage};
 #[derive(Debug, Clone, Default)]
 pub struct Drain {
     pub rows: u64,
+    /// From the relay's spawn to the last row's mark.
     pub secs: f64,
+    /// From the relay's spawn to the first row's mark (process start, connections,
+    /// leases, the first claim and send).
+    pub startup: f64,
     pub usage: RelayUsage,
     pub split: CpuSplit,
     /// WAL written from the relay's start to the end of the drain, per row.
@@ -21,6 +25,11 @@ pub struct Drain {
 impl Drain {
     pub fn rate(&self) -> f64 {
         self.rows as f64 / self.secs
+    }
+
+    /// Rows per second from the first mark to the last (start-up left out).
+    pub fn steady_rate(&self) -> f64 {
+        self.rows.saturating_sub(1) as f64 / (self.secs - self.startup).max(1e-3)
     }
 }
 

@@ -209,6 +209,16 @@ impl BenchTable {
         .await?)
     }
 
+    /// When the first row was marked (the relay's start-up is over by then).
+    pub async fn min_processed_at(&self) -> Result<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT min(processed_at) FROM {} WHERE status = 'PROCESSED'",
+            self.ident()
+        ))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Partitions leased by some relay instance (256 = the relay is up and claiming).
     pub async fn leased(&self) -> Result<i64> {
         Ok(sqlx::query_scalar(&format!(

@@ -57,6 +57,13 @@ pub fn print_table(args: &Args, f: &Figures) {
             })
         },
     );
+    row(
+        "drain from the first row's mark (relay start-up left out): start-up s / rows/s".into(),
+        &|s| {
+            let d = s.drain.as_ref()?;
+            Some(format!("{:.2} s / {}", d.startup, int(d.steady_rate())))
+        },
+    );
     row("drain ÷ raw broker ceiling".into(), &|s| {
         Some(pct(s.drain.as_ref()?.rate(), s.ceiling?))
     });
