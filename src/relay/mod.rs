@@ -301,10 +301,13 @@ impl<S: Sink> Engine<S> {
             .chain(self.recording.keys())
             .copied()
             .collect();
-        // Ids the scan returns: enough to fill the room (with slack for rows skipped in
-        // memory), so a busy sweep does not read the same rows claim after claim.
+        // Ids the scan returns: enough to fill the room, with a little slack for rows
+        // skipped in memory (held already, or past their aggregate's share). Not much
+        // more: rows after the one that fills the room are read again by the next scan
+        // (twice the room made every row of a drain scanned twice). A scan that runs out
+        // of rows first only makes a smaller claim; the next one goes on from there.
         let take = room_rows.min(self.cfg.batch_size as usize);
-        let scan_limit = u32::try_from(take.saturating_mul(2).max(256)).unwrap_or(u32::MAX);
+        let scan_limit = u32::try_from((take + take / 8).max(64)).unwrap_or(u32::MAX);
         let plan = Plan {
             generation: self.sweep.generation(),
             epoch: self.sweep.epoch(),
