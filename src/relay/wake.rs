@@ -142,10 +142,24 @@ pub async fn listen(
                 continue;
             }
         };
-        pacer.reset();
         wire.woken.notify_one();
-        if let Err(e) = serve(&mut listener, key, &mut wire, &cancel).await {
+        let began = Instant::now();
+        let served = serve(&mut listener, key, &mut wire, &cancel).await;
+        if began.elapsed() > Duration::from_secs(10) {
+            // A connection that lived: the next failure starts the pauses afresh (one that
+            // fails at once keeps doubling them).
+            pacer.reset();
+        }
+        if let Err(e) = served {
             tracing::debug!(error = %e, "LISTEN connection failed");
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(pacer.next_pause()) => {}
+            }
+        }
+        if wire.want.has_changed().is_err() {
+            // The engine is gone: nobody to wake.
+            return;
         }
     }
 }
