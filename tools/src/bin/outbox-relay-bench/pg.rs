@@ -77,8 +77,10 @@ impl BenchTable {
             format!("DROP TABLE IF EXISTS \"{n}_relay_leases\""),
             format!("DROP TABLE IF EXISTS \"{n}_relay_members\""),
             format!("DROP TABLE IF EXISTS \"{n}_relay_migrations\""),
+            format!("DROP TABLE IF EXISTS \"{n}_relay_floor\""),
             format!("DROP FUNCTION IF EXISTS \"{n}_notify\"() CASCADE"),
             format!("DROP FUNCTION IF EXISTS \"{n}_insert\"() CASCADE"),
+            format!("DROP FUNCTION IF EXISTS \"{n}_guard\"() CASCADE"),
         ] {
             let _ = sqlx::query(&sql).execute(&self.pool).await;
         }
