@@ -134,8 +134,7 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     let bell = if settings.relay.listen {
-        let channel = store.notify_channel().await?;
-        let key = store.doorbell_key().await?;
+        let (channel, key) = store.wake_names().await?;
         let (bell, wire) = crate::relay::wake::pair();
         tracker.spawn(crate::relay::wake::listen(
             settings.database.url.clone(),

@@ -27,10 +27,7 @@ impl Store {
     /// The doorbell's first lock key: the table's oid as a 32-bit integer (as the trigger's
     /// `TG_RELID::int4`).
     pub async fn doorbell_key(&self) -> Result<i32, StoreError> {
-        Ok(sqlx::query_scalar("SELECT to_regclass($1)::oid::int4")
-            .bind(self.table().ident())
-            .fetch_one(self.pool())
-            .await?)
+        Ok(self.wake_names().await?.1)
     }
 }
 

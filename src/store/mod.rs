@@ -418,13 +418,20 @@ impl Store {
             .collect())
     }
 
-    /// The `oid` of the outbox table; the NOTIFY channel is `relay_wake_<oid>`.
+    /// The NOTIFY channel, `relay_wake_<the table's oid>`.
     pub async fn notify_channel(&self) -> Result<String, StoreError> {
-        let oid: i64 = sqlx::query_scalar("SELECT to_regclass($1)::oid::bigint")
-            .bind(self.table.ident())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(format!("relay_wake_{oid}"))
+        Ok(self.wake_names().await?.0)
+    }
+
+    /// The NOTIFY channel and the doorbell's lock key (`store::doorbell`), both from
+    /// the table's oid, in one lookup.
+    pub async fn wake_names(&self) -> Result<(String, i32), StoreError> {
+        let (oid, key): (i64, i32) =
+            sqlx::query_as("SELECT to_regclass($1)::oid::bigint, to_regclass($1)::oid::int4")
+                .bind(self.table.ident())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((format!("relay_wake_{oid}"), key))
     }
 }
 

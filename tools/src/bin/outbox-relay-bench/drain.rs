@@ -60,8 +60,7 @@ impl Bench {
         let split = CpuSplit::between(&a, &census(), Some(relay.pid), &ours, kind.component());
         let usage = relay.stop().await;
         let wal = pg::wal_since(&self.pool, &lsn0).await?;
-        let end = t.max_processed_at().await?.context("no processed_at")?;
-        let first = t.min_processed_at().await?.context("no processed_at")?;
+        let (first, end) = t.processed_span().await?.context("no processed_at")?;
         let processed = t.count_status("PROCESSED").await? as u64;
         let hot_share = t.hot_share_since(upd0, processed).await?;
         // Read after the statistics settled (hot_share_since waits for them).

@@ -202,23 +202,16 @@ impl BenchTable {
         Ok((r.0.unwrap_or(0.0), r.1.unwrap_or(0.0), r.2.unwrap_or(0.0)))
     }
 
-    pub async fn max_processed_at(&self) -> Result<Option<DateTime<Utc>>> {
-        Ok(sqlx::query_scalar(&format!(
-            "SELECT max(processed_at) FROM {} WHERE status = 'PROCESSED'",
-            self.ident()
-        ))
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    /// When the first row was marked (the relay's start-up is over by then).
-    pub async fn min_processed_at(&self) -> Result<Option<DateTime<Utc>>> {
-        Ok(sqlx::query_scalar(&format!(
-            "SELECT min(processed_at) FROM {} WHERE status = 'PROCESSED'",
-            self.ident()
-        ))
-        .fetch_one(&self.pool)
-        .await?)
+    /// When the first and the last row were marked (`None` when none was).
+    pub async fn processed_span(&self) -> Result<Option<(DateTime<Utc>, DateTime<Utc>)>> {
+        let (first, last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+            sqlx::query_as(&format!(
+                "SELECT min(processed_at), max(processed_at) FROM {} WHERE status = 'PROCESSED'",
+                self.ident()
+            ))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(first.zip(last))
     }
 
     /// Partitions leased by some relay instance (256 = the relay is up and claiming).

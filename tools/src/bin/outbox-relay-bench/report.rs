@@ -1,7 +1,7 @@
 //! Rendering of the figures: number formatting and the final Markdown table.
 
 use crate::cli::Args;
-use crate::figures::{Figures, SinkFigures};
+use crate::figures::{Figures, ProducerRuns, Producers, SinkFigures};
 use crate::procs::{self, CpuSplit};
 
 /// 12345.6 → "12 346".
@@ -173,19 +173,21 @@ pub fn print_table(args: &Args, f: &Figures) {
             s.drain.as_ref()?.rate() / (r as f64 / t)
         ))
     });
-    for (shape, runs) in [
-        ("one outbox row per transaction", 0),
-        ("a business row + an outbox row per transaction", 1),
-    ] {
+    type Shape = fn(&Producers) -> &ProducerRuns;
+    let shapes: [(&str, Shape); 2] = [
+        ("one outbox row per transaction", |p| &p.outbox_only),
+        ("a business row + an outbox row per transaction", |p| {
+            &p.with_business_row
+        }),
+    ];
+    for (shape, runs) in shapes {
         row(
             format!(
                 "producer commits/s, {} producers flat out, {shape}: bare SPEC §1 table / relay schema, no relay (÷ bare) / relay schema, relay draining (÷ bare)",
                 args.producers
             ),
             &|_| {
-                let p = f.producers.as_ref()?;
-                let r = if runs == 0 { &p.outbox_only } else { &p.with_business_row };
-                let (b, s, d) = r.means();
+                let (b, s, d) = runs(f.producers.as_ref()?).means();
                 Some(format!(
                     "{} / {} ({:.2}×) / {} ({:.2}×)",
                     int(b),
