@@ -48,10 +48,15 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "doorbell",
         sql: include_str!("../migrations/0006_doorbell.sql"),
     },
+    Migration {
+        version: 7,
+        description: "when",
+        sql: include_str!("../migrations/0007_when.sql"),
+    },
 ];
 
 /// The table comment the latest migration leaves; `run` refuses to start without it.
-pub const SCHEMA_MARKER: &str = "relay schema 6";
+pub const SCHEMA_MARKER: &str = "relay schema 7";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -65,6 +70,25 @@ impl From<sqlx::Error> for MigrateError {
     fn from(e: sqlx::Error) -> Self {
         MigrateError::Db(e.into())
     }
+}
+
+/// The statements that remove every object the migrations create for the table named
+/// `table` (in the search path): for tests and tools that create tables of their own.
+pub fn drop_statements(table: &str) -> Vec<String> {
+    let mut out = vec![format!("DROP TABLE IF EXISTS \"{table}\" CASCADE")];
+    for t in [
+        "relay_leases",
+        "relay_members",
+        "relay_migrations",
+        "relay_floor",
+    ] {
+        out.push(format!("DROP TABLE IF EXISTS \"{table}_{t}\""));
+    }
+    // Trigger functions, every schema's (a table migrated by an older version may keep some).
+    for f in ["notify", "insert", "guard", "ring", "order"] {
+        out.push(format!("DROP FUNCTION IF EXISTS \"{table}_{f}\"() CASCADE"));
+    }
+    out
 }
 
 /// Rewrite the table identifiers of a migration for `table`: every word `outbox` or

@@ -4,7 +4,8 @@
 //! `outbox_relay_late_rows_total` (SPEC's metric; README "Late commits", issue #11). And
 //! with the order lock on, a row still open when a later row of another aggregate went
 //! out is not passed by the sweep, even when its transaction's xid is newer than every
-//! ended one (so no snapshot lists it as running).
+//! ended one (so no snapshot lists it as running; the horizon waits for the table's
+//! writers, `store::floor::the_probe_lists_every_open_writer_of_the_table`).
 
 use std::time::Duration;
 
@@ -85,7 +86,7 @@ async fn a_row_committed_behind_a_sent_one_is_delivered_and_counted() {
 /// xmax = U's xid + 1: T's xid shows nowhere. The sweep must not pass T's id: when T
 /// commits, its row goes out, and before the row aggregate a writes after it. (End to
 /// end, this does not always set the trap: any write ending with a newer xid in between
-/// — the relay's own heartbeat — lists T again; `store::floor::the_probe_takes_an_xid_…`
+/// — the relay's own heartbeat — lists T again; `store::floor::the_probe_lists_every_…`
 /// checks the probe's side of it deterministically.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_open_producer_newer_than_every_ended_transaction_is_not_passed() {

@@ -196,7 +196,7 @@ pub struct Claimed {
 }
 
 /// What a claim's scan saw beside its rows.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Seen {
     /// Where the scan started (it looked at ids above it).
     pub after: i64,
@@ -227,7 +227,7 @@ impl Default for Seen {
 /// Run one claim against the store.
 pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
     let skip: Vec<i32> = plan.capped.iter().copied().collect();
-    let page = store
+    let mut page = store
         .scan(&ScanQuery {
             after: plan.after,
             partitions: plan.partitions.as_deref(),
@@ -240,7 +240,7 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
     let epoch = page.floor.map(|f| f.epoch);
     let seen = Seen {
         after: plan.after,
-        probe: page.probe,
+        probe: page.probe.take(),
         first: page.first,
         reach: if page.examined < plan.examine {
             i64::MAX

@@ -23,45 +23,60 @@ use std::collections::{HashMap, HashSet};
 use super::claimer::Seen;
 use crate::store::Probe;
 
-/// The highest id no transaction can still commit at or below, from two probes (`Probe`):
-/// a *candidate* (the highest id visible to a statement's snapshot S1, and the xid X1
-/// that statement took after S1) becomes the horizon once a later snapshot's xmin
-/// reaches X1. An id at or below the candidate was drawn before S1 by a transaction that
-/// had its xid before it drew the id (migration 0004: the insert trigger takes the xid
-/// first), so an xid older than X1; a snapshot whose xmin is X1 or more sees every one of
-/// them ended.
+/// The highest id no transaction can still commit at or below, from the scans' probes
+/// (`Probe`): a probe lists, after its statement's snapshot, the transactions holding the
+/// table's `RowExclusiveLock`. Every insert takes that lock before it draws its id and
+/// holds it until it ends, so every transaction that drew an id at or below the probe's
+/// `top` and is still running is on its list. Once none of them is on a later probe's
+/// list, they have all ended, and `top` is the horizon for every statement whose
+/// snapshot is taken after that later list — the next statement, not the one that
+/// listed (its snapshot is older than its list). A probe with nobody listed makes its
+/// own `top` the horizon the same way.
 ///
-/// Not S1's own xmin / xmax: a snapshot's xmax is one past the newest *ended*
-/// transaction, and a transaction with a newer xid that is still running appears
-/// neither in its list of running xids nor in its xmin. (The first version of the
-/// horizon trusted a snapshot whose xmin equalled its xmax as "nothing running": a
-/// producer that took its xid after another's but drew id 5 before that one drew 6 could
-/// still be open then, and the sweep passed row 5 before it committed.)
-#[derive(Debug, Default, Clone, Copy)]
+/// Only writers of this table hold it back (a long transaction elsewhere does not), and
+/// nothing needs the producer's xid before its id (schema 4 did: the horizon was learnt
+/// from snapshots' xmin; a transaction that drew an id before it had an xid was then
+/// invisible to them).
+#[derive(Debug, Default, Clone)]
 pub struct Horizon {
+    /// Valid for the statement of the last probe observed.
     safe: i64,
+    /// Valid for statements that start after the last probe's.
+    next: i64,
     candidate: Option<Probe>,
 }
 
 impl Horizon {
     /// Take a probe into account; returns the horizon valid for the statement it came from.
     pub fn observe(&mut self, p: Probe) -> i64 {
-        if let Some(c) = self.candidate {
-            if p.xmin >= c.xid {
-                self.safe = self.safe.max(c.top);
+        // That statement's snapshot was taken after every earlier probe's list.
+        self.safe = self.next;
+        if let Some(c) = &self.candidate {
+            if c.writers.iter().all(|w| !p.writers.contains(w)) {
+                self.next = self.next.max(c.top);
                 self.candidate = None;
             }
         }
         // A pending candidate is kept until it validates: replacing it with each newer
         // probe could put the horizon off for ever under a steady stream of transactions.
         if self.candidate.is_none() {
-            self.candidate = Some(p);
+            if p.writers.is_empty() {
+                self.next = self.next.max(p.top);
+            } else {
+                self.candidate = Some(p);
+            }
         }
         self.safe
     }
 
+    /// Valid for the statement of the last probe observed.
     pub fn safe(&self) -> i64 {
         self.safe
+    }
+
+    /// Valid for statements that start after the last probe's statement ended.
+    pub fn settled(&self) -> i64 {
+        self.next
     }
 }
 
@@ -136,8 +151,8 @@ impl Sweep {
     /// snapshot for the horizon, the stored floor, and (for a scan that started at or
     /// below the mark, in the sweep's current generation) the first pending id.
     pub fn observe(&mut self, generation: u64, seen: &Seen) {
-        if let Some(p) = seen.probe {
-            self.horizon.observe(p);
+        if let Some(p) = &seen.probe {
+            self.horizon.observe(p.clone());
         }
         if let Some(f) = seen.floor {
             let lowered = self.floor.is_some_and(|was| was.epoch != f.epoch);
@@ -199,8 +214,8 @@ mod tests {
     #[test]
     fn the_sweep_caps_until_it_wraps_and_refills_what_runs_low() {
         let mut s = Sweep::default();
-        prime(&mut s, 1000, 5);
-        s.observe(s.generation(), &snap(probe(1000, 5, 5)));
+        prime(&mut s, 1000);
+        s.observe(s.generation(), &snap(quiet(1000)));
         assert!(s.refill(&HashMap::new(), 4).is_empty());
         assert_eq!(s.plan(false), (0, HashSet::new()));
         let g = s.generation();
@@ -238,52 +253,65 @@ mod tests {
         }
     }
 
-    /// Make `top` the horizon before a probe with `xmin` and the same `xid` comes (as
-    /// though the statements before it had seen it settle).
-    fn prime(s: &mut Sweep, top: i64, xmin: i64) {
-        s.observe(s.generation(), &snap(probe(top, xmin, xmin)));
+    /// Make `top` the horizon for the next statement (a probe with no writer listed).
+    fn prime(s: &mut Sweep, top: i64) {
+        s.observe(s.generation(), &snap(quiet(top)));
     }
 
-    fn probe(top: i64, xmin: i64, xid: i64) -> Probe {
-        Probe { top, xmin, xid }
+    /// A probe that lists no writer.
+    fn quiet(top: i64) -> Probe {
+        probe(top, &[])
+    }
+
+    fn probe(top: i64, writers: &[&str]) -> Probe {
+        Probe {
+            top,
+            writers: writers.iter().map(|w| w.to_string()).collect(),
+        }
     }
 
     #[test]
-    fn the_horizon_waits_for_every_transaction_older_than_the_probes_own_xid() {
+    fn the_horizon_waits_for_every_writer_listed_with_the_candidate() {
         let mut h = Horizon::default();
-        // Id 500 the highest visible; the probe's own xid 20 (taken after its snapshot).
-        assert_eq!(h.observe(probe(500, 10, 20)), 0);
-        // Later probes: transaction 15 still running; a newer candidate is not taken.
-        assert_eq!(h.observe(probe(600, 15, 30)), 0);
-        // Every transaction older than 20 has ended: 500 is safe, this probe the candidate.
-        assert_eq!(h.observe(probe(700, 20, 40)), 500);
-        assert_eq!(h.observe(probe(800, 39, 45)), 500);
-        assert_eq!(h.observe(probe(900, 40, 50)), 700);
-        assert_eq!(h.observe(probe(950, 60, 60)), 900);
-        assert_eq!(h.observe(probe(940, 61, 61)), 950);
-        assert_eq!(h.observe(probe(10, 70, 70)), 950, "never moves back");
+        // Id 500 the highest visible; writers 3/10 and 4/20 hold the table's lock.
+        assert_eq!(h.observe(probe(500, &["3/10", "4/20"])), 0);
+        // 3/10 ended, 4/20 still there: a newer candidate is not taken.
+        assert_eq!(h.observe(probe(600, &["4/20", "5/7"])), 0);
+        assert_eq!(h.settled(), 0);
+        // Both ended: 500 holds for statements after this one, not for this one.
+        assert_eq!(h.observe(probe(700, &["5/7", "6/1"])), 0);
+        assert_eq!(h.settled(), 500);
+        assert_eq!(h.observe(probe(800, &["6/1"])), 500);
+        // 5/7 and 6/1 ended, and nobody listed: this probe's own top (past 700) from
+        // the next statement on.
+        assert_eq!(h.observe(quiet(900)), 500);
+        assert_eq!(h.settled(), 900);
+        assert_eq!(h.observe(quiet(950)), 900);
+        assert_eq!(h.settled(), 950);
+        assert_eq!(h.observe(quiet(10)), 950);
+        assert_eq!(h.settled(), 950, "never moves back");
     }
 
-    /// The failure the xid taken after the snapshot prevents: transaction 101 drew id 5
-    /// before transaction 100 drew id 6 and committed; at that snapshot xmin = xmax = 101
-    /// (101 is newer than every ended transaction, so it shows nowhere), yet row 5 is not
-    /// committed. Nothing passes 5 until a snapshot's xmin is past the probe's own xid.
+    /// The failure of trusting a probe for its own statement: a writer that ends between
+    /// the statement's snapshot and its list is not listed, yet its row was invisible to
+    /// that snapshot. So a quiet probe's `top` holds only for the statements after it.
     #[test]
-    fn a_snapshot_with_nothing_listed_running_is_not_enough() {
+    fn a_quiet_list_says_nothing_about_its_own_snapshot() {
         let mut h = Horizon::default();
-        // Snapshot xmin 101 (= its xmax), the probe's xid 102: 101 may still run.
-        assert_eq!(h.observe(probe(6, 101, 102)), 0);
-        // 101 still running: a later probe's xmin is 101.
-        assert_eq!(h.observe(probe(6, 101, 103)), 0);
-        // 101 (and 102) ended.
-        assert_eq!(h.observe(probe(6, 104, 105)), 6);
+        assert_eq!(h.observe(quiet(6)), 0);
+        assert_eq!(h.settled(), 6);
+        // A writer (a vxid) that reappears keeps the candidate pending.
+        assert_eq!(h.observe(probe(9, &["7/1"])), 6);
+        assert_eq!(h.observe(probe(12, &["7/1"])), 6);
+        assert_eq!(h.observe(probe(12, &["8/1"])), 6);
+        assert_eq!(h.settled(), 9);
     }
 
     #[test]
     fn the_cursor_stops_at_the_horizon() {
         let mut s = Sweep::default();
-        prime(&mut s, 100, 1);
-        s.observe(s.generation(), &snap(probe(100, 1, 1)));
+        prime(&mut s, 100);
+        s.observe(s.generation(), &snap(quiet(100)));
         let g = s.generation();
         s.advance(g, 250, false, 3, &[4]);
         assert_eq!(
@@ -294,8 +322,8 @@ mod tests {
         assert!(s.more, "it took rows: claim again");
         s.advance(g, 250, false, 0, &[]);
         assert!(!s.more, "held back and nothing taken: wait for the tick");
-        prime(&mut s, 300, 2);
-        s.observe(s.generation(), &snap(probe(300, 2, 2)));
+        prime(&mut s, 300);
+        s.observe(s.generation(), &snap(quiet(300)));
         s.advance(g, 250, false, 0, &[]);
         assert_eq!(s.plan(false).0, 250);
         assert!(s.more);
@@ -307,12 +335,12 @@ mod tests {
         let g = s.generation();
         let floor = |floor, epoch| Some(Floor { floor, epoch });
         // Stored floor 10; the scan from 0 found pending rows from 40; nothing running.
-        prime(&mut s, 100, 1);
+        prime(&mut s, 100);
         s.observe(
             g,
             &Seen {
                 after: 0,
-                probe: Some(probe(100, 1, 1)),
+                probe: Some(quiet(100)),
                 first: Some(40),
                 reach: i64::MAX,
                 floor: floor(10, 0),
@@ -323,12 +351,12 @@ mod tests {
         assert_eq!(s.plan(false).0, 39, "so does a wrap");
         // A scan from the mark that found nothing: the mark goes to the horizon, no
         // further (ids above 200 may still commit).
-        prime(&mut s, 200, 2);
+        prime(&mut s, 200);
         s.observe(
             g,
             &Seen {
                 after: 39,
-                probe: Some(probe(200, 2, 2)),
+                probe: Some(quiet(200)),
                 first: None,
                 reach: i64::MAX,
                 floor: floor(10, 0),
@@ -336,12 +364,12 @@ mod tests {
         );
         assert_eq!(s.plan(true).0, 200);
         // A scan that started above the mark says nothing about it.
-        prime(&mut s, 900, 3);
+        prime(&mut s, 900);
         s.observe(
             g,
             &Seen {
                 after: 300,
-                probe: Some(probe(900, 3, 3)),
+                probe: Some(quiet(900)),
                 first: Some(800),
                 reach: i64::MAX,
                 floor: floor(10, 0),
@@ -350,12 +378,12 @@ mod tests {
         assert_eq!(s.plan(true).0, 200);
         // The floor was lowered (rows re-opened): the mark follows it down, whatever
         // the scan that brought the news found.
-        prime(&mut s, 900, 3);
+        prime(&mut s, 900);
         s.observe(
             g,
             &Seen {
                 after: 200,
-                probe: Some(probe(900, 3, 3)),
+                probe: Some(quiet(900)),
                 first: Some(850),
                 reach: i64::MAX,
                 floor: floor(5, 1),
@@ -381,12 +409,12 @@ mod tests {
             },
         );
         assert_eq!(s.plan(true).0, 60);
-        prime(&mut s, 900, 3);
+        prime(&mut s, 900);
         s.observe(
             g,
             &Seen {
                 after: 60,
-                probe: Some(probe(900, 3, 3)),
+                probe: Some(quiet(900)),
                 first: Some(700),
                 reach: i64::MAX,
                 floor: floor(60, 1),
@@ -396,12 +424,12 @@ mod tests {
         s.restart();
         assert_eq!(s.plan(false).0, 60);
         // A scan planned before the restart is ignored.
-        prime(&mut s, 900, 3);
+        prime(&mut s, 900);
         s.observe(
             g,
             &Seen {
                 after: 0,
-                probe: Some(probe(900, 3, 3)),
+                probe: Some(quiet(900)),
                 first: Some(800),
                 reach: i64::MAX,
                 floor: floor(60, 1),
@@ -415,12 +443,12 @@ mod tests {
         let mut s = Sweep::default();
         let g = s.generation();
         // Only rows waiting for a retry among the rows examined, and more after them.
-        prime(&mut s, 900, 3);
+        prime(&mut s, 900);
         s.observe(
             g,
             &Seen {
                 after: 0,
-                probe: Some(probe(900, 3, 3)),
+                probe: Some(quiet(900)),
                 first: None,
                 reach: 300,
                 floor: None,

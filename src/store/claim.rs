@@ -40,8 +40,7 @@ struct ScanRow {
     size: i64,
     due: bool,
     top: Option<i64>,
-    xmin: Option<i64>,
-    xid: Option<i64>,
+    writers: Option<Vec<String>>,
     first: Option<i64>,
     floor: Option<i64>,
     epoch: Option<i64>,
@@ -49,15 +48,14 @@ struct ScanRow {
 
 /// What a statement's snapshot says about ids that can still commit (see
 /// `relay::Horizon`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Probe {
     /// The highest id visible to the snapshot (any status).
     pub top: i64,
-    /// The snapshot's xmin: every transaction older than it has ended.
-    pub xmin: i64,
-    /// A transaction id the statement took after its snapshot: every transaction that
-    /// drew an id at or below `top` is older than it.
-    pub xid: i64,
+    /// The virtual transaction ids holding the table's `RowExclusiveLock`, listed after
+    /// the snapshot: every transaction that drew an id at or below `top` and had not
+    /// ended by then is one of them.
+    pub writers: Vec<String>,
 }
 
 /// One page of a scan.
@@ -133,8 +131,8 @@ impl Store {
             .pop()
             .filter(|r| r.size == -1)
             .ok_or_else(|| StoreError::Unexpected("scan returned no summary row"))?;
-        let probe = match (summary.top, summary.xmin, summary.xid) {
-            (Some(top), Some(xmin), Some(xid)) => Probe { top, xmin, xid },
+        let probe = match (summary.top, summary.writers) {
+            (Some(top), Some(writers)) => Probe { top, writers },
             _ => return Err(StoreError::Unexpected("scan summary without its snapshot")),
         };
         let (due, rows): (Vec<ScanRow>, Vec<ScanRow>) = rows.into_iter().partition(|r| r.due);

@@ -36,13 +36,13 @@ impl Store {
     /// The horizon probe a scan's summary reports (`Probe`), for a horizon kept outside
     /// the engine.
     pub async fn probe(&self) -> Result<Probe, StoreError> {
-        let (top, xmin, xid): (i64, i64, i64) = sqlx::query_as(&format!(
+        let (top, writers): (i64, Vec<String>) = sqlx::query_as(&format!(
             "SELECT {}",
             super::probe_columns(&self.table().ident())
         ))
         .fetch_one(self.pool())
         .await?;
-        Ok(Probe { top, xmin, xid })
+        Ok(Probe { top, writers })
     }
 
     /// Raise the floor to just below the first pending row with no `next_attempt_at`,

@@ -143,17 +143,20 @@ pub(crate) fn no_blocker(tbl: &str, row: &str, block: &str, pending: &str) -> St
     )
 }
 
-/// The horizon probe's three columns (`Probe`): the table's highest visible id, the
-/// statement snapshot's xmin, and a transaction id the statement takes *after* its
-/// snapshot (every transaction that drew an id at or below the first column had its xid
-/// before, so an older one). The transaction writes only its commit record, and commits
-/// asynchronously: no wait for a WAL flush.
+/// The horizon probe's two columns (`Probe`): the table's highest visible id, and the
+/// transactions holding the table's `RowExclusiveLock` when the statement lists them
+/// (after its snapshot). Every insert takes that lock before its id is drawn and holds it
+/// until it ends, so a transaction that drew an id at or below the first column and has
+/// not ended is in the second. The statement's own backend (a read) is left out.
 pub(crate) fn probe_columns(tbl: &str) -> String {
     format!(
         "(SELECT coalesce(max(t.id), 0) FROM {tbl} t),
-         pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
-         (CASE WHEN set_config('synchronous_commit', 'off', true) IS NOT NULL
-               THEN pg_current_xact_id() END)::text::bigint"
+         (SELECT coalesce(array_agg(l.virtualtransaction), '{{}}'::text[])
+          FROM pg_catalog.pg_locks l
+          WHERE l.locktype = 'relation' AND l.relation = '{tbl}'::regclass
+            AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                              WHERE d.datname = current_database())
+            AND l.mode = 'RowExclusiveLock' AND l.pid IS DISTINCT FROM pg_backend_pid())"
     )
 }
 
@@ -182,7 +185,7 @@ impl Sql {
             // outer query leaves out the hashes in $5 (skipped for the rest of a sweep)
             // or keeps only those in $6 (a refill), and appends one summary row (size
             // -1: id = the last id `s` examined, hash = how many, the horizon probe (the
-            // table's highest visible id, the snapshot's xmin, an xid taken after it);
+            // table's highest visible id, the transactions writing to it);
             // the first id examined with no retry schedule; the stored floor and its
             // epoch).
             scan: format!(
@@ -207,15 +210,15 @@ impl Sql {
                             OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($2))
                      ORDER BY o.next_attempt_at
                      LIMIT $3)
-                 (SELECT id, hash, size, false AS due, NULL::bigint AS top, NULL::bigint AS xmin,
-                         NULL::bigint AS xid, NULL::bigint AS first, NULL::bigint AS floor,
-                         NULL::bigint AS epoch FROM s
+                 (SELECT id, hash, size, false AS due, NULL::bigint AS top, NULL::text[] AS writers,
+                         NULL::bigint AS first, NULL::bigint AS floor, NULL::bigint AS epoch
+                  FROM s
                   WHERE ($5::int[] IS NULL OR hash <> ALL($5))
                     AND ($6::int[] IS NULL OR hash = ANY($6))
                   ORDER BY id
                   LIMIT $3)
                  UNION ALL
-                 SELECT id, hash, size, true, NULL, NULL, NULL, NULL, NULL, NULL FROM d
+                 SELECT id, hash, size, true, NULL, NULL, NULL, NULL, NULL FROM d
                  WHERE ($5::int[] IS NULL OR hash <> ALL($5))
                    AND ($6::int[] IS NULL OR hash = ANY($6))
                  UNION ALL

@@ -80,18 +80,13 @@ impl TestTable {
         self.pool.close().await;
     }
 
-    fn drop_statements(&self) -> [String; 9] {
-        [
-            format!("DROP TABLE IF EXISTS \"{}\" CASCADE", self.name),
-            format!("DROP TABLE IF EXISTS \"{}_relay_leases\"", self.name),
-            format!("DROP TABLE IF EXISTS \"{}_relay_members\"", self.name),
-            format!("DROP TABLE IF EXISTS \"{}_relay_migrations\"", self.name),
-            format!("DROP TABLE IF EXISTS \"{}_relay_floor\"", self.name),
-            format!("DROP TABLE IF EXISTS \"{}_demo_orders\"", self.name),
-            format!("DROP FUNCTION IF EXISTS \"{}_notify\"() CASCADE", self.name),
-            format!("DROP FUNCTION IF EXISTS \"{}_insert\"() CASCADE", self.name),
-            format!("DROP FUNCTION IF EXISTS \"{}_guard\"() CASCADE", self.name),
-        ]
+    fn drop_statements(&self) -> Vec<String> {
+        let mut out = outbox_relay::migrate::drop_statements(&self.name);
+        out.push(format!(
+            "DROP TABLE IF EXISTS \"{}_demo_orders\"",
+            self.name
+        ));
+        out
     }
 
     /// The relay's store on this table.

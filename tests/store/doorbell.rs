@@ -1,4 +1,4 @@
-//! The doorbell (schema 6): producers' commits notify only while a relay instance holds
+//! The doorbell (schemas 6 and 7): producers' commits notify only while a relay instance holds
 //! its locks; a relay cannot take it while a producer that decided not to notify is still
 //! open; one instance holds it at a time.
 

@@ -144,33 +144,50 @@ async fn parked_rows_whose_blocker_is_gone_are_unparked_by_the_safety_net(pool: 
     assert_eq!(scanned(&s).await, vec![a2, a3]);
 }
 
-/// The horizon probe's contract: its own transaction id is newer than that of every
-/// producer whose id it can see past, even one newer than every ended transaction (listed
-/// in no snapshot: its snapshot's `xmin = xmax`), so a later `xmin` reaches that id only
-/// once such a producer has ended. T took its xid after U, drew its id before U; U
-/// commits, T stays open.
+/// The horizon probe's contract: every transaction that drew an id at or below the
+/// probe's `top` and is still open is on its list of writers, however its xid compares
+/// with others' (T takes its xid after U but draws its id before U; U commits, T stays
+/// open), and leaves the list when it ends. A transaction writing elsewhere is not listed.
 #[sqlx::test(migrations = false)]
-async fn the_probe_takes_an_xid_newer_than_every_open_producer(pool: PgPool) {
+async fn the_probe_lists_every_open_writer_of_the_table(pool: PgPool) {
     let s = store(pool.clone()).await;
+    let mut elsewhere = pool.begin().await.unwrap();
+    sqlx::query("CREATE TEMP TABLE probe_elsewhere(x int)")
+        .execute(&mut *elsewhere)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO probe_elsewhere VALUES (1)")
+        .execute(&mut *elsewhere)
+        .await
+        .unwrap();
     let (mut u, mut t) = (pool.begin().await.unwrap(), pool.begin().await.unwrap());
+    let vxid =
+        "SELECT virtualxid FROM pg_locks WHERE locktype = 'virtualxid' AND pid = pg_backend_pid()";
     let xid = "SELECT pg_current_xact_id()::text::bigint";
     let ux: i64 = sqlx::query_scalar(xid).fetch_one(&mut *u).await.unwrap();
+    let tv: String = sqlx::query_scalar(vxid).fetch_one(&mut *t).await.unwrap();
+    let ev: String = sqlx::query_scalar(vxid)
+        .fetch_one(&mut *elsewhere)
+        .await
+        .unwrap();
+    let open = insert(&mut *t, "t").await;
     let tx: i64 = sqlx::query_scalar(xid).fetch_one(&mut *t).await.unwrap();
     assert!(tx > ux);
-    let open = insert(&mut *t, "t").await;
     let sent = insert(&mut *u, "u").await;
     assert!(open < sent);
     u.commit().await.unwrap();
     let p1 = s.probe().await.unwrap();
     assert_eq!(p1.top, sent, "row `open` is not visible, a later one is");
-    assert!(
-        p1.xid > tx,
-        "the probe's xid is newer than the open producer's"
+    assert_eq!(
+        p1.writers,
+        vec![tv.clone()],
+        "T only: U ended, `elsewhere` writes elsewhere"
     );
+    assert!(!p1.writers.contains(&ev));
     let p2 = s.probe().await.unwrap();
-    assert!(
-        p2.xmin <= tx && p2.xmin < p1.xid,
-        "while T is open no snapshot validates p1"
-    );
+    assert_eq!(p2.writers, vec![tv], "still open");
     t.commit().await.unwrap();
+    let p3 = s.probe().await.unwrap();
+    assert!(p3.writers.is_empty(), "{:?}", p3.writers);
+    elsewhere.rollback().await.unwrap();
 }

@@ -395,14 +395,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = ch
         .exchange_delete(&tag, ExchangeDeleteOptions::default())
         .await;
-    for sql in [
-        format!("DROP TABLE IF EXISTS \"{tag}\" CASCADE"),
-        format!("DROP TABLE IF EXISTS \"{tag}_relay_leases\""),
-        format!("DROP TABLE IF EXISTS \"{tag}_relay_members\""),
-        format!("DROP TABLE IF EXISTS \"{tag}_relay_migrations\""),
-        format!("DROP FUNCTION IF EXISTS \"{tag}_notify\"() CASCADE"),
-        format!("DROP FUNCTION IF EXISTS \"{tag}_insert\"() CASCADE"),
-    ] {
+    for sql in outbox_relay::migrate::drop_statements(&tag) {
         let _ = sqlx::query(&sql).execute(&pool).await;
     }
     if lost == 0 && disorder == 0 && unknown == 0 && pending == 0 {

@@ -41,19 +41,51 @@ pub struct Producers {
     pub with_business_row: ProducerRuns,
 }
 
-/// Commits/s per round: bare SPEC table, relay schema (no relay), relay schema with the
-/// relay draining.
+/// Commits/s per round: bare SPEC table, relay schema (no relay), the same with the order
+/// lock switched off (`outboxrelay.order_lock = off`), relay schema with the relay draining.
 #[derive(Debug, Clone, Default)]
 pub struct ProducerRuns {
     pub bare: Vec<f64>,
     pub schema: Vec<f64>,
+    pub unlocked: Vec<f64>,
     pub draining: Vec<f64>,
 }
 
+/// `ProducerRuns`' means.
+#[derive(Debug, Clone, Copy)]
+pub struct ProducerMeans {
+    pub bare: f64,
+    pub schema: f64,
+    pub unlocked: f64,
+    pub draining: f64,
+}
+
+impl ProducerMeans {
+    /// "bare / schema (×) / lock off (×) / draining (×)", each ratio to `bare`.
+    pub fn summary(&self) -> String {
+        let int = crate::report::int;
+        format!(
+            "{} / {} ({:.2}×) / {} ({:.2}×) / {} ({:.2}×)",
+            int(self.bare),
+            int(self.schema),
+            self.schema / self.bare,
+            int(self.unlocked),
+            self.unlocked / self.bare,
+            int(self.draining),
+            self.draining / self.bare
+        )
+    }
+}
+
 impl ProducerRuns {
-    pub fn means(&self) -> (f64, f64, f64) {
+    pub fn means(&self) -> ProducerMeans {
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        (mean(&self.bare), mean(&self.schema), mean(&self.draining))
+        ProducerMeans {
+            bare: mean(&self.bare),
+            schema: mean(&self.schema),
+            unlocked: mean(&self.unlocked),
+            draining: mean(&self.draining),
+        }
     }
 }
 

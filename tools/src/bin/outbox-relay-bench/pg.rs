@@ -72,16 +72,7 @@ impl BenchTable {
 
     pub async fn drop(&self) {
         let n = &self.name;
-        for sql in [
-            format!("DROP TABLE IF EXISTS \"{n}\" CASCADE"),
-            format!("DROP TABLE IF EXISTS \"{n}_relay_leases\""),
-            format!("DROP TABLE IF EXISTS \"{n}_relay_members\""),
-            format!("DROP TABLE IF EXISTS \"{n}_relay_migrations\""),
-            format!("DROP TABLE IF EXISTS \"{n}_relay_floor\""),
-            format!("DROP FUNCTION IF EXISTS \"{n}_notify\"() CASCADE"),
-            format!("DROP FUNCTION IF EXISTS \"{n}_insert\"() CASCADE"),
-            format!("DROP FUNCTION IF EXISTS \"{n}_guard\"() CASCADE"),
-        ] {
+        for sql in outbox_relay::migrate::drop_statements(n) {
             let _ = sqlx::query(&sql).execute(&self.pool).await;
         }
     }

@@ -1,7 +1,7 @@
 //! Producers phase: what the relay's schema costs the order service. Producer commits/s,
 //! flat out, into a bare table with exactly SPEC §1's columns, into the relay's schema
-//! with no relay running, and into the relay's schema while a relay drains it — in
-//! alternating rounds, so drift hits all three alike; for a transaction of one outbox row
+//! with no relay running (order lock on, then switched off), and into the relay's schema
+//! while a relay drains it — in alternating rounds, so drift hits all of them alike; for a transaction of one outbox row
 //! and for one of a business row then the outbox row.
 
 use anyhow::{anyhow, Result};
@@ -17,6 +17,9 @@ use crate::report::int;
 enum Variant {
     Bare,
     Schema,
+    /// The relay's schema with `outboxrelay.order_lock = off` (producers that lock the
+    /// aggregate themselves).
+    Unlocked,
     Draining,
 }
 
@@ -41,7 +44,12 @@ impl Bench {
         let mut result = Ok(());
         'rounds: for round in 0..self.args.notify_rounds {
             for business in [None, Some(orders.as_str())] {
-                for v in [Variant::Bare, Variant::Schema, Variant::Draining] {
+                for v in [
+                    Variant::Bare,
+                    Variant::Schema,
+                    Variant::Unlocked,
+                    Variant::Draining,
+                ] {
                     let runs = if business.is_some() {
                         &mut out.with_business_row
                     } else {
@@ -72,15 +80,10 @@ impl Bench {
             ("one outbox row", &out.outbox_only),
             ("a business row + an outbox row", &out.with_business_row),
         ] {
-            let (b, s, d) = runs.means();
             println!(
-                "postgres: producer commits/s ({} producers, {shape} per transaction, flat out): bare SPEC table {} / relay schema, no relay {} ({:.2}×) / relay schema, relay draining {} ({:.2}×)",
+                "postgres: producer commits/s ({} producers, {shape} per transaction, flat out): bare SPEC table / relay schema, no relay / the same, order lock off / relay schema, relay draining: {}",
                 self.args.producers,
-                int(b),
-                int(s),
-                s / b,
-                int(d),
-                d / b
+                runs.means().summary()
             );
         }
         Ok(out)
@@ -103,8 +106,13 @@ impl Bench {
         } else {
             None
         };
+        let url = if r.v == Variant::Unlocked {
+            with_setting(&self.args.database_url, "outboxrelay.order_lock", "off")
+        } else {
+            self.args.database_url.clone()
+        };
         let commits = pg::produce(
-            &self.args.database_url,
+            &url,
             &pg::Target {
                 outbox: table,
                 business: r.business,
@@ -123,6 +131,7 @@ impl Bench {
         let label = match r.v {
             Variant::Bare => "bare SPEC table     ",
             Variant::Schema => "relay schema        ",
+            Variant::Unlocked => "schema, lock off    ",
             Variant::Draining => "schema, relay drains",
         };
         let shape = if r.business.is_some() {
@@ -138,6 +147,7 @@ impl Bench {
         match r.v {
             Variant::Bare => out.bare.push(rate),
             Variant::Schema => out.schema.push(rate),
+            Variant::Unlocked => out.unlocked.push(rate),
             Variant::Draining => out.draining.push(rate),
         }
         let mut truncate = format!("TRUNCATE \"{table}\"");
@@ -159,4 +169,10 @@ struct Round<'a> {
     business: Option<&'a str>,
     v: Variant,
     round: u32,
+}
+
+/// `url` with a server setting for its sessions (libpq's `options`, as sqlx reads it).
+fn with_setting(url: &str, name: &str, value: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-c%20{name}%3D{value}")
 }

@@ -183,19 +183,11 @@ pub fn print_table(args: &Args, f: &Figures) {
     for (shape, runs) in shapes {
         row(
             format!(
-                "producer commits/s, {} producers flat out, {shape}: bare SPEC §1 table / relay schema, no relay (÷ bare) / relay schema, relay draining (÷ bare)",
+                "producer commits/s, {} producers flat out, {shape}: bare SPEC §1 table / relay schema, no relay (÷ bare) / the same, order lock off (÷ bare) / relay schema, relay draining (÷ bare)",
                 args.producers
             ),
             &|_| {
-                let (b, s, d) = runs(f.producers.as_ref()?).means();
-                Some(format!(
-                    "{} / {} ({:.2}×) / {} ({:.2}×)",
-                    int(b),
-                    int(s),
-                    s / b,
-                    int(d),
-                    d / b
-                ))
+                Some(runs(f.producers.as_ref()?).means().summary())
             },
         );
     }
