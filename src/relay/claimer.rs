@@ -46,6 +46,8 @@ pub struct Plan {
     pub examine: u32,
     pub partitions: Option<Vec<i32>>,
     pub on_failed: OnFailed,
+    /// The scan lists the table's writers for the horizon.
+    pub list_writers: bool,
 }
 
 /// What the scan's ids came to.
@@ -235,6 +237,7 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
             examine: plan.examine,
             skip: (!skip.is_empty()).then_some(skip.as_slice()),
             only: plan.only.as_deref(),
+            list_writers: plan.list_writers,
         })
         .await?;
     let epoch = page.floor.map(|f| f.epoch);
@@ -334,6 +337,7 @@ mod tests {
             examine: 1000,
             partitions: None,
             on_failed: OnFailed::Block,
+            list_writers: false,
         }
     }
 

@@ -330,6 +330,7 @@ impl<S: Sink> Engine<S> {
             },
             partitions: self.leases.claim_filter(),
             on_failed: self.cfg.on_failed,
+            list_writers: self.sweep.list_due(now),
         };
         self.dropped.clear();
         self.claim_due = false;

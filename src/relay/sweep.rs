@@ -19,6 +19,7 @@
 //! re-opened aggregates above the cursor must not go before them).
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use super::claimer::Seen;
 use crate::store::Probe;
@@ -44,23 +45,49 @@ pub struct Horizon {
     /// Valid for statements that start after the last probe's.
     next: i64,
     candidate: Option<Probe>,
+    /// When a scan was last asked to list the writers.
+    listed: Option<Instant>,
 }
 
+/// How often a scan lists the table's writers (`pg_locks` is not cheap): the horizon
+/// then trails the newest rows by a few tens of milliseconds, which only makes the next
+/// scans start a little lower (rows above the horizon are taken all the same).
+const LIST_EVERY: Duration = Duration::from_millis(20);
+
 impl Horizon {
+    /// Whether the scan about to start should list the writers (then it is counted as
+    /// listed).
+    pub fn list_due(&mut self, now: Instant) -> bool {
+        let due = self
+            .listed
+            .is_none_or(|at| now.saturating_duration_since(at) >= LIST_EVERY);
+        if due {
+            self.listed = Some(now);
+        }
+        due
+    }
+
     /// Take a probe into account; returns the horizon valid for the statement it came from.
     pub fn observe(&mut self, p: Probe) -> i64 {
         // That statement's snapshot was taken after every earlier probe's list.
         self.safe = self.next;
-        if let Some(c) = &self.candidate {
-            if c.writers.iter().all(|w| !p.writers.contains(w)) {
+        let Some(writers) = &p.writers else {
+            // Not listed: it says nothing new.
+            return self.safe;
+        };
+        let ended = self
+            .candidate
+            .as_ref()
+            .is_some_and(|c| c.writers.iter().flatten().all(|w| !writers.contains(w)));
+        if ended {
+            if let Some(c) = self.candidate.take() {
                 self.next = self.next.max(c.top);
-                self.candidate = None;
             }
         }
         // A pending candidate is kept until it validates: replacing it with each newer
         // probe could put the horizon off for ever under a steady stream of transactions.
         if self.candidate.is_none() {
-            if p.writers.is_empty() {
+            if writers.is_empty() {
                 self.next = self.next.max(p.top);
             } else {
                 self.candidate = Some(p);
@@ -125,6 +152,11 @@ impl Sweep {
         } else {
             (self.cursor, self.capped.clone())
         }
+    }
+
+    /// Whether the next scan lists the table's writers (`Horizon::list_due`).
+    pub fn list_due(&mut self, now: Instant) -> bool {
+        self.horizon.list_due(now)
     }
 
     pub fn generation(&self) -> u64 {
@@ -266,7 +298,7 @@ mod tests {
     fn probe(top: i64, writers: &[&str]) -> Probe {
         Probe {
             top,
-            writers: writers.iter().map(|w| w.to_string()).collect(),
+            writers: Some(writers.iter().map(|w| w.to_string()).collect()),
         }
     }
 
@@ -290,6 +322,27 @@ mod tests {
         assert_eq!(h.settled(), 950);
         assert_eq!(h.observe(quiet(10)), 950);
         assert_eq!(h.settled(), 950, "never moves back");
+    }
+
+    /// A scan that did not list the writers moves nothing on; scans list every 20 ms.
+    #[test]
+    fn an_unlisted_probe_says_nothing_new_and_listing_is_paced() {
+        let mut h = Horizon::default();
+        assert_eq!(h.observe(probe(50, &["1/1"])), 0);
+        let unlisted = Probe {
+            top: 80,
+            writers: None,
+        };
+        assert_eq!(h.observe(unlisted.clone()), 0);
+        assert_eq!(h.settled(), 0, "1/1 may still run");
+        assert_eq!(h.observe(quiet(90)), 0);
+        assert_eq!(h.settled(), 90);
+        assert_eq!(h.observe(unlisted), 90);
+        assert_eq!(h.settled(), 90);
+        let t = Instant::now();
+        assert!(h.list_due(t));
+        assert!(!h.list_due(t + Duration::from_millis(19)));
+        assert!(h.list_due(t + LIST_EVERY));
     }
 
     /// The failure of trusting a probe for its own statement: a writer that ends between

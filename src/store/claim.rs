@@ -30,6 +30,8 @@ pub struct ScanQuery<'a> {
     pub examine: u32,
     pub skip: Option<&'a [i32]>,
     pub only: Option<&'a [i32]>,
+    /// List the table's writers for the horizon (`Probe::writers`).
+    pub list_writers: bool,
 }
 
 /// A scan row as the statement returns it: a pending row, or (last) the summary.
@@ -54,8 +56,8 @@ pub struct Probe {
     pub top: i64,
     /// The virtual transaction ids holding the table's `RowExclusiveLock`, listed after
     /// the snapshot: every transaction that drew an id at or below `top` and had not
-    /// ended by then is one of them.
-    pub writers: Vec<String>,
+    /// ended by then is one of them. `None` when the statement did not list them.
+    pub writers: Option<Vec<String>>,
 }
 
 /// One page of a scan.
@@ -125,6 +127,7 @@ impl Store {
             .bind(i64::from(q.examine))
             .bind(q.skip)
             .bind(q.only)
+            .bind(q.list_writers)
             .fetch_all(self.pool())
             .await?;
         let summary = rows
@@ -132,7 +135,7 @@ impl Store {
             .filter(|r| r.size == -1)
             .ok_or_else(|| StoreError::Unexpected("scan returned no summary row"))?;
         let probe = match (summary.top, summary.writers) {
-            (Some(top), Some(writers)) => Probe { top, writers },
+            (Some(top), writers) => Probe { top, writers },
             _ => return Err(StoreError::Unexpected("scan summary without its snapshot")),
         };
         let (due, rows): (Vec<ScanRow>, Vec<ScanRow>) = rows.into_iter().partition(|r| r.due);

@@ -36,9 +36,9 @@ impl Store {
     /// The horizon probe a scan's summary reports (`Probe`), for a horizon kept outside
     /// the engine.
     pub async fn probe(&self) -> Result<Probe, StoreError> {
-        let (top, writers): (i64, Vec<String>) = sqlx::query_as(&format!(
+        let (top, writers): (i64, Option<Vec<String>>) = sqlx::query_as(&format!(
             "SELECT {}",
-            super::probe_columns(&self.table().ident())
+            super::probe_columns(&self.table().ident(), "true")
         ))
         .fetch_one(self.pool())
         .await?;
