@@ -48,8 +48,11 @@ async fn two_rows_of_the_others(table: &TestTable, aggs: &[(String, i32)], x: &s
 /// timeout just under it.
 fn rebalance_cfg() -> RelayConfig {
     let mut c = cfg();
-    c.lease_timeout = Duration::from_secs(6);
-    c.publish_timeout = Duration::from_millis(5500);
+    // A held send must outlive the steps that watch it: B joining, two of A's renewals
+    // (lease_timeout / 4 apart) and a quarter lease more — ~5 s of 5.5 with a 6 s lease,
+    // too thin when the machine is loaded (seen once in a parallel run).
+    c.lease_timeout = Duration::from_secs(8);
+    c.publish_timeout = Duration::from_millis(7500);
     c
 }
 

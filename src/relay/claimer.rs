@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::ahead::Ahead;
 use crate::config::OnFailed;
 use crate::store::{ClaimedRow, Floor, Probe, ScanPage, ScanQuery, Scanned, Store, StoreError};
 
@@ -48,6 +49,22 @@ pub struct Plan {
     pub on_failed: OnFailed,
     /// The scan lists the table's writers for the horizon.
     pub list_writers: bool,
+    /// The horizon this claim's cursor will be held to: a page scanned ahead from past it
+    /// would not be used.
+    pub horizon: i64,
+    /// A page scanned ahead that fits this plan (`Ahead::fits`): used instead of scanning.
+    pub ahead: Option<ScanPage>,
+}
+
+/// The examine limit of a scan returning `scan_limit` ids: passing over skipped
+/// aggregates' backlog is what the database does best, so a scan that skips some may
+/// examine far more rows than it returns.
+pub fn examine_limit(scan_limit: u32, skipping: bool) -> u32 {
+    if skipping {
+        scan_limit.saturating_mul(100).max(100_000)
+    } else {
+        scan_limit
+    }
 }
 
 /// What the scan's ids came to.
@@ -181,6 +198,39 @@ async fn park_blocked(
     Ok(())
 }
 
+/// The next sweep scan, from where this sweep claim leaves the cursor, skipping what it
+/// caps (`Ahead`); `None` for a refill, a claim that reached the end or took nothing, a
+/// cursor past the horizon (it will be held back), or a failed scan.
+async fn scan_ahead(store: &Store, plan: &Plan, sel: &Selection) -> Option<Ahead> {
+    if plan.only.is_some() || sel.end || sel.take.is_empty() || sel.cursor > plan.horizon {
+        return None;
+    }
+    let skip: HashSet<i32> = plan.capped.iter().chain(&sel.capped).copied().collect();
+    let skip_list: Vec<i32> = skip.iter().copied().collect();
+    let examine = examine_limit(plan.scan_limit, !skip.is_empty());
+    let page = store
+        .scan(&ScanQuery {
+            after: sel.cursor,
+            partitions: plan.partitions.as_deref(),
+            limit: plan.scan_limit,
+            examine,
+            skip: (!skip_list.is_empty()).then_some(skip_list.as_slice()),
+            only: None,
+            list_writers: false,
+        })
+        .await
+        .ok()?;
+    Some(Ahead {
+        generation: plan.generation,
+        after: sel.cursor,
+        skip,
+        partitions: plan.partitions.clone(),
+        scan_limit: plan.scan_limit,
+        examine,
+        page,
+    })
+}
+
 /// A finished claim.
 #[derive(Debug)]
 pub struct Claimed {
@@ -195,6 +245,8 @@ pub struct Claimed {
     pub passed: Vec<i32>,
     /// What the scan saw of the table (for the sweep's horizon and floor).
     pub seen: Seen,
+    /// The next sweep scan, run beside this claim's fetch.
+    pub ahead: Option<Ahead>,
 }
 
 /// What a claim's scan saw beside its rows.
@@ -227,19 +279,24 @@ impl Default for Seen {
 }
 
 /// Run one claim against the store.
-pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
-    let skip: Vec<i32> = plan.capped.iter().copied().collect();
-    let mut page = store
-        .scan(&ScanQuery {
-            after: plan.after,
-            partitions: plan.partitions.as_deref(),
-            limit: plan.scan_limit,
-            examine: plan.examine,
-            skip: (!skip.is_empty()).then_some(skip.as_slice()),
-            only: plan.only.as_deref(),
-            list_writers: plan.list_writers,
-        })
-        .await?;
+pub async fn claim(store: Store, mut plan: Plan) -> Result<Claimed, StoreError> {
+    let mut page = match plan.ahead.take() {
+        Some(page) => page,
+        None => {
+            let skip: Vec<i32> = plan.capped.iter().copied().collect();
+            store
+                .scan(&ScanQuery {
+                    after: plan.after,
+                    partitions: plan.partitions.as_deref(),
+                    limit: plan.scan_limit,
+                    examine: plan.examine,
+                    skip: (!skip.is_empty()).then_some(skip.as_slice()),
+                    only: plan.only.as_deref(),
+                    list_writers: plan.list_writers,
+                })
+                .await?
+        }
+    };
     let epoch = page.floor.map(|f| f.epoch);
     let seen = Seen {
         after: plan.after,
@@ -264,20 +321,22 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
             capped: Vec::new(),
             passed: Vec::new(),
             seen,
+            ahead: None,
         });
     }
     let mut sel = select(&plan, &page);
     // The fetch re-checks the epoch the scan saw: a re-opening that commits between the
     // two statements makes it return nothing.
-    let (rows, truncated) = store
-        .fetch(
-            &sel.take,
-            plan.on_failed,
-            plan.room_bytes,
-            epoch,
-            &plan.retried,
-        )
-        .await?;
+    let fetch = store.fetch(
+        &sel.take,
+        plan.on_failed,
+        plan.room_bytes,
+        epoch,
+        &plan.retried,
+    );
+    // A sweep claim that stopped short of the end scans on from its cursor meanwhile.
+    let (fetched, ahead) = tokio::join!(fetch, scan_ahead(&store, &plan, &sel));
+    let (rows, truncated) = fetched?;
     if truncated {
         // The byte budget ran out: continue right after the last row read, so the rows
         // not read are looked at again (capping them could skip them for the sweep); a
@@ -313,6 +372,7 @@ pub async fn claim(store: Store, plan: Plan) -> Result<Claimed, StoreError> {
         capped: sel.capped,
         passed,
         seen,
+        ahead,
     })
 }
 
@@ -338,6 +398,8 @@ mod tests {
             partitions: None,
             on_failed: OnFailed::Block,
             list_writers: false,
+            horizon: i64::MAX,
+            ahead: None,
         }
     }
 

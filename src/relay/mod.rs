@@ -4,11 +4,12 @@
 //! sees only `Store` and `Sink`.
 //!
 //! Stages (one file each): `window` (per-aggregate FIFOs, bounded in rows and bytes),
-//! `claimer` (fair claims), `sweep` (where the next claim looks: cursor, horizon, low
-//! water mark), `dispatch` (sending, outcomes, broker outages), `completer`
-//! (batched marks), `leases` (renew, rebalance, the fence), `partitions` (the engine's
-//! side of a renewal: dropping and handing back partitions), `probe` (broker and database
-//! reachability while idle), `doorbell` (wake-ups), `backoff`, `wake`.
+//! `claimer` (fair claims), `ahead` (the next sweep scan, run beside a claim's fetch),
+//! `sweep` (where the next claim looks: cursor, horizon, low water mark), `dispatch`
+//! (sending, outcomes, broker outages), `completer` (batched marks), `leases` (renew,
+//! rebalance, the fence), `partitions` (the engine's side of a renewal: dropping and
+//! handing back partitions), `probe` (broker and database reachability while idle),
+//! `doorbell` (wake-ups), `backoff`, `wake`.
 //!
 //! Crash points (any of them may be a SIGKILL):
 //! - after claim, before send: nothing was marked; the rows are claimed again (by us
@@ -19,6 +20,7 @@
 //!   releases the next one), so first deliveries stay in order;
 //! - after mark: done.
 
+mod ahead;
 pub mod backoff;
 mod claimer;
 mod completer;
@@ -49,6 +51,7 @@ use crate::health::Health;
 use crate::metrics as m;
 use crate::sink::Sink;
 use crate::store::{Store, StoreError};
+use ahead::Ahead;
 use backoff::Pacer;
 use claimer::{Claimed, Plan};
 use completer::{Completer, Recorded};
@@ -129,6 +132,8 @@ struct Engine<S: Sink> {
     rejected: HashMap<i64, (AggKey, i32)>,
     sweep: Sweep,
     claiming: Option<JoinHandle<Result<Claimed, StoreError>>>,
+    /// The next sweep scan, run beside the last sweep claim's fetch.
+    ahead: Option<Ahead>,
     claim_due: bool,
     next_claim_at: Instant,
     db_pacer: Pacer,
@@ -174,6 +179,7 @@ impl<S: Sink> Engine<S> {
             rejected: HashMap::new(),
             sweep: Sweep::default(),
             claiming: None,
+            ahead: None,
             claim_due: true,
             next_claim_at: Instant::now(),
             db_pacer: Pacer::default(),
@@ -308,7 +314,7 @@ impl<S: Sink> Engine<S> {
         // of rows first only makes a smaller claim; the next one goes on from there.
         let take = room_rows.min(self.cfg.batch_size as usize);
         let scan_limit = u32::try_from((take + take / 8).max(64)).unwrap_or(u32::MAX);
-        let plan = Plan {
+        let mut plan = Plan {
             generation: self.sweep.generation(),
             epoch: self.sweep.epoch(),
             after,
@@ -321,17 +327,17 @@ impl<S: Sink> Engine<S> {
             room_rows: take,
             room_bytes: room_bytes.max(1),
             scan_limit,
-            // Passing over skipped aggregates' backlog is what the database does best:
-            // let one statement examine far more rows than it returns.
-            examine: if skipping {
-                scan_limit.saturating_mul(100).max(100_000)
-            } else {
-                scan_limit
-            },
+            examine: claimer::examine_limit(scan_limit, skipping),
             partitions: self.leases.claim_filter(),
             on_failed: self.cfg.on_failed,
             list_writers: self.sweep.list_due(now),
+            horizon: self.sweep.settled(),
+            ahead: None,
         };
+        // A refill scans first: the page scanned ahead would reach the horizon late.
+        if let Some(ahead) = self.ahead.take() {
+            ahead.adopt(&mut plan);
+        }
         self.dropped.clear();
         self.claim_due = false;
         self.claiming = Some(tokio::spawn(claimer::claim(self.store.clone(), plan)));
@@ -346,6 +352,7 @@ impl<S: Sink> Engine<S> {
         metrics::gauge!(m::DATABASE_UP).set(1.0);
         self.db_pacer.reset();
         self.sweep.observe(claimed.generation, &claimed.seen);
+        self.ahead = claimed.ahead;
         if !claimed.refill {
             self.sweep.advance(
                 claimed.generation,

@@ -154,6 +154,11 @@ impl Sweep {
         }
     }
 
+    /// The horizon a claim planned now will be held to (`Horizon::settled`).
+    pub fn settled(&self) -> i64 {
+        self.horizon.settled()
+    }
+
     /// Whether the next scan lists the table's writers (`Horizon::list_due`).
     pub fn list_due(&mut self, now: Instant) -> bool {
         self.horizon.list_due(now)
