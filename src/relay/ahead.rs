@@ -45,32 +45,8 @@ impl Ahead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::OnFailed;
+    use crate::relay::claimer::tests::plan;
     use crate::store::Scanned;
-    use std::collections::HashMap;
-
-    fn plan() -> Plan {
-        Plan {
-            generation: 0,
-            epoch: None,
-            after: 0,
-            capped: HashSet::new(),
-            only: None,
-            exclude: HashSet::new(),
-            retried: Vec::new(),
-            counts: HashMap::new(),
-            max_per_aggregate: 3,
-            room_rows: 100,
-            room_bytes: 1 << 20,
-            scan_limit: 100,
-            examine: 1000,
-            partitions: None,
-            on_failed: OnFailed::Block,
-            list_writers: false,
-            horizon: i64::MAX,
-            ahead: None,
-        }
-    }
 
     #[test]
     fn a_page_scanned_ahead_is_used_only_where_the_plan_would_have_scanned_it() {
@@ -90,7 +66,7 @@ mod tests {
                 ..ScanPage::default()
             },
         };
-        let mut p = plan();
+        let mut p = plan(3, 100);
         p.after = 10;
         p.capped = [4, 5].into();
         assert!(
@@ -99,13 +75,13 @@ mod tests {
         );
         assert_eq!((p.scan_limit, p.examine), (7, 700), "the page's own limits");
         assert_eq!(p.ahead.as_ref().map(|pg| pg.rows.len()), Some(1));
-        let mut p = plan();
+        let mut p = plan(3, 100);
         p.after = 10;
         assert!(!ahead(10, &[4]).adopt(&mut p), "4 is no longer capped");
         assert!(!ahead(9, &[]).adopt(&mut p), "another start");
         p.generation = 1;
         assert!(!ahead(10, &[]).adopt(&mut p), "the sweep started over");
-        let mut p = plan();
+        let mut p = plan(3, 100);
         p.after = 10;
         p.only = Some(vec![1]);
         assert!(!ahead(10, &[]).adopt(&mut p), "a refill scans for itself");

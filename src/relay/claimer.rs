@@ -377,10 +377,11 @@ pub async fn claim(store: Store, mut plan: Plan) -> Result<Claimed, StoreError> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn plan(max_per_aggregate: u32, room_rows: usize) -> Plan {
+    /// A plan for tests (no partitions, nothing held).
+    pub(in crate::relay) fn plan(max_per_aggregate: u32, room_rows: usize) -> Plan {
         Plan {
             generation: 0,
             epoch: None,
