@@ -12,7 +12,7 @@ pub(super) async fn raise(store: &Store, horizon: &mut Horizon) {
         Ok(p) => p,
         Err(e) => return tracing::debug!(error = %e, "floor probe failed"),
     };
-    horizon.observe(probe);
+    horizon.observe(&probe);
     // The raise's statements start after the probe's: what its list settled holds.
     if let Err(e) = store.raise_floor(horizon.settled()).await {
         tracing::debug!(error = %e, "raising the claim floor failed");

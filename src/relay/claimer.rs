@@ -52,7 +52,7 @@ pub struct Plan {
     /// The horizon this claim's cursor will be held to: a page scanned ahead from past it
     /// would not be used.
     pub horizon: i64,
-    /// A page scanned ahead that fits this plan (`Ahead::fits`): used instead of scanning.
+    /// A page scanned ahead that fits this plan (`Ahead::adopt`): used instead of scanning.
     pub ahead: Option<ScanPage>,
 }
 

@@ -5,7 +5,8 @@
 //!
 //! Stages (one file each): `window` (per-aggregate FIFOs, bounded in rows and bytes),
 //! `claimer` (fair claims), `ahead` (the next sweep scan, run beside a claim's fetch),
-//! `sweep` (where the next claim looks: cursor, horizon, low water mark), `dispatch`
+//! `sweep` (where the next claim looks: cursor, low water mark), `horizon` (ids that can
+//! no longer commit), `dispatch`
 //! (sending, outcomes, broker outages), `completer` (batched marks), `leases` (renew,
 //! rebalance, the fence), `partitions` (the engine's side of a renewal: dropping and
 //! handing back partitions), `probe` (broker and database reachability while idle),
@@ -26,6 +27,7 @@ mod claimer;
 mod completer;
 mod dispatch;
 mod doorbell;
+mod horizon;
 mod late;
 mod leases;
 mod partitions;
@@ -34,7 +36,7 @@ mod sweep;
 pub mod wake;
 mod window;
 
-pub(crate) use sweep::Horizon;
+pub(crate) use horizon::Horizon;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -330,7 +332,7 @@ impl<S: Sink> Engine<S> {
             examine: claimer::examine_limit(scan_limit, skipping),
             partitions: self.leases.claim_filter(),
             on_failed: self.cfg.on_failed,
-            list_writers: self.sweep.list_due(now),
+            list_writers: false,
             horizon: self.sweep.settled(),
             ahead: None,
         };
@@ -338,6 +340,8 @@ impl<S: Sink> Engine<S> {
         if let Some(ahead) = self.ahead.take() {
             ahead.adopt(&mut plan);
         }
+        // A page scanned ahead did not list the writers: the listing stays due.
+        plan.list_writers = plan.ahead.is_none() && self.sweep.list_due(now);
         self.dropped.clear();
         self.claim_due = false;
         self.claiming = Some(tokio::spawn(claimer::claim(self.store.clone(), plan)));
