@@ -87,6 +87,13 @@ impl BenchTable {
         let mut from = 1u64;
         while from <= n {
             let to = (from + chunk - 1).min(n);
+            // One transaction per chunk, nothing else writing the table: the order lock
+            // is not needed, and it would hold one lock per aggregate until commit
+            // (over ~6 000 aggregates exhaust the server's lock table).
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("SELECT set_config('outboxrelay.order_lock', 'off', true)")
+                .execute(&mut *tx)
+                .await?;
             sqlx::query(&format!(
                 "INSERT INTO {t} (aggregate_type, aggregate_id, event_type, payload, headers)
                  SELECT 'order', 'order-' || a, 'order.created', {payload}, $4::jsonb
@@ -99,9 +106,10 @@ impl BenchTable {
             .bind(to as i64)
             .bind(i64::from(aggregates))
             .bind(TRACEPARENT)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .context("preload")?;
+            tx.commit().await?;
             from = to + 1;
         }
         sqlx::raw_sql(&format!("VACUUM ANALYZE {t}"))
