@@ -1,6 +1,6 @@
 //! Store tests on a fresh database per test (`#[sqlx::test]`): claiming by status in id
 //! order, blockers scoped to their aggregate, parking, marks, leases, replay/discard, the
-//! claim floor.
+//! claim floor, which errors mean the server cannot serve now.
 
 use std::time::Duration;
 
@@ -455,6 +455,9 @@ mod floor;
 
 #[path = "store/doorbell.rs"]
 mod doorbell;
+
+#[path = "store/errors.rs"]
+mod errors;
 
 /// A retry blocks the rows after it in the fetch, due or not, unless it is read in the
 /// same fetch or the caller holds it already (a retry that fell due between a claim's

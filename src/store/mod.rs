@@ -36,7 +36,8 @@ pub const PARTITIONS: i32 = 256;
 /// Why a store call failed; database errors keep their `sqlx::Error` as the source.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database is down, or the connection dropped (no judgement on the statement).
+    /// The database is down, the connection dropped, or the server cannot take the
+    /// session or statement now (no judgement on the statement).
     #[error("database unreachable: {0}")]
     Unavailable(#[source] sqlx::Error),
     /// The database refused or failed the statement.
@@ -67,11 +68,14 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Protocol(_)
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
             sqlx::Error::Database(db)
-                if db
-                    .code()
-                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+                if db.code().is_some_and(|c| {
+                    c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")
+                }) =>
             {
-                // 08xxx connection exceptions, 57P0x admin shutdown / terminated backend.
+                // 08xxx connection exceptions, 57P0x admin shutdown / terminated backend /
+                // starting up, 53xxx insufficient resources (too many connections, out of
+                // memory, disk full): the server, not the statement. Recording retries
+                // them with backoff instead of giving the rows up (re-published later).
                 StoreError::Unavailable(e)
             }
             _ => StoreError::Query(e),
