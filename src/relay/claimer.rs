@@ -198,6 +198,20 @@ async fn park_blocked(
     Ok(())
 }
 
+/// A scan of `plan`'s partitions from `after`, leaving out the hashes in `skip`, not
+/// listing the writers (the claim's own scan adds its refill and listing).
+fn sweep_query<'a>(plan: &'a Plan, after: i64, skip: &'a [i32], examine: u32) -> ScanQuery<'a> {
+    ScanQuery {
+        after,
+        partitions: plan.partitions.as_deref(),
+        limit: plan.scan_limit,
+        examine,
+        skip: (!skip.is_empty()).then_some(skip),
+        only: None,
+        list_writers: false,
+    }
+}
+
 /// The next sweep scan, from where this sweep claim leaves the cursor, skipping what it
 /// caps (`Ahead`); `None` for a refill, a claim that reached the end or took nothing, a
 /// cursor past the horizon (it will be held back), or a failed scan.
@@ -209,15 +223,7 @@ async fn scan_ahead(store: &Store, plan: &Plan, sel: &Selection) -> Option<Ahead
     let skip_list: Vec<i32> = skip.iter().copied().collect();
     let examine = examine_limit(plan.scan_limit, !skip.is_empty());
     let page = store
-        .scan(&ScanQuery {
-            after: sel.cursor,
-            partitions: plan.partitions.as_deref(),
-            limit: plan.scan_limit,
-            examine,
-            skip: (!skip_list.is_empty()).then_some(skip_list.as_slice()),
-            only: None,
-            list_writers: false,
-        })
+        .scan(&sweep_query(plan, sel.cursor, &skip_list, examine))
         .await
         .ok()?;
     Some(Ahead {
@@ -286,13 +292,9 @@ pub async fn claim(store: Store, mut plan: Plan) -> Result<Claimed, StoreError> 
             let skip: Vec<i32> = plan.capped.iter().copied().collect();
             store
                 .scan(&ScanQuery {
-                    after: plan.after,
-                    partitions: plan.partitions.as_deref(),
-                    limit: plan.scan_limit,
-                    examine: plan.examine,
-                    skip: (!skip.is_empty()).then_some(skip.as_slice()),
                     only: plan.only.as_deref(),
                     list_writers: plan.list_writers,
+                    ..sweep_query(&plan, plan.after, &skip, plan.examine)
                 })
                 .await?
         }

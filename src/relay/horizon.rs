@@ -56,14 +56,10 @@ impl Horizon {
             // Not listed: it says nothing new.
             return self.safe;
         };
-        let ended = self
-            .candidate
-            .as_ref()
-            .is_some_and(|c| c.writers.iter().flatten().all(|w| !writers.contains(w)));
-        if ended {
-            if let Some(c) = self.candidate.take() {
-                self.next = self.next.max(c.top);
-            }
+        // Every writer listed with the candidate has ended: its top holds from now on.
+        let ended = |c: &mut Probe| c.writers.iter().flatten().all(|w| !writers.contains(w));
+        if let Some(c) = self.candidate.take_if(ended) {
+            self.next = self.next.max(c.top);
         }
         // A pending candidate is kept until it validates: replacing it with each newer
         // probe could put the horizon off for ever under a steady stream of transactions.
