@@ -6,6 +6,8 @@
 //! byte budget.
 
 use futures::TryStreamExt;
+use sqlx::postgres::PgRow;
+use sqlx::Row;
 
 use super::{Store, StoreError};
 use crate::config::OnFailed;
@@ -35,7 +37,6 @@ pub struct ScanQuery<'a> {
 }
 
 /// A scan row as the statement returns it: a pending row, or (last) the summary.
-#[derive(sqlx::FromRow)]
 struct ScanRow {
     id: i64,
     hash: i32,
@@ -47,6 +48,29 @@ struct ScanRow {
     floor: Option<i64>,
     epoch: Option<i64>,
 }
+
+impl<'r> sqlx::FromRow<'r, PgRow> for ScanRow {
+    /// By position, as `ClaimedRow` (the scan's columns: `SCANNED_COLUMNS`).
+    fn from_row(r: &'r PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: r.try_get_unchecked(0)?,
+            hash: r.try_get_unchecked(1)?,
+            size: r.try_get_unchecked(2)?,
+            due: r.try_get_unchecked(3)?,
+            top: r.try_get_unchecked(4)?,
+            writers: r.try_get_unchecked(5)?,
+            first: r.try_get_unchecked(6)?,
+            floor: r.try_get_unchecked(7)?,
+            epoch: r.try_get_unchecked(8)?,
+        })
+    }
+}
+
+/// The scan's columns by name, in the order `ScanRow::from_row` reads them.
+#[cfg(test)]
+pub(crate) const SCANNED_COLUMNS: [&str; 9] = [
+    "id", "hash", "size", "due", "top", "writers", "first", "floor", "epoch",
+];
 
 /// What a statement's snapshot says about ids that can still commit (see
 /// `relay::Horizon`).
@@ -80,12 +104,54 @@ pub struct ScanPage {
 }
 
 /// A fetched row with its aggregate hash.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct ClaimedRow {
-    #[sqlx(flatten)]
     pub row: OutboxRow,
     pub hash: i32,
 }
+
+impl<'r> sqlx::FromRow<'r, PgRow> for ClaimedRow {
+    /// By position, in the fetch's column order (`Sql::fetch`), without sqlx's check of
+    /// each column's declared type against the Rust type (the statement fixes both): a
+    /// fetch returns hundreds of rows, and looking each column up by name and checking it
+    /// took a tenth of the relay's CPU in a drain. The test below checks the positions
+    /// against the statement's column names; `tests/store.rs` decodes real rows.
+    fn from_row(r: &'r PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            row: OutboxRow {
+                id: r.try_get_unchecked(0)?,
+                event_id: r.try_get_unchecked(1)?,
+                aggregate_type: r.try_get_unchecked(2)?,
+                aggregate_id: r.try_get_unchecked(3)?,
+                event_type: r.try_get_unchecked(4)?,
+                destination: r.try_get_unchecked(5)?,
+                routing_key: r.try_get_unchecked(6)?,
+                payload: r.try_get_unchecked(7)?,
+                headers: r.try_get_unchecked(8)?,
+                attempts: r.try_get_unchecked(9)?,
+                created_at: r.try_get_unchecked(10)?,
+            },
+            hash: r.try_get_unchecked(11)?,
+        })
+    }
+}
+
+/// The fetch's columns by name, in the order `ClaimedRow::from_row` reads them.
+#[cfg(test)]
+pub(crate) const FETCHED_COLUMNS: [&str; 12] = [
+    "id",
+    "event_id",
+    "aggregate_type",
+    "aggregate_id",
+    "event_type",
+    "destination",
+    "routing_key",
+    "payload",
+    "headers",
+    "attempts",
+    "created_at",
+    "hash",
+];
 
 impl ClaimedRow {
     /// Bytes this row takes in memory (what the window's byte bound counts).
@@ -111,6 +177,17 @@ fn json_len(v: &serde_json::Value) -> usize {
         serde_json::Value::String(s) => s.len(),
         other => other.to_string().len(),
     }
+}
+
+/// The lowest and highest of `ids` when they lie close together (the stretch of the
+/// primary key between them holds at most twice as many ids, plus a little): walking
+/// that stretch is cheaper than looking each id up.
+fn dense_range(ids: &[i64]) -> Option<(i64, i64)> {
+    let low = *ids.iter().min()?;
+    let high = *ids.iter().max()?;
+    let span = high.checked_sub(low)?;
+    let len = i64::try_from(ids.len()).ok()?;
+    (span <= len.saturating_mul(2).saturating_add(64)).then_some((low, high))
 }
 
 impl Store {
@@ -177,12 +254,21 @@ impl Store {
         if ids.is_empty() {
             return Ok((Vec::new(), false));
         }
-        let mut stream = sqlx::query_as::<_, ClaimedRow>(&self.sql.fetch)
-            .bind(ids)
-            .bind(on_failed == OnFailed::Block)
-            .bind(epoch)
-            .bind(held)
-            .fetch(self.pool());
+        let query = match dense_range(ids) {
+            Some((low, high)) => sqlx::query_as::<_, ClaimedRow>(&self.sql.fetch_range)
+                .bind(ids)
+                .bind(on_failed == OnFailed::Block)
+                .bind(epoch)
+                .bind(held)
+                .bind(low)
+                .bind(high),
+            None => sqlx::query_as::<_, ClaimedRow>(&self.sql.fetch)
+                .bind(ids)
+                .bind(on_failed == OnFailed::Block)
+                .bind(epoch)
+                .bind(held),
+        };
+        let mut stream = query.fetch(self.pool());
         let mut out = Vec::new();
         let mut used = 0usize;
         while let Some(row) = stream.try_next().await? {
@@ -194,5 +280,57 @@ impl Store {
             out.push(row);
         }
         Ok((out, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{dense_range, FETCHED_COLUMNS, SCANNED_COLUMNS};
+    use crate::table::TableName;
+
+    /// The names the fetch's select list gives its columns, in order.
+    fn select_list(sql: &str) -> Vec<String> {
+        let start = sql.find("SELECT").unwrap() + "SELECT".len();
+        let end = sql.find("FROM").unwrap();
+        sql[start..end]
+            .split(',')
+            .map(|c| {
+                let c = c.trim();
+                let name = c.rsplit(" AS ").next().unwrap();
+                name.trim_start_matches("o.").to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_fetches_and_the_scan_return_the_columns_where_they_are_read() {
+        let sql = super::super::Sql::new(&TableName::parse("app.ev").unwrap());
+        for stmt in [&sql.fetch, &sql.fetch_range] {
+            assert_eq!(select_list(stmt), FETCHED_COLUMNS, "{stmt}");
+        }
+        // The scan's first branch names its columns (the others follow by position).
+        let first = sql.scan.find("(SELECT id, hash").unwrap();
+        assert_eq!(select_list(&sql.scan[first + 1..]), SCANNED_COLUMNS);
+        assert!(sql.fetch_range.contains("o.id >= $5 AND o.id <= $6"));
+    }
+
+    #[test]
+    fn ids_close_together_are_fetched_as_a_range() {
+        let drain: Vec<i64> = (1_000..1_500).collect();
+        assert_eq!(dense_range(&drain), Some((1_000, 1_499)));
+        assert_eq!(
+            dense_range(&[7, 3, 60]),
+            Some((3, 60)),
+            "unordered, few ids"
+        );
+        assert_eq!(dense_range(&[7, 3, 90]), None, "a span of 87 for 3 ids");
+        let refill: Vec<i64> = (0..500).map(|i| i * 1_000).collect();
+        assert_eq!(
+            dense_range(&refill),
+            None,
+            "a hot aggregate's rows far apart"
+        );
+        assert_eq!(dense_range(&[i64::MIN, i64::MAX]), None, "no overflow");
+        assert_eq!(dense_range(&[]), None);
     }
 }

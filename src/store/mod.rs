@@ -167,12 +167,33 @@ pub(crate) fn probe_columns(tbl: &str, list: &str) -> String {
     )
 }
 
+/// The fetch (`Store::fetch`): the rows among `$1` (picked by the engine) that are still
+/// due and behind no blocker, `ids` saying how the statement finds them. Its columns are
+/// read by position (`ClaimedRow`).
+fn fetch(tbl: &str, untaken: &str, floor_tbl: &str, ids: &str) -> String {
+    format!(
+        "SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
+                o.destination, o.routing_key, o.payload::text AS payload, o.headers,
+                o.attempts, o.created_at,
+                hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash
+         FROM {tbl} o
+         WHERE {ids}
+           AND o.status = 'PENDING'
+           AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
+           AND {untaken}
+           AND ($3::bigint IS NULL
+                OR (SELECT f.epoch FROM {floor_tbl} f WHERE f.singleton) = $3)
+         ORDER BY o.id"
+    )
+}
+
 /// Prebuilt statements for the configured table (identifiers quoted, data bound).
 #[derive(Debug)]
 struct Sql {
     claim: String,
     scan: String,
     fetch: String,
+    fetch_range: String,
     mark_processed: String,
     reject: String,
 }
@@ -236,19 +257,16 @@ impl Sql {
                         (SELECT f.epoch FROM {floor_tbl} f WHERE f.singleton)
                  FROM s"
             ),
-            fetch: format!(
-                "SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
-                        o.destination, o.routing_key, o.payload::text AS payload, o.headers,
-                        o.attempts, o.created_at,
-                        hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash
-                 FROM {tbl} o
-                 WHERE o.id = ANY($1)
-                   AND o.status = 'PENDING'
-                   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
-                   AND {untaken}
-                   AND ($3::bigint IS NULL
-                        OR (SELECT f.epoch FROM {floor_tbl} f WHERE f.singleton) = $3)
-                 ORDER BY o.id"
+            fetch: fetch(&tbl, &untaken, &floor_tbl, "o.id = ANY($1)"),
+            // The same for ids close together (a drain's claims): one walk of that stretch
+            // of the primary key instead of a descent per id (Postgres 15 descends the
+            // index once per element of `= ANY`): ~15 times fewer buffer reads. The `IS
+            // TRUE` keeps the list out of the index condition.
+            fetch_range: fetch(
+                &tbl,
+                &untaken,
+                &floor_tbl,
+                "o.id >= $5 AND o.id <= $6 AND (o.id = ANY($1)) IS TRUE",
             ),
             claim: format!(
                 "SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
@@ -305,12 +323,34 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
         .map_err(|e| StoreError::BadUrl(crate::secret::redact_url(&e.to_string())))
 }
 
+/// A connection idle at least this long is pinged before it is handed out.
+const IDLE_PING: Duration = Duration::from_secs(1);
+
+/// The pool settings every relay pool uses (and the bench's Postgres ceiling, so it is
+/// measured the same way). sqlx pings a connection when it goes back to the pool; by
+/// default it pings it again before handing it out, a second round trip per statement
+/// on the claim's critical path. Here only a connection idle for `IDLE_PING` is pinged
+/// first (one that may have been cut while unused: a server restart is still noticed
+/// before a statement is sent); a busy one was checked when it was returned.
+pub fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= IDLE_PING {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 impl Store {
     /// Open a pool. Fails fast (within `connect_timeout`) when the database is down.
     pub async fn connect(cfg: &DatabaseConfig, table: TableName) -> Result<Self, StoreError> {
         let opts = connect_options(cfg.url.expose())?.application_name("outbox-relay");
-        let pool = PgPoolOptions::new()
-            .max_connections(cfg.max_connections)
+        let pool = pool_options(cfg.max_connections)
             .acquire_timeout(cfg.connect_timeout)
             .connect_with(opts)
             .await

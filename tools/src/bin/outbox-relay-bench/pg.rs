@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use outbox_relay::config::OnFailed;
 use outbox_relay::store::Store;
 use outbox_relay::table::TableName;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -30,8 +30,8 @@ pub async fn pool(url: &str, max: u32) -> Result<PgPool> {
     let opts: PgConnectOptions = url
         .parse::<PgConnectOptions>()?
         .application_name("outbox-relay-bench");
-    PgPoolOptions::new()
-        .max_connections(max)
+    // The relay's pool settings: the Postgres ceiling's statements go through the same.
+    outbox_relay::store::pool_options(max)
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(opts)
         .await
