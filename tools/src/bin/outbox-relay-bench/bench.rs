@@ -340,6 +340,14 @@ impl Bench {
 
     pub async fn preloaded(&self, suffix: &str, rows: u64) -> Result<pg::BenchTable> {
         let t = self.table(suffix).await?;
+        // A checkpoint first: the bench's own WAL (preloads, producers) triggers
+        // checkpoints, and one starting between a preload and the end of its drain makes
+        // the drain's marks write every page again in full (500–930 B of WAL per row
+        // instead of ~160–250 B, in several recorded runs). The drain then measures the
+        // marks themselves; docs/benchmarks.md says what a checkpoint adds.
+        if let Err(e) = sqlx::query("CHECKPOINT").execute(&self.pool).await {
+            eprintln!("  (no checkpoint before the preload: {e})");
+        }
         let started = Instant::now();
         t.preload(rows, self.args.aggregates, self.args.payload_bytes)
             .await?;
