@@ -116,6 +116,11 @@ impl Leases {
         self.valid_until.is_none_or(|until| Instant::now() >= until)
     }
 
+    /// Whether the partition of aggregate hash `hash` is held (`held` is kept sorted).
+    pub fn holds(&self, hash: i32) -> bool {
+        self.held.binary_search(&(hash & (PARTITIONS - 1))).is_ok()
+    }
+
     /// The claim filter: `None` when every partition is held.
     pub fn claim_filter(&self) -> Option<Vec<i32>> {
         (self.held.len() != PARTITIONS as usize).then(|| self.held.clone())

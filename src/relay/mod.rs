@@ -302,11 +302,7 @@ impl<S: Sink> Engine<S> {
         let (after, mut capped) = self.sweep.plan(!refill.is_empty());
         // Skipping an aggregate of a partition not held is the partition filter's job
         // (counted, every scan after a rebalance examined 100 000 rows).
-        let partitions = self.leases.claim_filter();
-        if let Some(held) = &partitions {
-            let held: HashSet<i32> = held.iter().copied().collect();
-            capped.retain(|h| held.contains(&(h & (crate::store::PARTITIONS - 1))));
-        }
+        capped.retain(|h| self.leases.holds(*h));
         let skipping = !capped.is_empty();
         capped.extend(frozen);
         // Every id held (the scan's due retries come from below its start too).
@@ -337,7 +333,7 @@ impl<S: Sink> Engine<S> {
             room_bytes: room_bytes.max(1),
             scan_limit,
             examine: claimer::examine_limit(scan_limit, skipping),
-            partitions,
+            partitions: self.leases.claim_filter(),
             on_failed: self.cfg.on_failed,
             list_writers: false,
             horizon: self.sweep.settled(),
@@ -380,15 +376,13 @@ impl<S: Sink> Engine<S> {
         let more = self.sweep.more || !claimed.capped.is_empty();
         self.doorbell
             .record(Instant::now(), claimed.rows.len(), more);
-        let held: HashSet<i32> = self.leases.held().iter().copied().collect();
         for c in claimed.rows {
+            if !self.leases.holds(c.hash) {
+                continue; // let go while the claim ran: its new holder claims it
+            }
             let bytes = c.bytes();
             let row = c.row;
             let key: AggKey = (row.aggregate_type.clone(), row.aggregate_id.clone());
-            let partition = c.hash & (crate::store::PARTITIONS - 1);
-            if !held.contains(&partition) {
-                continue; // let go while the claim ran: its new holder claims it
-            }
             if self.dropped.contains(&key) {
                 // Dropped while the claim ran: an earlier row may have left memory.
                 self.sweep.cap(c.hash);

@@ -254,20 +254,20 @@ impl Store {
         if ids.is_empty() {
             return Ok((Vec::new(), false));
         }
-        let query = match dense_range(ids) {
-            Some((low, high)) => sqlx::query_as::<_, ClaimedRow>(&self.sql.fetch_range)
-                .bind(ids)
-                .bind(on_failed == OnFailed::Block)
-                .bind(epoch)
-                .bind(held)
-                .bind(low)
-                .bind(high),
-            None => sqlx::query_as::<_, ClaimedRow>(&self.sql.fetch)
-                .bind(ids)
-                .bind(on_failed == OnFailed::Block)
-                .bind(epoch)
-                .bind(held),
+        let range = dense_range(ids);
+        let sql = if range.is_some() {
+            &self.sql.fetch_range
+        } else {
+            &self.sql.fetch
         };
+        let mut query = sqlx::query_as::<_, ClaimedRow>(sql)
+            .bind(ids)
+            .bind(on_failed == OnFailed::Block)
+            .bind(epoch)
+            .bind(held);
+        if let Some((low, high)) = range {
+            query = query.bind(low).bind(high);
+        }
         let mut stream = query.fetch(self.pool());
         let mut out = Vec::new();
         let mut used = 0usize;
