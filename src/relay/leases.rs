@@ -47,6 +47,19 @@ pub async fn renew(
     })
 }
 
+#[cfg(test)]
+impl Renewal {
+    /// A renewal that found `live` members and `held` partitions ours, just now.
+    pub fn at_once(live: i64, held: Vec<i32>) -> Self {
+        Self {
+            started: Instant::now(),
+            live,
+            held,
+            acquired: Vec::new(),
+        }
+    }
+}
+
 fn share(live: i64) -> i64 {
     (i64::from(PARTITIONS) + live - 1) / live
 }

@@ -33,6 +33,8 @@ mod leases;
 mod partitions;
 mod probe;
 mod sweep;
+#[cfg(test)]
+mod tests;
 pub mod wake;
 mod window;
 
@@ -279,11 +281,18 @@ impl<S: Sink> Engine<S> {
         {
             return;
         }
+        if let Some(plan) = self.next_plan(now) {
+            self.claiming = Some(tokio::spawn(claimer::claim(self.store.clone(), plan)));
+        }
+    }
+
+    /// The next claim's plan, when there is room for rows; the claim starts with it.
+    fn next_plan(&mut self, now: Instant) -> Option<Plan> {
         let room_rows = self.max_rows.saturating_sub(self.window.rows());
         let max_bytes = usize::try_from(self.cfg.max_in_flight_bytes).unwrap_or(usize::MAX);
         let room_bytes = max_bytes.saturating_sub(self.window.bytes());
         if room_rows == 0 || (room_bytes == 0 && !self.window.is_empty()) {
-            return;
+            return None;
         }
         let share = self.cfg.max_rows_per_aggregate;
         let mut refill = self.sweep.refill(self.window.per_hash(), share);
@@ -347,7 +356,7 @@ impl<S: Sink> Engine<S> {
         plan.list_writers = plan.ahead.is_none() && self.sweep.list_due(now);
         self.dropped.clear();
         self.claim_due = false;
-        self.claiming = Some(tokio::spawn(claimer::claim(self.store.clone(), plan)));
+        Some(plan)
     }
 
     fn on_claimed(&mut self, r: Result<Result<Claimed, StoreError>, tokio::task::JoinError>) {
