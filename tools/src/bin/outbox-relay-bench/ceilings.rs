@@ -16,7 +16,7 @@ impl Bench {
         let a = census();
         let (rows, secs) = pg::pg_ceiling(&t, self.args.window as u32).await?;
         let ours = self.backends(None).await;
-        let split = CpuSplit::between(&a, &census(), None, &ours, "none");
+        let split = CpuSplit::between(&a, &census(), &[], &ours, "none");
         self.drop_table(&t).await;
         let rate = rows as f64 / secs;
         println!(
@@ -43,7 +43,7 @@ impl Bench {
                 let a2 = census();
                 let secs = r.ceiling(&load).await?;
                 let split =
-                    CpuSplit::between(&a2, &census(), None, &Default::default(), kind.component());
+                    CpuSplit::between(&a2, &census(), &[], &Default::default(), kind.component());
                 r.purge().await?;
                 return Ok((load.n as f64 / secs, split));
             }
@@ -57,7 +57,7 @@ impl Bench {
             Kind::Sqs => self.sqs()?.ceiling(&load).await?,
             Kind::Sns => self.sns()?.ceiling(&load).await?,
         };
-        let split = CpuSplit::between(&a, &census(), None, &Default::default(), kind.component());
+        let split = CpuSplit::between(&a, &census(), &[], &Default::default(), kind.component());
         Ok((load.n as f64 / secs, split))
     }
 }

@@ -110,6 +110,10 @@ pub struct Args {
         default_value = "ceiling,pg,drain,latency,naive,producers"
     )]
     pub phases: Vec<Phase>,
+    /// Relay processes draining the preloaded table together (drain phases): each takes
+    /// its share of the partitions, so with 2 or more the drain includes a rebalance.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub relays: u32,
     /// Extra relay configuration, `KEY=VALUE` (e.g. OUTBOX_RELAY__RELAY__BATCH_SIZE=1000).
     #[arg(long = "relay-env", value_name = "KEY=VALUE")]
     pub relay_env: Vec<String>,

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use crate::bench::Bench;
 use crate::figures::{Drain, Kind};
 use crate::pg;
-use crate::procs::{census, CpuSplit};
+use crate::procs::{census, CpuSplit, RelayChild, RelayUsage};
 
 impl Bench {
     pub async fn drain(&self, kind: Kind) -> Result<Drain> {
@@ -30,14 +30,24 @@ impl Bench {
         let (lsn0, upd0) = (pg::wal_lsn(&self.pool).await?, t.updates().await?);
         let fpi0 = pg::wal_fpi(&self.pool).await?;
         let t0 = pg::db_now(&self.pool).await?;
-        let mut relay = self.spawn_relay(&env, &phase)?;
+        let mut relays = Vec::new();
+        for i in 0..self.args.relays {
+            let name = if i == 0 {
+                phase.clone()
+            } else {
+                format!("{phase}-{i}")
+            };
+            relays.push(self.spawn_relay(&env, &name)?);
+        }
         let started = Instant::now();
         let limit = Duration::from_secs(600);
         let mut last_report = Instant::now();
         let mut from = 0;
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            relay.check_alive()?;
+            for relay in &mut relays {
+                relay.check_alive()?;
+            }
             if !t.any_pending(&mut from).await? {
                 break;
             }
@@ -50,15 +60,17 @@ impl Bench {
                 last_report = Instant::now();
             }
             if started.elapsed() > limit {
-                let tail = relay.log_tail(10);
-                relay.stop().await;
+                let tail: Vec<String> = relays.iter().map(|r| r.log_tail(10)).collect();
+                stop_all(relays).await;
+                let tail = tail.join("\n--\n");
                 let pending = t.pending().await?;
                 bail!("{pending} rows still pending after {limit:?}; relay log:\n{tail}");
             }
         }
         let ours = self.backends(Some(&t)).await;
-        let split = CpuSplit::between(&a, &census(), Some(relay.pid), &ours, kind.component());
-        let usage = relay.stop().await;
+        let pids: Vec<u32> = relays.iter().map(|r| r.pid).collect();
+        let split = CpuSplit::between(&a, &census(), &pids, &ours, kind.component());
+        let usage = stop_all(relays).await;
         let wal = pg::wal_since(&self.pool, &lsn0).await?;
         let (first, end) = t.processed_span().await?.context("no processed_at")?;
         let processed = t.count_status("PROCESSED").await? as u64;
@@ -131,4 +143,15 @@ impl Bench {
         self.drop_table(&t).await;
         Ok(out)
     }
+}
+
+/// Stop every relay of a drain: their CPU summed, the highest peak RSS.
+async fn stop_all(relays: Vec<RelayChild>) -> RelayUsage {
+    let mut total = RelayUsage::default();
+    for relay in relays {
+        let u = relay.stop().await;
+        total.cpu_secs += u.cpu_secs;
+        total.peak_rss_mb = total.peak_rss_mb.max(u.peak_rss_mb);
+    }
+    total
 }

@@ -78,7 +78,7 @@ impl Bench {
             "  producers ran {produced_secs:.1}s, stragglers waited for {:.1}s",
             started.elapsed().as_secs_f64() - produced_secs
         );
-        let split = CpuSplit::between(&a, &census(), Some(relay.pid), &ours, kind.component());
+        let split = CpuSplit::between(&a, &census(), &[relay.pid], &ours, kind.component());
         relay.check_alive()?;
         let db_side = t.latency_percentiles().await?;
         let usage = relay.stop().await;

@@ -125,7 +125,7 @@ impl CpuSplit {
     pub fn between(
         a: &Census,
         b: &Census,
-        relay: Option<u32>,
+        relays: &[u32],
         ours: &HashSet<u32>,
         broker: &str,
     ) -> Self {
@@ -148,7 +148,7 @@ impl CpuSplit {
         };
         Self {
             wall,
-            relay: relay.map_or(0.0, |p| delta(&p)),
+            relay: relays.iter().map(delta).sum::<f64>() + 0.0,
             postgres_ours: ours.iter().map(delta).sum::<f64>() + 0.0,
             postgres_all: by_comm("postgres"),
             broker: by_comm(broker),

@@ -214,6 +214,9 @@ pub fn print_table(args: &Args, f: &Figures) {
         "Rows: {}-byte JSON payloads (as read), 1 traceparent header, {} aggregates (pseudo-random per row).",
         f.payload_avg as usize, args.aggregates
     );
+    if args.relays > 1 {
+        println!("Drains by {} relay processes together.", args.relays);
+    }
     if !args.relay_env.is_empty() {
         println!("Relay env: {}", args.relay_env.join(" "));
     }
