@@ -501,3 +501,6 @@ async fn a_retry_holds_back_the_fetch_of_later_rows_unless_read_with_them_or_hel
         "not due"
     );
 }
+
+#[path = "store/hot.rs"]
+mod hot;

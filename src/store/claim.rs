@@ -205,7 +205,7 @@ impl Store {
             .bind(q.skip)
             .bind(q.only)
             .bind(q.list_writers)
-            .fetch_all(self.pool())
+            .fetch_all(&self.hot)
             .await?;
         let summary = rows
             .pop()
@@ -268,7 +268,7 @@ impl Store {
         if let Some((low, high)) = range {
             query = query.bind(low).bind(high);
         }
-        let mut stream = query.fetch(self.pool());
+        let mut stream = query.fetch(&self.hot);
         let mut out = Vec::new();
         let mut used = 0usize;
         while let Some(row) = stream.try_next().await? {

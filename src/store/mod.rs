@@ -16,14 +16,15 @@ pub mod doorbell;
 mod floor;
 pub mod leases;
 mod park;
+mod pool;
 
 pub use claim::{ClaimedRow, Probe, ScanPage, ScanQuery, Scanned};
 pub use floor::Floor;
+pub use pool::{connect_options, pool_options, HOT_SETTINGS};
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::PgPool;
 
 use crate::config::{DatabaseConfig, OnFailed};
 use crate::model::OutboxRow;
@@ -305,45 +306,10 @@ impl Sql {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// The scan's, the fetch's and the marks' own connections (`pool::hot`).
+    hot: PgPool,
     table: TableName,
     sql: std::sync::Arc<Sql>,
-}
-
-/// Connection options from a database URL (no password in any error we return).
-pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
-    // Prepared statements are planned with their real parameters every time
-    // (`force_custom_plan`): a generic plan cached while the table was empty or small would
-    // probe blockers with a sequential scan per row once rows pile up (p50 4 s at
-    // 2 000 rows/s, seen in the bench), and re-preparing each call costs a round trip.
-    url.parse::<PgConnectOptions>()
-        .map(|o| {
-            o.log_statements(tracing::log::LevelFilter::Trace)
-                .options([("plan_cache_mode", "force_custom_plan")])
-        })
-        .map_err(|e| StoreError::BadUrl(crate::secret::redact_url(&e.to_string())))
-}
-
-/// A connection idle at least this long is pinged before it is handed out.
-const IDLE_PING: Duration = Duration::from_secs(1);
-
-/// The pool settings every relay pool uses (and the bench's Postgres ceiling, so it is
-/// measured the same way). sqlx pings a connection when it goes back to the pool; by
-/// default it pings it again before handing it out, a second round trip per statement
-/// on the claim's critical path. Here only a connection idle for `IDLE_PING` is pinged
-/// first (one that may have been cut while unused: a server restart is still noticed
-/// before a statement is sent); a busy one was checked when it was returned.
-pub fn pool_options(max_connections: u32) -> PgPoolOptions {
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for >= IDLE_PING {
-                    sqlx::Connection::ping(conn).await?;
-                }
-                Ok(true)
-            })
-        })
 }
 
 impl Store {
@@ -360,7 +326,13 @@ impl Store {
 
     pub fn from_pool(pool: PgPool, table: TableName) -> Self {
         let sql = std::sync::Arc::new(Sql::new(&table));
-        Self { pool, table, sql }
+        let hot = pool::hot(&pool);
+        Self {
+            pool,
+            hot,
+            table,
+            sql,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -416,7 +388,7 @@ impl Store {
         }
         let done = sqlx::query(&self.sql.mark_processed)
             .bind(ids)
-            .execute(&self.pool)
+            .execute(&self.hot)
             .await?;
         Ok(done.rows_affected())
     }
