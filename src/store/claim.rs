@@ -179,6 +179,19 @@ fn json_len(v: &serde_json::Value) -> usize {
     }
 }
 
+/// The fetch's bitmap of a dense range starting at `low`: bit `id - low` (least
+/// significant bit of each byte first, as Postgres's `get_bit` reads it) for each id.
+fn range_bits(ids: &[i64], low: i64) -> Vec<u8> {
+    let offset = |id: i64| usize::try_from(id - low).unwrap_or(0);
+    let len = ids.iter().map(|id| offset(*id) / 8 + 1).max().unwrap_or(0);
+    let mut bits = vec![0u8; len];
+    for id in ids {
+        let o = offset(*id);
+        bits[o / 8] |= 1 << (o % 8);
+    }
+    bits
+}
+
 /// The lowest and highest of `ids` when they lie close together (the stretch of the
 /// primary key between them holds at most twice as many ids, plus a little): walking
 /// that stretch is cheaper than looking each id up.
@@ -266,7 +279,7 @@ impl Store {
             .bind(epoch)
             .bind(held);
         if let Some((low, high)) = range {
-            query = query.bind(low).bind(high);
+            query = query.bind(low).bind(high).bind(range_bits(ids, low));
         }
         let mut stream = query.fetch(&self.hot);
         let mut out = Vec::new();
@@ -285,7 +298,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::{dense_range, FETCHED_COLUMNS, SCANNED_COLUMNS};
+    use super::{dense_range, range_bits, FETCHED_COLUMNS, SCANNED_COLUMNS};
     use crate::table::TableName;
 
     /// The names the fetch's select list gives its columns, in order.
@@ -332,5 +345,18 @@ mod tests {
         );
         assert_eq!(dense_range(&[i64::MIN, i64::MAX]), None, "no overflow");
         assert_eq!(dense_range(&[]), None);
+    }
+
+    #[test]
+    fn a_range_s_bitmap_has_one_bit_per_wanted_id() {
+        assert_eq!(
+            range_bits(&[10, 11, 18, 26], 10),
+            vec![0b0000_0011, 0b0000_0001, 0b0000_0001]
+        );
+        assert_eq!(range_bits(&[5], 5), vec![1]);
+        let drain: Vec<i64> = (1_000..1_500).step_by(2).collect();
+        let bits = range_bits(&drain, 1_000);
+        assert_eq!(bits.len(), 63);
+        assert!(bits[..62].iter().all(|b| *b == 0x55), "{bits:?}");
     }
 }

@@ -261,13 +261,18 @@ impl Sql {
             fetch: fetch(&tbl, &untaken, &floor_tbl, "o.id = ANY($1)"),
             // The same for ids close together (a drain's claims): one walk of that stretch
             // of the primary key instead of a descent per id (Postgres 15 descends the
-            // index once per element of `= ANY`): ~15 times fewer buffer reads. The `IS
-            // TRUE` keeps the list out of the index condition.
+            // index once per element of `= ANY`): ~15 times fewer buffer reads. Which ids
+            // of the stretch are wanted is a bitmap ($7, bit `id - $5`): one bit test per
+            // row, where the hot path's generic plan would search the list of `= ANY` for
+            // each (not hashed, ~0.3 ms of a 500-row fetch), and nothing for the planner
+            // to estimate element by element. The CASE keeps the bit test inside the range
+            // whatever order the filters run in.
             fetch_range: fetch(
                 &tbl,
                 &untaken,
                 &floor_tbl,
-                "o.id >= $5 AND o.id <= $6 AND (o.id = ANY($1)) IS TRUE",
+                "o.id >= $5 AND o.id <= $6 AND (CASE WHEN o.id >= $5 AND o.id <= $6 \
+                 THEN get_bit($7::bytea, (o.id - $5)::int) = 1 END) IS TRUE",
             ),
             claim: format!(
                 "SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,

@@ -14,7 +14,10 @@ fn params(name: &str) -> String {
     match name {
         "scan" => "(990, NULL, 100, 100, NULL, NULL, true)".into(),
         "fetch" => format!("({ids}, true, NULL, '{{}}')"),
-        "fetch_range" => format!("({ids}, true, NULL, '{{}}', 1000, 1198)"),
+        "fetch_range" => format!(
+            "({ids}, true, NULL, '{{}}', 1000, 1198, '\\x{}')",
+            "55".repeat(25)
+        ),
         "mark_processed" => format!("({ids})"),
         other => panic!("no parameters for {other}"),
     }
@@ -87,4 +90,42 @@ async fn plans_built_on_an_empty_table_stay_on_indexes_once_it_is_full(pool: PgP
         assert!(most <= 1_000, "{name}: a node read {most} rows:\n{plan}");
         assert!(plan.contains("outbox_pkey"), "{name}:\n{plan}");
     }
+}
+
+/// A fetch of ids close together walks their stretch of the key and keeps exactly the ids
+/// asked for (a bitmap of them), in id order; scattered ids are looked up one by one.
+#[sqlx::test(migrations = false)]
+async fn a_fetch_returns_exactly_the_ids_asked_for(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(super::insert(&pool, &format!("x{i}")).await);
+    }
+    let fetched = |want: Vec<i64>| {
+        let s = s.clone();
+        async move {
+            let (rows, _) = s
+                .fetch(
+                    &want,
+                    outbox_relay::config::OnFailed::Block,
+                    1 << 20,
+                    None,
+                    &[],
+                )
+                .await
+                .unwrap();
+            rows.iter().map(|r| r.row.id).collect::<Vec<i64>>()
+        }
+    };
+    // Every third id of the forty, unordered: a dense range with gaps, bits in 2+ bytes.
+    let mut some: Vec<i64> = ids.iter().step_by(3).copied().rev().collect();
+    let mut want = some.clone();
+    want.sort_unstable();
+    assert_eq!(fetched(some.clone()).await, want);
+    // The two ends of the stretch only, then one id alone.
+    assert_eq!(fetched(vec![ids[39], ids[0]]).await, vec![ids[0], ids[39]]);
+    assert_eq!(fetched(vec![ids[17]]).await, vec![ids[17]]);
+    // Far apart (not a range): the same rows.
+    some.push(ids[39] + 1_000_000);
+    assert_eq!(fetched(some).await, want);
 }
