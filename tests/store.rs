@@ -447,7 +447,25 @@ async fn the_order_lock_is_held_to_commit_unless_switched_off(pool: PgPool) {
         0,
         "no function called: no relay holds the doorbell, no lock"
     );
+    // With the lock off, an insert that sets a relay-owned column still has it reset,
+    // without the lock.
+    let id: i64 = sqlx::query_scalar("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, status, attempts, next_attempt_at) VALUES ('order', 'c', 'e', '{}', 'PROCESSED', 3, 'infinity') RETURNING id")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar(held).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(n, 0, "the guard takes no lock");
+    let n: i64 = sqlx::query_scalar(calls).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(n - before, 1, "the guard's call");
     tx.commit().await.unwrap();
+    let row: (String, i32, bool) = sqlx::query_as(
+        "SELECT status, attempts, next_attempt_at IS NULL FROM outbox WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(row, ("PENDING".into(), 0, true));
 }
 
 #[path = "store/floor.rs"]
