@@ -180,14 +180,16 @@ fn json_len(v: &serde_json::Value) -> usize {
 }
 
 /// The fetch's bitmap of a dense range starting at `low`: bit `id - low` (least
-/// significant bit of each byte first, as Postgres's `get_bit` reads it) for each id.
-fn range_bits(ids: &[i64], low: i64) -> Vec<u8> {
+/// significant bit of each byte first, as Postgres's `get_bit` reads it) for each id;
+/// `high` is the highest of `ids` (from `dense_range`), which sizes the map.
+fn range_bits(ids: &[i64], low: i64, high: i64) -> Vec<u8> {
     let offset = |id: i64| usize::try_from(id - low).unwrap_or(0);
-    let len = ids.iter().map(|id| offset(*id) / 8 + 1).max().unwrap_or(0);
-    let mut bits = vec![0u8; len];
+    let mut bits = vec![0u8; offset(high) / 8 + 1];
     for id in ids {
         let o = offset(*id);
-        bits[o / 8] |= 1 << (o % 8);
+        if let Some(byte) = bits.get_mut(o / 8) {
+            *byte |= 1 << (o % 8);
+        }
     }
     bits
 }
@@ -279,7 +281,7 @@ impl Store {
             .bind(epoch)
             .bind(held);
         if let Some((low, high)) = range {
-            query = query.bind(low).bind(high).bind(range_bits(ids, low));
+            query = query.bind(low).bind(high).bind(range_bits(ids, low, high));
         }
         let mut stream = query.fetch(&self.hot);
         let mut out = Vec::new();
@@ -350,12 +352,12 @@ mod tests {
     #[test]
     fn a_range_s_bitmap_has_one_bit_per_wanted_id() {
         assert_eq!(
-            range_bits(&[10, 11, 18, 26], 10),
+            range_bits(&[10, 11, 18, 26], 10, 26),
             vec![0b0000_0011, 0b0000_0001, 0b0000_0001]
         );
-        assert_eq!(range_bits(&[5], 5), vec![1]);
+        assert_eq!(range_bits(&[5], 5, 5), vec![1]);
         let drain: Vec<i64> = (1_000..1_500).step_by(2).collect();
-        let bits = range_bits(&drain, 1_000);
+        let bits = range_bits(&drain, 1_000, *drain.iter().max().unwrap());
         assert_eq!(bits.len(), 63);
         assert!(bits[..62].iter().all(|b| *b == 0x55), "{bits:?}");
     }

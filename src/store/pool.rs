@@ -63,7 +63,7 @@ pub fn pool_options(max_connections: u32) -> PgPoolOptions {
 }
 
 /// Connections of the hot path: a scan ahead, a fetch and a mark run at the same time.
-pub const CONNECTIONS: u32 = 3;
+const CONNECTIONS: u32 = 3;
 
 /// Session settings of the hot path's connections (see the module doc).
 pub const HOT_SETTINGS: [(&str, &str); 8] = [
