@@ -24,6 +24,9 @@ pub(super) const fn default_batch_size() -> u32 {
 pub(super) const fn default_poll_interval() -> Duration {
     Duration::from_millis(500)
 }
+pub(super) const fn default_busy_poll_interval() -> Duration {
+    Duration::from_millis(5)
+}
 pub(super) const fn default_max_attempts() -> u32 {
     10
 }

@@ -104,6 +104,12 @@ pub struct RelayConfig {
     /// Listen for NOTIFY from the outbox trigger (polling stays on as the safety net).
     #[serde(default = "default_true")]
     pub listen: bool,
+    /// The claim tick while rows flow and the relay does not ask for NOTIFY (it claims
+    /// again this long after a claim): the trade between what a relay that keeps up costs
+    /// Postgres (a claim's statements each tick) and the latency it adds (half a tick on
+    /// average). At most `poll_interval` is used.
+    #[serde(default = "default_busy_poll_interval", with = "humantime_serde")]
+    pub busy_poll_interval: Duration,
     /// Most messages sent and not yet confirmed at any moment (the sliding window).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u32,
@@ -271,6 +277,12 @@ impl Settings {
         }
         if r.poll_interval.is_zero() {
             return Err(invalid("relay.poll_interval", "must be greater than 0"));
+        }
+        if r.busy_poll_interval.is_zero() {
+            return Err(invalid(
+                "relay.busy_poll_interval",
+                "must be greater than 0",
+            ));
         }
         if r.max_attempts == 0 {
             return Err(invalid("relay.max_attempts", "must be at least 1"));

@@ -13,6 +13,7 @@ fn defaults_are_valid() {
     s.validate().unwrap();
     assert_eq!(s.relay.batch_size, 500);
     assert_eq!(s.relay.poll_interval, Duration::from_millis(500));
+    assert_eq!(s.relay.busy_poll_interval, Duration::from_millis(5));
     assert_eq!(s.relay.on_failed, OnFailed::Block);
     assert_eq!(s.kafka.topic, "outbox.{aggregate_type}");
 }
@@ -26,6 +27,7 @@ table = "app.outbox"
 [relay]
 batch_size = 100
 poll_interval = "250ms"
+busy_poll_interval = "20ms"
 backoff_max = "5m"
 on_failed = "skip"
 [sink]
@@ -39,6 +41,7 @@ brokers = "k:9092"
     s.validate().unwrap();
     assert_eq!(s.relay.on_failed, OnFailed::Skip);
     assert_eq!(s.relay.backoff_max, Duration::from_secs(300));
+    assert_eq!(s.relay.busy_poll_interval, Duration::from_millis(20));
     assert_eq!(s.kafka.properties["compression.type"], "lz4");
 }
 
@@ -51,6 +54,13 @@ fn bad_values_name_their_key() {
         .unwrap_err()
         .to_string()
         .contains("relay.batch_size"));
+    let mut s = empty_table();
+    s.relay.busy_poll_interval = Duration::ZERO;
+    assert!(s
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("relay.busy_poll_interval"));
     let mut s = empty_table();
     s.database.table = "bad name;".into();
     assert!(s

@@ -16,22 +16,22 @@ use super::wake::{Bell, Ring};
 /// How far back the claim rate is measured.
 pub const WINDOW: Duration = Duration::from_millis(250);
 /// Claimed rows per second above which notifications stop: from there on a claim every
-/// `BUSY_POLL` finds a row or more, so polling wastes nothing. It must stay well below
+/// `relay.busy_poll_interval` (5 ms by default) finds a row or more, so polling wastes
+/// nothing. It must stay well below
 /// what producers reach while notifying (NOTIFY serializes their commits: ~700–1 100
 /// commits/s on the bench machine); a threshold above that would hold them there, the
 /// relay never seeing the rate that turns the notifications off.
 pub const BUSY_RATE: usize = 200;
 /// Rows per second below which they start again (hysteresis: no flapping in between).
 pub const QUIET_RATE: usize = 50;
-/// The claim tick while not listening.
-pub const BUSY_POLL: Duration = Duration::from_millis(5);
-
 pub struct Doorbell {
     /// The LISTEN task (none with `relay.listen` off: never listens, polls on
     /// `poll_interval`).
     bell: Bell,
     /// What was last asked of it.
     asked: bool,
+    /// The claim tick while not listening (`relay.busy_poll_interval`).
+    busy_poll: Duration,
     /// Claims within `WINDOW`: when, and how many rows each returned.
     recent: VecDeque<(Instant, usize)>,
     /// A claim said a backlog remains: busy at least until then.
@@ -39,10 +39,11 @@ pub struct Doorbell {
 }
 
 impl Doorbell {
-    pub fn new(bell: Bell) -> Self {
+    pub fn new(bell: Bell, busy_poll: Duration) -> Self {
         Self {
             bell,
             asked: false,
+            busy_poll,
             recent: VecDeque::new(),
             busy_until: None,
         }
@@ -101,7 +102,7 @@ impl Doorbell {
     /// tick while producers' commits do not notify.
     pub fn poll_interval(&self, configured: Duration) -> Duration {
         if self.bell.wired() && self.bell.ring() == Ring::Off {
-            BUSY_POLL.min(configured)
+            self.busy_poll.min(configured)
         } else {
             configured
         }
@@ -113,9 +114,11 @@ mod tests {
     use super::*;
     use crate::relay::wake::{pair, Wire};
 
+    const BUSY_POLL: Duration = Duration::from_millis(5);
+
     fn wired() -> (Doorbell, Wire) {
         let (bell, wire) = pair();
-        (Doorbell::new(bell), wire)
+        (Doorbell::new(bell, BUSY_POLL), wire)
     }
 
     #[test]
@@ -184,8 +187,28 @@ mod tests {
     }
 
     #[test]
+    fn the_busy_tick_is_the_configured_one_and_never_longer_than_the_poll_interval() {
+        let (bell, wire) = pair();
+        let d = Doorbell::new(bell, Duration::from_millis(20));
+        wire.set(Ring::Off);
+        assert_eq!(
+            d.poll_interval(Duration::from_millis(500)),
+            Duration::from_millis(20)
+        );
+        assert_eq!(
+            d.poll_interval(Duration::from_millis(8)),
+            Duration::from_millis(8)
+        );
+        wire.set(Ring::Held);
+        assert_eq!(
+            d.poll_interval(Duration::from_millis(500)),
+            Duration::from_millis(500)
+        );
+    }
+
+    #[test]
     fn unwired_never_listens() {
-        let mut d = Doorbell::new(Bell::default());
+        let mut d = Doorbell::new(Bell::default(), BUSY_POLL);
         assert!(!d.wanted(Instant::now()));
         assert_eq!(
             d.poll_interval(Duration::from_millis(500)),

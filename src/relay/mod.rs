@@ -191,7 +191,7 @@ impl<S: Sink> Engine<S> {
             db_pacer: Pacer::default(),
             dropped: HashSet::new(),
             last_poll: Instant::now(),
-            doorbell: Doorbell::new(r.bell),
+            doorbell: Doorbell::new(r.bell, r.cfg.busy_poll_interval),
             probes: probe::Probes::new(Instant::now()),
             cfg: r.cfg,
         }
