@@ -212,13 +212,16 @@ fn query_password_is_redacted_in_display() {
 }
 
 fn toml_from(text: &str) -> Settings {
+    load(text).unwrap()
+}
+
+/// `text` loaded over the defaults (no validation).
+fn load(text: &str) -> Result<Settings, config::ConfigError> {
     sections()
         .unwrap()
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
-        .build()
-        .unwrap()
+        .build()?
         .try_deserialize()
-        .unwrap()
 }
 
 #[test]
@@ -264,4 +267,50 @@ fn redis_and_nats_urls_come_from_their_files() {
     assert!(!format!("{:?}", s.redis).contains("s3cret"));
     s.sink.kind = SinkKind::Redis;
     s.validate().unwrap();
+}
+
+/// README's configuration table and the loader agree: every key the table names is known
+/// (set to a value of no key's type, a known key fails on its type, an unknown one as
+/// unknown), and every key of the sections it covers is named in README.
+#[test]
+fn every_key_of_the_readme_config_table_is_known() {
+    let readme = include_str!("../../README.md");
+    let keys: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once("` |").map(|(k, _)| k))
+        .filter(|k| {
+            k.matches('.').count() == 1
+                && k.chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.')
+        })
+        .collect();
+    assert!(keys.contains(&"relay.busy_poll_interval"), "{keys:?}");
+    for key in keys {
+        let Some((section, name)) = key.split_once('.') else {
+            continue;
+        };
+        let err = load_error(&format!("[{section}]\n{name} = [[1]]\n"));
+        assert!(!err.is_empty(), "{key}: a nested array was accepted");
+        assert!(!err.contains("unknown field"), "{key}: {err}");
+    }
+    // The other way round: every key of those sections is in the table (an unknown key's
+    // error lists the section's keys).
+    for section in ["database", "relay", "sink", "rabbitmq", "kafka", "http"] {
+        let err = load_error(&format!("[{section}]\nno_such_key = [[1]]\n"));
+        let (_, expected) = err
+            .split_once("expected one of ")
+            .or_else(|| err.split_once("expected "))
+            .unwrap_or_else(|| panic!("{section}: {err}"));
+        let expected = expected.split(" for key").next().unwrap_or_default();
+        for name in expected.split(", ") {
+            let key = format!("`{section}.{}`", name.trim_matches('`'));
+            assert!(readme.contains(&key), "{key} is not in README: {err}");
+        }
+    }
+}
+
+/// What loading `toml` over the defaults fails with ("" when it loads).
+fn load_error(toml: &str) -> String {
+    load(toml).err().map(|e| e.to_string()).unwrap_or_default()
 }
