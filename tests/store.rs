@@ -414,14 +414,14 @@ async fn the_order_lock_is_held_to_commit_unless_switched_off(pool: PgPool) {
         .execute(&mut *tx)
         .await
         .unwrap();
-    let before: i64 = sqlx::query_scalar(calls).fetch_one(&mut *tx).await.unwrap();
+    let before: i64 = count(&mut tx, calls).await;
     sqlx::query("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'a', 'e', '{}'), ('order', 'b', 'e', '{}'), ('order', 'a', 'e', '{}')")
         .execute(&mut *tx)
         .await
         .unwrap();
-    let n: i64 = sqlx::query_scalar(held).fetch_one(&mut *tx).await.unwrap();
+    let n: i64 = count(&mut tx, held).await;
     assert_eq!(n, 2, "one lock per aggregate written, until commit");
-    let n: i64 = sqlx::query_scalar(calls).fetch_one(&mut *tx).await.unwrap();
+    let n: i64 = count(&mut tx, calls).await;
     assert_eq!(n - before, 3, "the order lock's function, once per row");
     tx.commit().await.unwrap();
     let mut tx = pool.begin().await.unwrap();
@@ -431,17 +431,17 @@ async fn the_order_lock_is_held_to_commit_unless_switched_off(pool: PgPool) {
     ] {
         sqlx::query(set).execute(&mut *tx).await.unwrap();
     }
-    let before: i64 = sqlx::query_scalar(calls).fetch_one(&mut *tx).await.unwrap();
+    let before: i64 = count(&mut tx, calls).await;
     sqlx::query("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'a', 'e', '{}')")
         .execute(&mut *tx)
         .await
         .unwrap();
-    let n: i64 = sqlx::query_scalar(held).fetch_one(&mut *tx).await.unwrap();
+    let n: i64 = count(&mut tx, held).await;
     assert_eq!(
         n, 0,
         "switched off for producers that lock the aggregate themselves"
     );
-    let n: i64 = sqlx::query_scalar(calls).fetch_one(&mut *tx).await.unwrap();
+    let n: i64 = count(&mut tx, calls).await;
     assert_eq!(
         n - before,
         0,
@@ -453,9 +453,9 @@ async fn the_order_lock_is_held_to_commit_unless_switched_off(pool: PgPool) {
         .fetch_one(&mut *tx)
         .await
         .unwrap();
-    let n: i64 = sqlx::query_scalar(held).fetch_one(&mut *tx).await.unwrap();
+    let n: i64 = count(&mut tx, held).await;
     assert_eq!(n, 0, "the guard takes no lock");
-    let n: i64 = sqlx::query_scalar(calls).fetch_one(&mut *tx).await.unwrap();
+    let n: i64 = count(&mut tx, calls).await;
     assert_eq!(n - before, 1, "the guard's call");
     tx.commit().await.unwrap();
     let row: (String, i32, bool) = sqlx::query_as(
@@ -466,6 +466,11 @@ async fn the_order_lock_is_held_to_commit_unless_switched_off(pool: PgPool) {
     .await
     .unwrap();
     assert_eq!(row, ("PENDING".into(), 0, true));
+}
+
+/// A count read on `conn` (inside a test's transaction).
+async fn count(conn: &mut sqlx::PgConnection, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(conn).await.unwrap()
 }
 
 #[path = "store/floor.rs"]

@@ -17,10 +17,10 @@ use super::wake::{Bell, Ring};
 pub const WINDOW: Duration = Duration::from_millis(250);
 /// Claimed rows per second above which notifications stop: from there on a claim every
 /// `relay.busy_poll_interval` (5 ms by default) finds a row or more, so polling wastes
-/// nothing. It must stay well below
-/// what producers reach while notifying (NOTIFY serializes their commits: ~700–1 100
-/// commits/s on the bench machine); a threshold above that would hold them there, the
-/// relay never seeing the rate that turns the notifications off.
+/// nothing. It must stay well below what producers reach while notifying (NOTIFY
+/// serializes their commits: ~700–1 100 commits/s on the bench machine); a threshold
+/// above that would hold them there, the relay never seeing the rate that turns the
+/// notifications off.
 pub const BUSY_RATE: usize = 200;
 /// Rows per second below which they start again (hysteresis: no flapping in between).
 pub const QUIET_RATE: usize = 50;
