@@ -256,7 +256,7 @@ fn redis_and_nats_urls_come_from_their_files() {
 
 /// README's configuration table and the loader agree: every key the table names is known
 /// (set to a value of no key's type, a known key fails on its type, an unknown one as
-/// unknown), and every key of the sections it covers is named in README.
+/// unknown), once, and every key of the sections it covers is named in README.
 #[test]
 fn every_key_of_the_readme_config_table_is_known() {
     let readme = include_str!("../../README.md");
@@ -272,7 +272,12 @@ fn every_key_of_the_readme_config_table_is_known() {
         .filter(|(_, name)| !name.contains('.'))
         .collect();
     assert!(keys.contains(&("relay", "busy_poll_interval")), "{keys:?}");
+    let mut once = std::collections::HashSet::new();
     for (section, name) in keys {
+        assert!(
+            once.insert((section, name)),
+            "{section}.{name} has two rows"
+        );
         let key = format!("{section}.{name}");
         let err = load_error(&format!("[{section}]\n{name} = [[1]]\n"));
         assert!(!err.is_empty(), "{key}: a nested array was accepted");

@@ -152,11 +152,11 @@ impl<S: Sink> Engine<S> {
                 let latency = (Utc::now() - flight.msg.created_at)
                     .to_std()
                     .unwrap_or_default();
-                metrics::histogram!(m::PUBLISH_LATENCY).record(latency.as_secs_f64());
+                self.meters.publish_latency.record(latency.as_secs_f64());
                 // A confirm of the connection an outage just broke may still come in after
                 // the outage was reported: only a reconnect says the broker is back.
                 if !self.broker.down {
-                    metrics::gauge!(m::BROKER_UP).set(1.0);
+                    self.meters.broker_up.set(1.0);
                 }
                 self.last_confirm = Some(Instant::now());
                 self.window.finish(&flight.key);

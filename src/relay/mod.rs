@@ -149,6 +149,14 @@ struct Engine<S: Sink> {
     last_poll: Instant,
     doorbell: Doorbell,
     probes: probe::Probes,
+    meters: Meters,
+}
+
+/// The metrics every confirm updates, looked up once rather than by name (hashing the
+/// name and searching the registry) for every confirm.
+struct Meters {
+    publish_latency: metrics::Histogram,
+    broker_up: metrics::Gauge,
 }
 
 impl<S: Sink> Engine<S> {
@@ -193,6 +201,10 @@ impl<S: Sink> Engine<S> {
             last_poll: Instant::now(),
             doorbell: Doorbell::new(r.bell, r.cfg.busy_poll_interval),
             probes: probe::Probes::new(Instant::now()),
+            meters: Meters {
+                publish_latency: metrics::histogram!(m::PUBLISH_LATENCY),
+                broker_up: metrics::gauge!(m::BROKER_UP),
+            },
             cfg: r.cfg,
         }
     }
