@@ -53,10 +53,15 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "when",
         sql: include_str!("../migrations/0007_when.sql"),
     },
+    Migration {
+        version: 8,
+        description: "one trigger",
+        sql: include_str!("../migrations/0008_one_trigger.sql"),
+    },
 ];
 
 /// The table comment the latest migration leaves; `run` refuses to start without it.
-pub const SCHEMA_MARKER: &str = "relay schema 7";
+pub const SCHEMA_MARKER: &str = "relay schema 8";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

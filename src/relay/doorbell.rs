@@ -3,8 +3,8 @@
 //! a relay that is waiting: while rows flow fast (or a backlog is being drained) the
 //! relay finds the next rows by claiming again on a short tick instead, and producers'
 //! commits carry no notification. The LISTEN task (`wake`) holds the doorbell's locks
-//! while this asks for them (migration 0006; since 0007 the trigger `outbox_doorbell_trg`
-//! calls its notifying function only then, through its `WHEN` clause).
+//! while this asks for them (migration 0006; since 0008 the one insert trigger's function
+//! notifies only when the shared lock of the producer's slot is refused).
 //!
 //! The engine records each claim; `tick` passes the wish on when it changes.
 

@@ -1,7 +1,7 @@
-//! The doorbell's advisory locks (migrations 0006, 0007). A relay instance that waits for
+//! The doorbell's advisory locks (migrations 0006, 0008). A relay instance that waits for
 //! wake-ups holds them, session-level, on its LISTEN connection: keys (the table's oid,
-//! slot 0..[`SLOTS`]) — the doorbell trigger's `WHEN` clause tries the shared lock of one
-//! slot, and its function notifies only when refused — plus slot [`SLOTS`] itself, which
+//! slot 0..[`SLOTS`]) — the insert trigger's function tries the shared lock of one slot,
+//! and notifies only when refused — plus slot [`SLOTS`] itself, which
 //! only relay instances take, so at most one instance holds the bell at a time.
 
 use sqlx::PgConnection;
