@@ -18,6 +18,12 @@ pub const RETENTION_DELETED_TOTAL: &str = "outbox_relay_retention_deleted_total"
 /// 1 on the instance that runs retention and measures the backlog gauges (the holder of
 /// partition 0), 0 on the others; labelled with the instance's name.
 pub const MAINTENANCE_LEADER: &str = "outbox_relay_maintenance_leader";
+/// The engine's bounds in use (not SPEC names): messages sent and not yet confirmed
+/// (`relay.max_in_flight`), and the claimed rows held in memory and their bytes (twice
+/// `max_in_flight` or `batch_size` rows; `relay.max_in_flight_bytes`).
+pub const IN_FLIGHT: &str = "outbox_relay_in_flight_messages";
+pub const WINDOW_ROWS: &str = "outbox_relay_window_rows";
+pub const WINDOW_BYTES: &str = "outbox_relay_window_bytes";
 
 /// Install the global Prometheus recorder and register every SPEC metric at zero, so a
 /// scrape shows all names from the first second. Once per process: later calls (a
@@ -76,6 +82,12 @@ fn install_once() -> Result<PrometheusHandle, String> {
         PENDING_ROWS,
         "PENDING rows in the outbox table (measured by the maintenance leader; 0 elsewhere)"
     );
+    metrics::describe_gauge!(IN_FLIGHT, "Messages sent and not yet confirmed");
+    metrics::describe_gauge!(WINDOW_ROWS, "Claimed rows held in memory");
+    metrics::describe_gauge!(WINDOW_BYTES, "Bytes of the claimed rows held in memory");
+    for gauge in [IN_FLIGHT, WINDOW_ROWS, WINDOW_BYTES] {
+        metrics::gauge!(gauge).set(0.0);
+    }
     metrics::gauge!(PENDING_ROWS).set(0.0);
     metrics::gauge!(OLDEST_PENDING_AGE).set(0.0);
     metrics::gauge!(BROKER_UP).set(0.0);

@@ -17,6 +17,53 @@ const SPEC_METRICS: [&str; 8] = [
     "outbox_relay_database_up",
 ];
 
+/// The engine's bounds in use show on `/metrics`: while a backlog drains through a window
+/// of two unconfirmed messages and ten claimed rows, no scrape shows more, some scrape
+/// shows messages out, and all three gauges fall back to 0 once everything is relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_window_in_use_shows_on_metrics_within_its_bounds() {
+    let (table, broker) = table_and_broker("gauges").await;
+    table.produce(3_000, 30, 4).await;
+    let mut env = relay_env(&table.name, &broker.exchange);
+    for (k, v) in [
+        ("OUTBOX_RELAY__RELAY__MAX_IN_FLIGHT", "2"),
+        ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "10"),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let relay = RelayProc::start(&env);
+    let gauges = || async {
+        let mut g = [0.0; 3];
+        for (v, name) in g.iter_mut().zip([
+            "outbox_relay_in_flight_messages",
+            "outbox_relay_window_rows",
+            "outbox_relay_window_bytes",
+        ]) {
+            *v = relay.metric(name).await?;
+        }
+        Some(g)
+    };
+    wait_for(
+        Duration::from_secs(60),
+        "a scrape with messages out",
+        || async {
+            let [out, rows, bytes] = gauges().await?;
+            assert!(out <= 2.0, "{out} messages out, max_in_flight 2");
+            assert!(rows <= 10.0, "{rows} rows held, window of 10");
+            assert!(rows >= out, "{rows} rows held, {out} of them out");
+            (out > 0.0 && bytes > 0.0).then_some(())
+        },
+    )
+    .await;
+    table
+        .wait_status("PROCESSED", 3_000, Duration::from_secs(120))
+        .await;
+    wait_for(Duration::from_secs(10), "the gauges back to 0", || async {
+        (gauges().await? == [0.0; 3]).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_count_what_was_relayed_and_probes_answer() {
     let (table, broker) = table_and_broker("metrics").await;

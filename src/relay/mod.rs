@@ -152,11 +152,14 @@ struct Engine<S: Sink> {
     meters: Meters,
 }
 
-/// The metrics every confirm updates, looked up once rather than by name (hashing the
-/// name and searching the registry) for every confirm.
+/// The metrics every confirm or every turn of the loop updates, looked up once rather
+/// than by name (hashing the name and searching the registry) each time.
 struct Meters {
     publish_latency: metrics::Histogram,
     broker_up: metrics::Gauge,
+    in_flight: metrics::Gauge,
+    window_rows: metrics::Gauge,
+    window_bytes: metrics::Gauge,
 }
 
 impl<S: Sink> Engine<S> {
@@ -204,6 +207,9 @@ impl<S: Sink> Engine<S> {
             meters: Meters {
                 publish_latency: metrics::histogram!(m::PUBLISH_LATENCY),
                 broker_up: metrics::gauge!(m::BROKER_UP),
+                in_flight: metrics::gauge!(m::IN_FLIGHT),
+                window_rows: metrics::gauge!(m::WINDOW_ROWS),
+                window_bytes: metrics::gauge!(m::WINDOW_BYTES),
             },
             cfg: r.cfg,
         }
@@ -261,6 +267,9 @@ impl<S: Sink> Engine<S> {
         self.dispatch().await;
         self.completer.kick();
         self.start_probes(Instant::now());
+        self.meters.in_flight.set(self.flights.len() as f64);
+        self.meters.window_rows.set(self.window.rows() as f64);
+        self.meters.window_bytes.set(self.window.bytes() as f64);
     }
 
     fn next_timer(&self) -> Instant {
