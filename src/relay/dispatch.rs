@@ -298,7 +298,7 @@ impl<S: Sink> Engine<S> {
     /// The broker is not there: no sends until a reconnect works. Only the first report
     /// of an outage (or a failed reconnect) moves the reconnect backoff on.
     pub(super) fn broker_down(&mut self, why: &str) {
-        metrics::gauge!(m::BROKER_UP).set(0.0);
+        self.meters.broker_up.set(0.0);
         if self.broker.down {
             return;
         }
@@ -316,14 +316,14 @@ impl<S: Sink> Engine<S> {
                 if self.broker.down {
                     tracing::info!("broker reachable again");
                 }
-                metrics::gauge!(m::BROKER_UP).set(1.0);
+                self.meters.broker_up.set(1.0);
                 self.broker.down = false;
                 self.broker.pacer.reset();
             }
             Err(e) => {
                 if self.broker.down {
                     tracing::debug!(error = %e, "broker still not reachable");
-                    metrics::gauge!(m::BROKER_UP).set(0.0);
+                    self.meters.broker_up.set(0.0);
                     self.broker.retry_at =
                         Instant::now() + self.broker.pacer.next_pause().min(BROKER_RETRY_MAX);
                 } else {

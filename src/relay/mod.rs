@@ -152,8 +152,9 @@ struct Engine<S: Sink> {
     meters: Meters,
 }
 
-/// The metrics every confirm or every turn of the loop updates, looked up once rather
-/// than by name (hashing the name and searching the registry) each time.
+/// The engine's metrics that a confirm or a turn of the loop updates, looked up once
+/// rather than by name (hashing the name and searching the registry) each time; the
+/// engine sets `broker_up` only through its handle.
 struct Meters {
     publish_latency: metrics::Histogram,
     broker_up: metrics::Gauge,

@@ -188,7 +188,7 @@ impl<S: Sink> Engine<S> {
         match probed {
             Probed::Broker { result: Ok(()), .. } => {
                 if !self.broker.down {
-                    metrics::gauge!(m::BROKER_UP).set(1.0);
+                    self.meters.broker_up.set(1.0);
                 }
             }
             Probed::Broker {
