@@ -472,6 +472,9 @@ async fn count(conn: &mut sqlx::PgConnection, sql: &str) -> i64 {
 #[path = "store/floor.rs"]
 mod floor;
 
+#[path = "store/gauge.rs"]
+mod gauge;
+
 #[path = "store/doorbell.rs"]
 mod doorbell;
 

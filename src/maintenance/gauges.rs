@@ -1,7 +1,8 @@
 //! The backlog gauges (`outbox_relay_pending_rows`, `…_oldest_pending_age_seconds`):
-//! measured on the maintenance tick by the leader only (one indexed query, never per
-//! scrape), so N replicas cost the database one count, not N; the others report 0, so
-//! `sum()` and `max()` over replicas both give the table's figure.
+//! measured on the maintenance tick by the leader only (never per scrape), so N replicas
+//! cost the database one measurement, not N; the others report 0, so `sum()` and `max()`
+//! over replicas both give the table's figure. The measurement's cost is bounded however
+//! long the backlog (`Store::pending_gauge_within`).
 
 use crate::metrics as m;
 use crate::store::Store;
