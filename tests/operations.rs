@@ -62,6 +62,8 @@ async fn the_window_in_use_shows_on_metrics_within_its_bounds() {
         (gauges().await? == [0.0; 3]).then_some(())
     })
     .await;
+    drop(relay);
+    broker.cleanup_with(&table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
