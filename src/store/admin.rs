@@ -14,6 +14,17 @@ pub const GAUGE_EXACT_ROWS: i64 = 10_000;
 /// Ids the backlog gauge looks up beyond its exact rows to estimate the rest.
 const GAUGE_SAMPLES: i64 = 200;
 
+/// The gauge's first statement: pending rows read (and parked), rows read, the last id
+/// read, the table's highest id, the oldest pending `created_at` seen, the database's clock.
+type GaugeRow = (
+    i64,
+    i64,
+    Option<i64>,
+    i64,
+    Option<DateTime<Utc>>,
+    DateTime<Utc>,
+);
+
 /// Counts per status and backlog age (what `status` and the backlog gauges report).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Backlog {
@@ -79,54 +90,55 @@ impl Store {
         self.pending_gauge_within(GAUGE_EXACT_ROWS).await
     }
 
-    /// Pending count and oldest pending age, reading at most `exact` pending rows above
-    /// the floor (primary key, in id order) plus the parked rows below it (blockers
-    /// index). When `exact` rows are found, the rest (ids above the last of them up to the
-    /// table's highest) is estimated from `GAUGE_SAMPLES` ids drawn at random there and
-    /// looked up by primary key: the share that is a `PENDING` row (ids are not dense: the
-    /// order lock draws a second one per insert, rolled-back inserts leave gaps). So a
-    /// backlog of millions costs what `exact` rows and a few hundred lookups cost, not a
-    /// scan of the whole backlog every tick. The oldest age is the older of the first
-    /// pending row read and the oldest parked one (ids follow time).
+    /// Pending count and oldest pending age, reading at most `exact` rows above the floor
+    /// (primary key, in id order, whatever their status) plus the parked rows below it
+    /// (blockers index). When there are more, the rest (ids above the last row read, up
+    /// to the table's highest) is estimated from `GAUGE_SAMPLES` ids drawn at random there
+    /// and looked up by primary key: the share that is a `PENDING` row (ids are not dense:
+    /// the order lock draws a second one per insert, rolled-back inserts leave gaps). So a
+    /// backlog of millions, or rows processed above a floor an open transaction holds
+    /// back, cost what `exact` rows and a few hundred lookups cost, not a scan of all of
+    /// them every tick. The oldest age is the oldest `created_at` among the pending rows
+    /// read, sampled and parked (ids follow time: the first pending rows are the oldest).
     pub async fn pending_gauge_within(&self, exact: i64) -> Result<(i64, f64), StoreError> {
         let tbl = self.table().ident();
         let floor = self.table().floor();
-        let row: (i64, Option<i64>, i64, i64, Option<f64>) = sqlx::query_as(&format!(
+        let row: GaugeRow = sqlx::query_as(&format!(
             "WITH f AS (SELECT floor FROM {floor} WHERE singleton),
-                  a AS (SELECT id, created_at FROM {tbl}
-                        WHERE id > (SELECT floor FROM f) AND status = 'PENDING'
-                        ORDER BY id LIMIT $1),
-                  p AS (SELECT count(*) AS n, min(created_at) AS oldest FROM {tbl}
-                        WHERE next_attempt_at IS NOT NULL AND id <= (SELECT floor FROM f)
-                          AND status = 'PENDING')
-             SELECT (SELECT count(*) FROM a), (SELECT max(id) FROM a),
-                    (SELECT coalesce(max(id), 0) FROM {tbl}), p.n,
-                    extract(epoch FROM now() - least((SELECT min(created_at) FROM a), p.oldest))::float8
-             FROM p"
+                      a AS (SELECT id, status, created_at FROM {tbl}
+                            WHERE id > (SELECT floor FROM f) ORDER BY id LIMIT $1),
+                      p AS (SELECT count(*) AS n, min(created_at) AS oldest FROM {tbl}
+                            WHERE next_attempt_at IS NOT NULL AND id <= (SELECT floor FROM f)
+                              AND status = 'PENDING')
+                 SELECT (SELECT count(*) FROM a WHERE status = 'PENDING') + p.n,
+                        (SELECT count(*) FROM a), (SELECT max(id) FROM a),
+                        (SELECT coalesce(max(id), 0) FROM {tbl}),
+                        least((SELECT min(created_at) FROM a WHERE status = 'PENDING'), p.oldest),
+                        now()
+                 FROM p"
         ))
         .bind(exact)
         .fetch_one(self.pool())
         .await?;
-        let (read, last, top, parked, age) = row;
-        let beyond = match last {
-            Some(last) if read >= exact && top > last => {
-                let hits: i64 = sqlx::query_scalar(&format!(
-                    "WITH r AS MATERIALIZED (
-                         SELECT ($1 + 1 + floor(random() * ($2 - $1)))::bigint AS id
-                         FROM generate_series(1, $3))
-                     SELECT count(*) FROM r JOIN {tbl} o ON o.id = r.id
-                     WHERE o.status = 'PENDING'"
-                ))
-                .bind(last)
-                .bind(top)
-                .bind(GAUGE_SAMPLES)
-                .fetch_one(self.pool())
-                .await?;
-                ((top - last) as f64 * hits as f64 / GAUGE_SAMPLES as f64).round() as i64
-            }
-            _ => 0,
-        };
-        Ok((read + beyond + parked, age.unwrap_or(0.0).max(0.0)))
+        let (mut pending, read, last, top, mut oldest, now) = row;
+        if let Some(last) = last.filter(|l| read >= exact && top > *l) {
+            let (hits, first): (i64, Option<DateTime<Utc>>) = sqlx::query_as(&format!(
+                "WITH r AS MATERIALIZED (
+                     SELECT ($1 + 1 + floor(random() * ($2 - $1)))::bigint AS id
+                     FROM generate_series(1, $3))
+                 SELECT count(*), min(o.created_at) FROM r JOIN {tbl} o ON o.id = r.id
+                 WHERE o.status = 'PENDING'"
+            ))
+            .bind(last)
+            .bind(top)
+            .bind(GAUGE_SAMPLES)
+            .fetch_one(self.pool())
+            .await?;
+            pending += ((top - last) as f64 * hits as f64 / GAUGE_SAMPLES as f64).round() as i64;
+            oldest = oldest.into_iter().chain(first).min();
+        }
+        let age = oldest.map_or(0.0, |t| (now - t).num_milliseconds() as f64 / 1e3);
+        Ok((pending, age.max(0.0)))
     }
 
     /// The most recent FAILED rows, newest first.
