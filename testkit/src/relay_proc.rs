@@ -180,11 +180,26 @@ impl RelayProc {
     /// The value of an unlabelled metric, if present.
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = self.get("/metrics").await?;
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        value_in(&body, name)
     }
+
+    /// The values of unlabelled metrics from one scrape (`None` unless all are present).
+    pub async fn metrics<const N: usize>(&self, names: [&str; N]) -> Option<[f64; N]> {
+        let (_, body) = self.get("/metrics").await?;
+        let mut out = [0.0; N];
+        for (v, name) in out.iter_mut().zip(names) {
+            *v = value_in(&body, name)?;
+        }
+        Some(out)
+    }
+}
+
+/// The value of unlabelled metric `name` in a Prometheus text body.
+fn value_in(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Minimal HTTP/1.1 GET over a TCP stream (keeps the test deps small).
