@@ -8,9 +8,9 @@ use serde::Serialize;
 
 use super::{Store, StoreError};
 
-/// Pending rows the backlog gauge counts one by one before it estimates the rest
+/// Rows above the floor the backlog gauge reads one by one before it estimates the rest
 /// (`Store::pending_gauge_within`).
-pub const GAUGE_EXACT_ROWS: i64 = 10_000;
+const GAUGE_EXACT_ROWS: i64 = 10_000;
 /// Ids the backlog gauge looks up beyond its exact rows to estimate the rest.
 const GAUGE_SAMPLES: i64 = 200;
 

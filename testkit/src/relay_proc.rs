@@ -179,8 +179,7 @@ impl RelayProc {
 
     /// The value of an unlabelled metric, if present.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let (_, body) = self.get("/metrics").await?;
-        value_in(&body, name)
+        Some(self.metrics([name]).await?[0])
     }
 
     /// The values of unlabelled metrics from one scrape (`None` unless all are present).
@@ -188,18 +187,14 @@ impl RelayProc {
         let (_, body) = self.get("/metrics").await?;
         let mut out = [0.0; N];
         for (v, name) in out.iter_mut().zip(names) {
-            *v = value_in(&body, name)?;
+            *v = body
+                .lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())?;
         }
         Some(out)
     }
-}
-
-/// The value of unlabelled metric `name` in a Prometheus text body.
-fn value_in(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 /// Minimal HTTP/1.1 GET over a TCP stream (keeps the test deps small).
