@@ -80,17 +80,21 @@ fn install_once() -> Result<PrometheusHandle, String> {
     metrics::counter!(crate::relay::LATE_ROWS_TOTAL).absolute(0);
     metrics::describe_gauge!(
         PENDING_ROWS,
-        "PENDING rows in the outbox table (measured by the maintenance leader; 0 elsewhere)"
+        "PENDING rows in the outbox table (measured by the maintenance leader, estimated past 10 000 rows above the floor; 0 elsewhere)"
     );
     metrics::describe_gauge!(IN_FLIGHT, "Messages sent and not yet confirmed");
     metrics::describe_gauge!(WINDOW_ROWS, "Claimed rows held in memory");
     metrics::describe_gauge!(WINDOW_BYTES, "Bytes of the claimed rows held in memory");
-    for gauge in [IN_FLIGHT, WINDOW_ROWS, WINDOW_BYTES] {
+    for gauge in [
+        IN_FLIGHT,
+        WINDOW_ROWS,
+        WINDOW_BYTES,
+        PENDING_ROWS,
+        OLDEST_PENDING_AGE,
+        BROKER_UP,
+        DATABASE_UP,
+    ] {
         metrics::gauge!(gauge).set(0.0);
     }
-    metrics::gauge!(PENDING_ROWS).set(0.0);
-    metrics::gauge!(OLDEST_PENDING_AGE).set(0.0);
-    metrics::gauge!(BROKER_UP).set(0.0);
-    metrics::gauge!(DATABASE_UP).set(0.0);
     Ok(handle)
 }
