@@ -24,6 +24,7 @@ async fn ten_thousand_rows_arrive_in_order() {
     require_broker();
     let prefix = format!("kt-{}", hex_id());
     let topic = format!("{prefix}.order");
+    let topics = TestTopics::new(BROKER, &[&topic]);
     let mut cfg = kafka_config(BROKER, &[]);
     cfg.topic = format!("{prefix}.{{aggregate_type}}");
     ensure_topic(&cfg, &topic, 4)
@@ -59,6 +60,8 @@ async fn ten_thousand_rows_arrive_in_order() {
         assert_eq!(have, want, "headers of {}", r.id);
     }
     assert_kafka_order(&db, &got);
+    tokio::task::spawn_blocking(move || drop(c)).await.unwrap();
+    topics.delete().await;
     table.drop_all().await;
 }
 
@@ -69,6 +72,7 @@ async fn missing_topic_fails_its_row_only() {
     require_broker();
     let topic = format!("kt-{}", hex_id());
     let missing = format!("kt-missing-{}", hex_id());
+    let topics = TestTopics::new(BROKER, &[&topic, &missing]);
     let cfg = kafka_config(BROKER, &[]);
     ensure_topic(&cfg, &topic, 1)
         .await
@@ -83,5 +87,6 @@ async fn missing_topic_fails_its_row_only() {
     table.assert_later_row_waits(3).await;
     let admin_view = ensure_topic(&cfg, &missing, 1).await.unwrap();
     assert!(admin_view, "the relay must not have created {missing}");
+    topics.delete().await;
     table.drop_all().await;
 }

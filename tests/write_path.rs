@@ -13,7 +13,6 @@ use outbox_relay_testkit::{
     db::*, kafka, order::*, pg_url, rabbit::*, relay_proc::*, unique, wait::*,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use rdkafka::{admin::AdminClient, client::DefaultClientContext};
 use sqlx::{Connection, PgConnection};
 
 const ROWS: usize = 5_000;
@@ -243,6 +242,7 @@ async fn unlocked_producers_on_shared_aggregates_arrive_in_id_order_kafka() {
         panic!("no Kafka broker at {KAFKA} ({e}): run scripts/kafka-broker.sh first");
     }
     let topic = unique("wp_kafka");
+    let topics = kafka::TestTopics::new(KAFKA, &[&topic]);
     let cfg = kafka::kafka_config(KAFKA, &[]);
     outbox_relay::sink::kafka::tap::ensure_topic(&cfg, &topic, 4)
         .await
@@ -279,13 +279,7 @@ async fn unlocked_producers_on_shared_aggregates_arrive_in_id_order_kafka() {
     // Close the consumer (blocking, off the async threads) before its topic is deleted:
     // a consumer still assigned to a topic being deleted crashed the test process once.
     tokio::task::spawn_blocking(move || drop(c)).await.unwrap();
-    let mut admin = rdkafka::ClientConfig::new();
-    let admin: AdminClient<DefaultClientContext> =
-        admin.set("bootstrap.servers", KAFKA).create().unwrap();
-    let _ = admin.delete_topics(&[&topic], &Default::default()).await;
-    tokio::task::spawn_blocking(move || drop(admin))
-        .await
-        .unwrap();
+    topics.delete().await;
     table.cleanup().await;
 }
 

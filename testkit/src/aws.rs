@@ -116,7 +116,8 @@ fn aws_relay_env(kind: &str, target: (&str, &str), endpoint: &str) -> Vec<(Strin
     env
 }
 
-/// A unique queue on the emulator, removed by `delete`.
+/// A unique queue on the emulator, removed by `delete` (or on drop if the test panics
+/// first).
 pub struct TestQueue {
     pub admin: Admin,
     pub name: String,
@@ -187,7 +188,18 @@ impl TestQueue {
     }
 }
 
-/// A unique topic with a subscribed queue (raw delivery), removed by `delete`.
+impl Drop for TestQueue {
+    /// `delete` when the test panicked before it (a topic's queue too).
+    fn drop(&mut self) {
+        let (admin, url) = (self.admin.clone(), self.url.clone());
+        crate::teardown::after_panic(format!("queue {}", self.name), async move {
+            let _ = admin.delete_queue(&url).await;
+        });
+    }
+}
+
+/// A unique topic with a subscribed queue (raw delivery), removed by `delete` (or on drop
+/// if the test panics first).
 pub struct TestTopic {
     pub arn: String,
     pub queue: TestQueue,
@@ -225,7 +237,20 @@ impl TestTopic {
             .delete_topic(&self.arn)
             .await
             .expect("delete the test topic");
-        self.queue.delete().await;
+        admin
+            .delete_queue(&self.queue.url)
+            .await
+            .expect("delete the test queue");
+    }
+}
+
+impl Drop for TestTopic {
+    /// `delete` when the test panicked before it (the queue's own drop removes it).
+    fn drop(&mut self) {
+        let (admin, arn) = (self.queue.admin.clone(), self.arn.clone());
+        crate::teardown::after_panic(format!("topic {arn}"), async move {
+            let _ = admin.delete_topic(&arn).await;
+        });
     }
 }
 

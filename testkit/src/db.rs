@@ -1,6 +1,7 @@
 //! The outbox table of a test (`TestTable`): a unique, migrated table on the test
 //! database, rows written the way a producer writes them, and reads of what the relay did
-//! to them. Dropped by `cleanup` (or `drop_all`) at the end of the test.
+//! to them. Dropped by `cleanup` (or `drop_all`) at the end of the test, or when the test
+//! panics before it (`Drop`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -33,10 +34,28 @@ pub async fn insert_row<'c>(
     .await
 }
 
-/// A migrated outbox table with a unique name, dropped by `cleanup`.
+/// A migrated outbox table with a unique name, dropped by `cleanup` (or, if the test
+/// panics first, when the value is dropped).
 pub struct TestTable {
     pub name: String,
     pub pool: PgPool,
+}
+
+impl Drop for TestTable {
+    fn drop(&mut self) {
+        let statements = self.drop_statements();
+        crate::teardown::after_panic(format!("table {}", self.name), async move {
+            let Ok(mut conn) = sqlx::PgConnection::connect(&pg_url()).await else {
+                return;
+            };
+            let _ = sqlx::query("SET lock_timeout = '10s'")
+                .execute(&mut conn)
+                .await;
+            for sql in statements {
+                let _ = sqlx::query(&sql).execute(&mut conn).await;
+            }
+        });
+    }
 }
 
 impl TestTable {

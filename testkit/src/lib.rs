@@ -15,7 +15,8 @@
 //! - [`redis`]: the test Redis, unique keys per test, stream and channel readers.
 //!
 //! Services are the machine's own (see `scripts/services.sh`); tests isolate themselves
-//! by unique names, never by owning a service.
+//! by unique names, never by owning a service, and remove what they made — at their end,
+//! or from `Drop` when they panic first (`teardown`).
 
 pub mod aws;
 pub mod db;
@@ -28,6 +29,7 @@ pub mod rabbit;
 pub mod recording;
 pub mod redis;
 pub mod relay_proc;
+mod teardown;
 pub mod wait;
 
 /// The test database (`TEST_DATABASE_URL`, default the local `test` database).

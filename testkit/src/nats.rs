@@ -71,7 +71,8 @@ impl Stored {
     }
 }
 
-/// A stream with a unique name capturing `<name>.>`; delete it with `delete`.
+/// A stream with a unique name capturing `<name>.>`; delete it with `delete` (deleted on
+/// drop if the test panics first).
 pub struct TestStream {
     pub name: String,
     js: jetstream::Context,
@@ -172,6 +173,18 @@ impl TestStream {
 
     pub async fn delete(&self) {
         let _ = self.js.delete_stream(&self.name).await;
+    }
+}
+
+impl Drop for TestStream {
+    /// `delete` when the test panicked before it.
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        crate::teardown::after_panic(format!("stream {name}"), async move {
+            if let Ok(client) = async_nats::connect(nats_url()).await {
+                let _ = jetstream::new(client).delete_stream(&name).await;
+            }
+        });
     }
 }
 

@@ -13,12 +13,37 @@ use outbox_relay::sink::rabbitmq::declare_exchange;
 use crate::db::TestTable;
 use crate::{amqp_url, unique};
 
-/// A unique durable exchange with one queue bound to `#`, deleted by `cleanup`.
+/// A unique durable exchange with one queue bound to `#`, deleted by `cleanup` (or, if
+/// the test panics first, when the value is dropped).
 pub struct TestBroker {
     pub exchange: String,
     pub queue: String,
     conn: Connection,
     channel: lapin::Channel,
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if self.exchange.is_empty() {
+            return; // a handle from `attach`: the queue is another broker's
+        }
+        let (exchange, queue) = (self.exchange.clone(), self.queue.clone());
+        let what = format!("exchange {exchange} and queue {queue}");
+        crate::teardown::after_panic(what, async move {
+            let Ok(conn) = Connection::connect(
+                &amqp_url(),
+                outbox_relay::sink::rabbitmq::connection_properties(),
+            )
+            .await
+            else {
+                return;
+            };
+            if let Ok(ch) = conn.create_channel().await {
+                delete_pair(&ch, &exchange, &queue).await;
+            }
+            let _ = conn.close(200, "teardown").await;
+        });
+    }
 }
 
 /// A fresh table and a broker of its own, both named from `prefix`: how most RabbitMQ
@@ -208,13 +233,16 @@ impl TestBroker {
             Ok(c) => c,
             Err(_) => amqp_connect().await.create_channel().await.unwrap(),
         };
-        let _ = ch
-            .queue_delete(&self.queue, QueueDeleteOptions::default())
-            .await;
-        let _ = ch
-            .exchange_delete(&self.exchange, ExchangeDeleteOptions::default())
-            .await;
+        delete_pair(&ch, &self.exchange, &self.queue).await;
     }
+}
+
+/// Delete `queue` and `exchange` (errors ignored: either may be gone).
+async fn delete_pair(ch: &lapin::Channel, exchange: &str, queue: &str) {
+    let _ = ch.queue_delete(queue, QueueDeleteOptions::default()).await;
+    let _ = ch
+        .exchange_delete(exchange, ExchangeDeleteOptions::default())
+        .await;
 }
 
 /// Declare the durable topic exchange `exchange` and bind `queue` to it with `#`.

@@ -84,19 +84,29 @@ impl TestKeys {
 
     /// Delete every key under the prefix (errors ignored: the server may be gone).
     pub async fn cleanup(&self) {
-        let Ok(client) = redis::Client::open(redis_url()) else {
-            return;
-        };
-        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-            return;
-        };
-        let keys: Vec<String> = conn
-            .keys(format!("{}.*", self.prefix))
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = conn.del(keys).await;
-        }
+        delete_under(self.prefix.clone()).await;
+    }
+}
+
+impl Drop for TestKeys {
+    /// `cleanup` when the test panicked before it.
+    fn drop(&mut self) {
+        let prefix = self.prefix.clone();
+        crate::teardown::after_panic(format!("redis keys {prefix}.*"), delete_under(prefix));
+    }
+}
+
+/// Delete every key under `prefix` (errors ignored).
+async fn delete_under(prefix: String) {
+    let Ok(client) = redis::Client::open(redis_url()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let keys: Vec<String> = conn.keys(format!("{prefix}.*")).await.unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<i64, _> = conn.del(keys).await;
     }
 }
 

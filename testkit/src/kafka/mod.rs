@@ -1,10 +1,11 @@
 //! Kafka side of the tests: the one reader (`read`: a consumer on explicitly assigned
 //! partitions, read until enough distinct events arrived or the topic went quiet), a
-//! background collector that survives a broker restart, topic creation, the Kafka sink
-//! config, and a private tansu broker.
+//! background collector that survives a broker restart, topic creation and removal
+//! (`TestTopics`), the Kafka sink config, and a private tansu broker.
 
 mod collect;
 mod tansu;
+mod topics;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use crate::hex_id;
 
 pub use collect::KafkaCollector;
 pub use tansu::Tansu;
+pub use topics::TestTopics;
 
 /// One Kafka record as a consumer saw it.
 #[derive(Debug, Clone)]
