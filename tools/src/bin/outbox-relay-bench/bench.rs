@@ -3,9 +3,9 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::cli::{has, Args, Phase};
 use crate::figures::{Figures, Kind, SinkFigures};
@@ -242,6 +242,22 @@ impl Bench {
                 Err(e) => self.fail(&mut s, "latency floor", e),
             }
         }
+        if has(&self.args, Phase::Idle) {
+            match self.idle(kind).await {
+                Ok(i) => {
+                    println!(
+                        "{k}: idle relay (empty table) over {:.0}s: {:.1} transactions/s on its database; relay CPU {:.2}s, peak RSS {:.1} MB  [{}]",
+                        i.secs,
+                        i.transactions_per_sec,
+                        i.usage.cpu_secs,
+                        i.usage.peak_rss_mb,
+                        i.split.describe()
+                    );
+                    s.idle = Some(i);
+                }
+                Err(e) => self.fail(&mut s, "idle", e),
+            }
+        }
         if has(&self.args, Phase::Naive) && matches!(kind, Kind::Rabbit | Kind::Kafka) {
             match self.naive(kind).await {
                 Ok((rows, secs)) => {
@@ -414,5 +430,22 @@ impl Bench {
     pub fn spawn_relay(&self, env: &[(String, String)], phase: &str) -> Result<RelayChild> {
         let log = std::env::temp_dir().join(format!("{}-{phase}-relay.log", self.prefix));
         RelayChild::spawn(&self.relay_bin, env, log)
+    }
+
+    /// Wait (at most 30 s) until `relay` holds every partition of `t`, then 1 s more.
+    pub async fn wait_leased(&self, t: &pg::BenchTable, relay: &mut RelayChild) -> Result<()> {
+        let ready_by = Instant::now() + Duration::from_secs(30);
+        while t.leased().await? < outbox_relay::store::PARTITIONS as i64 {
+            relay.check_alive()?;
+            if Instant::now() > ready_by {
+                bail!(
+                    "the relay did not take its leases within 30 s:\n{}",
+                    relay.log_tail(10)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(())
     }
 }

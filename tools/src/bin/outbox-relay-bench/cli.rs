@@ -56,6 +56,9 @@ pub enum Phase {
     /// Producer commits/s: bare SPEC table vs the relay's schema (relay absent, relay
     /// draining).
     Producers,
+    /// A relay with an empty table: its transactions per second on the database and the
+    /// CPU it and its Postgres backends take (`--idle-secs`).
+    Idle,
 }
 
 #[derive(Parser, Debug)]
@@ -102,12 +105,15 @@ pub struct Args {
     /// Rounds of the producers phase (bare / schema / draining alternating).
     #[arg(long, default_value_t = 3)]
     pub notify_rounds: u32,
+    /// Seconds the idle phase watches a relay with nothing to do.
+    #[arg(long, default_value_t = 30.0)]
+    pub idle_secs: f64,
     /// Phases to run (comma separated); all by default.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ceiling,pg,drain,latency,naive,producers"
+        default_value = "ceiling,pg,drain,latency,idle,naive,producers"
     )]
     pub phases: Vec<Phase>,
     /// Relay processes draining the preloaded table together (drain phases): each takes

@@ -104,6 +104,16 @@ pub struct Latency {
     pub split: CpuSplit,
 }
 
+/// An idle relay (empty table) over `secs`: the transactions its sessions ran per second
+/// (as the server counted them) and the CPU it and its backends took.
+#[derive(Debug, Clone, Default)]
+pub struct Idle {
+    pub secs: f64,
+    pub transactions_per_sec: f64,
+    pub usage: RelayUsage,
+    pub split: CpuSplit,
+}
+
 #[derive(Debug, Default)]
 pub struct SinkFigures {
     pub skipped: Option<String>,
@@ -115,6 +125,7 @@ pub struct SinkFigures {
     /// max ms.
     pub floor: Option<(f64, f64, f64)>,
     pub naive: Option<(u64, f64)>,
+    pub idle: Option<Idle>,
     pub errors: Vec<String>,
 }
 

@@ -1,9 +1,9 @@
 //! Latency phase: commit → consumer arrival at a fixed offered rate, with the relay
 //! running and producers committing one row per transaction.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::bench::Bench;
 use crate::figures::{Kind, Latency};
@@ -42,18 +42,7 @@ impl Bench {
             Kind::Sns => self.sns()?.arrivals(&phase).await?,
         };
         let mut relay = self.spawn_relay(&env, &phase)?;
-        let ready_by = Instant::now() + Duration::from_secs(30);
-        while t.leased().await? < outbox_relay::store::PARTITIONS as i64 {
-            relay.check_alive()?;
-            if Instant::now() > ready_by {
-                bail!(
-                    "the relay did not take its leases within 30 s:\n{}",
-                    relay.log_tail(10)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.wait_leased(&t, &mut relay).await?;
         let a = census();
         let started = Instant::now();
         let commits = pg::produce(

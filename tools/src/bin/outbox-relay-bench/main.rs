@@ -17,6 +17,7 @@ mod cli;
 mod drain;
 mod figures;
 mod floor;
+mod idle;
 mod kafka;
 mod latency;
 mod nats;

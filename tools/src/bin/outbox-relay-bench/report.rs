@@ -161,6 +161,22 @@ pub fn print_table(args: &Args, f: &Figures) {
     });
     row(
         format!(
+            "**idle relay**, empty table, {:.0} s: transactions/s of its sessions (the server's count) / CPU (% of one core) of relay / its Postgres backends",
+            args.idle_secs
+        ),
+        &|s| {
+            let i = s.idle.as_ref()?;
+            let pct = |x: f64| 100.0 * x / i.split.wall.max(1e-9);
+            Some(format!(
+                "**{:.1}** / {:.1} % / {:.1} %",
+                i.transactions_per_sec,
+                pct(i.split.relay),
+                pct(i.split.postgres_ours)
+            ))
+        },
+    );
+    row(
+        format!(
             "textbook relay, {} rows (rows/s)",
             int(args.naive_rows as f64)
         ),
