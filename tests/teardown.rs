@@ -13,6 +13,8 @@ use sqlx::Connection;
 struct Made {
     table: String,
     exchange: String,
+    /// An exchange declared beside the broker's own (`declare_unbound`).
+    unbound: String,
     queue: String,
     stream: String,
     key: String,
@@ -30,6 +32,8 @@ fn a_failing_test() -> Made {
         rt.block_on(async move {
             let table = TestTable::new("teardown").await;
             let broker = rabbit::TestBroker::new("teardown").await;
+            let unbound = format!("{}_unbound", broker.exchange);
+            broker.declare_unbound(&unbound).await;
             let stream = nats::TestStream::new("teardown").await;
             let keys = TestKeys::new("teardown");
             table.insert_series("'agg-1'", 1).await;
@@ -40,6 +44,7 @@ fn a_failing_test() -> Made {
             tx.send(Made {
                 table: table.name.clone(),
                 exchange: broker.exchange.clone(),
+                unbound,
                 queue: broker.queue.clone(),
                 stream: stream.name.clone(),
                 key,
@@ -82,19 +87,21 @@ async fn a_test_that_panics_leaves_nothing_behind() {
         )
         .await;
     assert!(queue.is_err(), "queue {} left behind", made.queue);
-    let ch = amqp.create_channel().await.unwrap();
-    let exchange = ch
-        .exchange_declare(
-            &made.exchange,
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    assert!(exchange.is_err(), "exchange {} left behind", made.exchange);
+    for name in [&made.exchange, &made.unbound] {
+        let ch = amqp.create_channel().await.unwrap();
+        let exchange = ch
+            .exchange_declare(
+                name,
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        assert!(exchange.is_err(), "exchange {name} left behind");
+    }
 
     let js = nats::jetstream().await;
     assert!(

@@ -20,6 +20,9 @@ pub struct TestBroker {
     pub queue: String,
     conn: Connection,
     channel: lapin::Channel,
+    /// Exchanges declared beside `exchange` (`add_exchange`, `declare_unbound`) and not
+    /// deleted yet: `cleanup` (or the drop of a panicking test) deletes them too.
+    extra: std::sync::Mutex<Vec<String>>,
 }
 
 impl Drop for TestBroker {
@@ -28,7 +31,8 @@ impl Drop for TestBroker {
             return; // a handle from `attach`: the queue is another broker's
         }
         let (exchange, queue) = (self.exchange.clone(), self.queue.clone());
-        let what = format!("exchange {exchange} and queue {queue}");
+        let extra = self.take_extra();
+        let what = format!("exchange {exchange} and queue {queue} (and {extra:?})");
         crate::teardown::after_panic(what, async move {
             let Ok(conn) = Connection::connect(
                 &amqp_url(),
@@ -40,6 +44,11 @@ impl Drop for TestBroker {
             };
             if let Ok(ch) = conn.create_channel().await {
                 delete_pair(&ch, &exchange, &queue).await;
+                for name in extra {
+                    let _ = ch
+                        .exchange_delete(&name, ExchangeDeleteOptions::default())
+                        .await;
+                }
             }
             let _ = conn.close(200, "teardown").await;
         });
@@ -125,6 +134,7 @@ impl TestBroker {
             queue,
             conn,
             channel,
+            extra: Default::default(),
         }
     }
 
@@ -137,6 +147,7 @@ impl TestBroker {
             queue: queue.to_string(),
             conn,
             channel,
+            extra: Default::default(),
         }
     }
 
@@ -148,13 +159,32 @@ impl TestBroker {
 
     /// Declare another exchange bound to this queue (an operator "fixing the cause").
     pub async fn add_exchange(&self, name: &str) {
+        self.remember(name);
         bound_exchange(&self.channel, name, &self.queue).await;
     }
 
     /// Declare an exchange with no queue bound: what is published to it comes back
     /// (mandatory), i.e. unroutable. `delete_exchange` removes it.
     pub async fn declare_unbound(&self, name: &str) {
+        self.remember(name);
         declare_exchange(&self.channel, name).await.unwrap();
+    }
+
+    fn remember(&self, name: &str) {
+        self.extra
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(name.to_string());
+    }
+
+    /// The extra exchanges not deleted yet (the list is emptied).
+    fn take_extra(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .extra
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Everything in the queue (call with no relay running).
@@ -164,6 +194,10 @@ impl TestBroker {
     }
 
     pub async fn delete_exchange(&self, name: &str) {
+        self.extra
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|n| n != name);
         let _ = self
             .channel
             .exchange_delete(name, ExchangeDeleteOptions::default())
@@ -234,6 +268,11 @@ impl TestBroker {
             Err(_) => amqp_connect().await.create_channel().await.unwrap(),
         };
         delete_pair(&ch, &self.exchange, &self.queue).await;
+        for name in self.take_extra() {
+            let _ = ch
+                .exchange_delete(&name, ExchangeDeleteOptions::default())
+                .await;
+        }
     }
 }
 
