@@ -30,9 +30,10 @@ impl Drop for TestBroker {
         if self.exchange.is_empty() {
             return; // a handle from `attach`: the queue is another broker's
         }
-        let (exchange, queue) = (self.exchange.clone(), self.queue.clone());
-        let extra = self.take_extra();
-        let what = format!("exchange {exchange} and queue {queue} (and {extra:?})");
+        let queue = self.queue.clone();
+        let mut exchanges = vec![self.exchange.clone()];
+        exchanges.append(&mut self.extra());
+        let what = format!("queue {queue} and exchanges {exchanges:?}");
         crate::teardown::after_panic(what, async move {
             let Ok(conn) = Connection::connect(
                 &amqp_url(),
@@ -43,12 +44,7 @@ impl Drop for TestBroker {
                 return;
             };
             if let Ok(ch) = conn.create_channel().await {
-                delete_pair(&ch, &exchange, &queue).await;
-                for name in extra {
-                    let _ = ch
-                        .exchange_delete(&name, ExchangeDeleteOptions::default())
-                        .await;
-                }
+                delete_named(&ch, &queue, &exchanges).await;
             }
             let _ = conn.close(200, "teardown").await;
         });
@@ -171,20 +167,14 @@ impl TestBroker {
     }
 
     fn remember(&self, name: &str) {
+        self.extra().push(name.to_string());
+    }
+
+    /// The extra exchanges not deleted yet.
+    fn extra(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
         self.extra
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(name.to_string());
-    }
-
-    /// The extra exchanges not deleted yet (the list is emptied).
-    fn take_extra(&self) -> Vec<String> {
-        std::mem::take(
-            &mut *self
-                .extra
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
     }
 
     /// Everything in the queue (call with no relay running).
@@ -194,10 +184,7 @@ impl TestBroker {
     }
 
     pub async fn delete_exchange(&self, name: &str) {
-        self.extra
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|n| n != name);
+        self.extra().retain(|n| n != name);
         let _ = self
             .channel
             .exchange_delete(name, ExchangeDeleteOptions::default())
@@ -267,21 +254,20 @@ impl TestBroker {
             Ok(c) => c,
             Err(_) => amqp_connect().await.create_channel().await.unwrap(),
         };
-        delete_pair(&ch, &self.exchange, &self.queue).await;
-        for name in self.take_extra() {
-            let _ = ch
-                .exchange_delete(&name, ExchangeDeleteOptions::default())
-                .await;
-        }
+        let mut exchanges = vec![self.exchange.clone()];
+        exchanges.append(&mut self.extra());
+        delete_named(&ch, &self.queue, &exchanges).await;
     }
 }
 
-/// Delete `queue` and `exchange` (errors ignored: either may be gone).
-async fn delete_pair(ch: &lapin::Channel, exchange: &str, queue: &str) {
+/// Delete `queue`, then `exchanges` (errors ignored: any may be gone).
+async fn delete_named(ch: &lapin::Channel, queue: &str, exchanges: &[String]) {
     let _ = ch.queue_delete(queue, QueueDeleteOptions::default()).await;
-    let _ = ch
-        .exchange_delete(exchange, ExchangeDeleteOptions::default())
-        .await;
+    for name in exchanges {
+        let _ = ch
+            .exchange_delete(name, ExchangeDeleteOptions::default())
+            .await;
+    }
 }
 
 /// Declare the durable topic exchange `exchange` and bind `queue` to it with `#`.
