@@ -286,6 +286,8 @@ impl Default for Seen {
 
 /// Run one claim against the store.
 pub async fn claim(store: Store, mut plan: Plan) -> Result<Claimed, StoreError> {
+    let began = std::time::Instant::now();
+    let scanned_ahead = plan.ahead.is_some();
     let mut page = match plan.ahead.take() {
         Some(page) => page,
         None => {
@@ -339,6 +341,15 @@ pub async fn claim(store: Store, mut plan: Plan) -> Result<Claimed, StoreError> 
     // A sweep claim that stopped short of the end scans on from its cursor meanwhile.
     let (fetched, ahead) = tokio::join!(fetch, scan_ahead(&store, &plan, &sel));
     let (rows, truncated) = fetched?;
+    tracing::trace!(
+        after = plan.after,
+        cursor = sel.cursor,
+        scanned_ahead,
+        picked = sel.take.len(),
+        rows = rows.len(),
+        took_us = began.elapsed().as_micros() as u64,
+        "claimed"
+    );
     if truncated {
         // The byte budget ran out: continue right after the last row read, so the rows
         // not read are looked at again (capping them could skip them for the sweep); a

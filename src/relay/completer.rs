@@ -145,7 +145,14 @@ async fn mark(store: &Store, ids: Vec<i64>, health: &Health, release: bool) -> V
     if ids.is_empty() {
         return ids;
     }
-    if let Err(e) = mark_with_retry(store, &ids, health, release).await {
+    let began = std::time::Instant::now();
+    let marked = mark_with_retry(store, &ids, health, release).await;
+    tracing::trace!(
+        rows = ids.len(),
+        took_us = began.elapsed().as_micros() as u64,
+        "marked PROCESSED"
+    );
+    if let Err(e) = marked {
         tracing::warn!(error = %e, rows = ids.len(), "marking PROCESSED failed; marking the rows one by one");
         for id in &ids {
             if let Err(e) = mark_with_retry(store, std::slice::from_ref(id), health, release).await

@@ -33,6 +33,12 @@ const BROKER_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Times a suspect may break the connection while out alone before it is rejected.
 pub const MAX_STRIKES: u8 = 3;
 
+/// Most messages one turn of the loop sends; the rest go in the next turns. A sink
+/// whose `send` only enqueues (Kafka) never makes the loop wait, so without a bound a
+/// turn sent a whole window (a thousand messages, milliseconds) while a finished claim
+/// waited to be taken in, and the next claim with it.
+pub const TURN_SENDS: usize = 64;
+
 /// A confirm being awaited: the row id and what became of it.
 pub type Pending = Pin<Box<dyn Future<Output = (i64, Outcome)> + Send>>;
 
@@ -89,7 +95,14 @@ impl<S: Sink> Engine<S> {
 
     /// Send ready heads while the window of unconfirmed messages has room.
     pub(super) async fn dispatch(&mut self) {
+        self.sends_left = false;
+        let mut sends = 0;
         while self.may_send() {
+            if sends == TURN_SENDS {
+                self.sends_left = true;
+                return;
+            }
+            sends += 1;
             let alone = self.flights.is_empty();
             let Some((key, entry)) = self.window.next(|e| !e.suspect || alone) else {
                 return;

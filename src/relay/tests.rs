@@ -32,25 +32,42 @@ impl Sink for Unreached {
     async fn close(&mut self) {}
 }
 
+/// A broker that takes every message and never confirms.
+struct Silent(usize);
+
+impl Sink for Silent {
+    async fn connect(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+    async fn send(&mut self, _: &Message) -> Result<Confirm, SinkError> {
+        self.0 += 1;
+        Ok(Box::pin(std::future::pending()))
+    }
+    async fn dead_letter(&mut self, _: &Message, _: &str) -> Result<Option<Confirm>, SinkError> {
+        Ok(None)
+    }
+    fn is_connected(&self) -> bool {
+        true
+    }
+    async fn close(&mut self) {}
+}
+
 /// An engine on a pool that never connects (nothing here runs a statement).
 fn engine() -> Engine<Unreached> {
+    engine_with(Unreached)
+}
+
+fn engine_with<S: Sink>(sink: S) -> Engine<S> {
     let opts = crate::store::connect_options("postgres://nobody@127.0.0.1:1/none").unwrap();
     let pool = crate::store::pool_options(1).connect_lazy_with(opts);
     let store = Store::from_pool(pool, TableName::parse("outbox").unwrap());
     let cfg: RelayConfig = serde_json::from_value(serde_json::json!({})).unwrap();
     let health = Arc::new(Health::new(Duration::from_secs(60)));
-    let relay = Relay::new(
-        store,
-        Unreached,
-        cfg,
-        "t".into(),
-        Default::default(),
-        health,
-    );
+    let relay = Relay::new(store, sink, cfg, "t".into(), Default::default(), health);
     Engine::new(relay)
 }
 
-fn renewed(e: &mut Engine<Unreached>, live: i64) {
+fn renewed<S: Sink>(e: &mut Engine<S>, live: i64) {
     let all: Vec<i32> = (0..PARTITIONS).collect();
     e.on_renewed(Ok(Ok(Renewal::at_once(live, all))));
 }
@@ -158,4 +175,30 @@ async fn an_aggregate_dropped_while_its_claim_ran_is_refilled_then_skipped() {
     let next = e.next_plan(Instant::now()).unwrap();
     assert!(skipping(&next) && next.only.is_none(), "{next:?}");
     assert!(next.capped.contains(&5), "{:?}", next.capped);
+}
+
+/// A turn of the loop sends at most `TURN_SENDS` messages and says heads are left, so a
+/// claim that finished meanwhile is taken in before the rest go; the next turns send
+/// them all.
+#[tokio::test]
+async fn a_turn_sends_a_bounded_part_of_the_window_and_the_next_turns_the_rest() {
+    let mut e = engine_with(Silent(0));
+    renewed(&mut e, 1);
+    let plan = e.next_plan(Instant::now()).unwrap();
+    let total = super::dispatch::TURN_SENDS * 3 + 5;
+    let rows = (1..=total as i64)
+        .map(|id| row(id, &format!("a{id}"), (id % 256) as i32))
+        .collect();
+    e.on_claimed(Ok(Ok(landed(&plan, rows))));
+    e.dispatch().await;
+    assert_eq!(e.sink.0, super::dispatch::TURN_SENDS);
+    assert!(e.sends_left);
+    let mut turns = 1;
+    while e.sends_left {
+        e.dispatch().await;
+        turns += 1;
+    }
+    assert_eq!((e.sink.0, e.flights.len(), turns), (total, total, 4));
+    e.dispatch().await;
+    assert_eq!(e.sink.0, total, "nothing left to send");
 }
