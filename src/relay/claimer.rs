@@ -341,15 +341,6 @@ pub async fn claim(store: Store, mut plan: Plan) -> Result<Claimed, StoreError> 
     // A sweep claim that stopped short of the end scans on from its cursor meanwhile.
     let (fetched, ahead) = tokio::join!(fetch, scan_ahead(&store, &plan, &sel));
     let (rows, truncated) = fetched?;
-    tracing::trace!(
-        after = plan.after,
-        cursor = sel.cursor,
-        scanned_ahead,
-        picked = sel.take.len(),
-        rows = rows.len(),
-        took_us = began.elapsed().as_micros() as u64,
-        "claimed"
-    );
     if truncated {
         // The byte budget ran out: continue right after the last row read, so the rows
         // not read are looked at again (capping them could skip them for the sweep); a
@@ -359,6 +350,15 @@ pub async fn claim(store: Store, mut plan: Plan) -> Result<Claimed, StoreError> 
         }
         sel.end = false;
     }
+    tracing::trace!(
+        after = plan.after,
+        cursor = sel.cursor,
+        scanned_ahead,
+        picked = sel.take.len(),
+        rows = rows.len(),
+        took_us = began.elapsed().as_micros() as u64,
+        "claimed"
+    );
     let left_out = left_out(&sel.take, &rows, truncated);
     // The sweep passes over the rows left out: their aggregates are capped until it
     // wraps, or a later row of theirs could go out first once a retry falls due.
