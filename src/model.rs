@@ -67,9 +67,11 @@ impl OutboxRow {
         self.clone().into_message()
     }
 
-    /// Like `to_message`, moving the row's strings (the payload is not copied).
+    /// Like `to_message`, moving the row's strings (the payload and the headers are not
+    /// copied).
     pub fn into_message(self) -> Result<Message, String> {
-        let headers = self.validated_headers()?;
+        self.check_fields()?;
+        let headers = take_headers(self.headers)?;
         Ok(Message {
             id: self.id,
             event_id: self.event_id,
@@ -85,8 +87,8 @@ impl OutboxRow {
         })
     }
 
-    /// Check every field a message needs; the `headers` entries in key order.
-    fn validated_headers(&self) -> Result<Vec<(String, String)>, String> {
+    /// Check the fields a message needs besides `headers`.
+    fn check_fields(&self) -> Result<(), String> {
         if self.aggregate_id.is_empty() {
             return Err(
                 "aggregate_id is empty: it is the ordering key and the Kafka message key".into(),
@@ -105,36 +107,39 @@ impl OutboxRow {
                 "destination is an empty string: use NULL for the configured default".into(),
             );
         }
-        let headers = match &self.headers {
-            serde_json::Value::Object(map) => {
-                let mut out = Vec::with_capacity(map.len());
-                for (k, v) in map {
-                    if k.is_empty() || k.len() > MAX_HEADER_NAME {
-                        return Err(format!(
-                            "headers key {k:?} must be 1 to {MAX_HEADER_NAME} bytes long"
-                        ));
-                    }
-                    match v {
-                        serde_json::Value::String(s) => out.push((k.clone(), s.clone())),
-                        other => {
-                            return Err(format!(
-                                "headers must be an object of string values: key {k:?} holds {}",
-                                json_kind(other)
-                            ))
-                        }
-                    }
-                }
-                out
-            }
+        Ok(())
+    }
+}
+
+/// The `headers` entries in key order, or what is wrong with them.
+fn take_headers(headers: serde_json::Value) -> Result<Vec<(String, String)>, String> {
+    let map = match headers {
+        serde_json::Value::Object(map) => map,
+        other => {
+            return Err(format!(
+                "headers must be a JSON object of string values, got {}",
+                json_kind(&other)
+            ))
+        }
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        if k.is_empty() || k.len() > MAX_HEADER_NAME {
+            return Err(format!(
+                "headers key {k:?} must be 1 to {MAX_HEADER_NAME} bytes long"
+            ));
+        }
+        match v {
+            serde_json::Value::String(s) => out.push((k, s)),
             other => {
                 return Err(format!(
-                    "headers must be a JSON object of string values, got {}",
-                    json_kind(other)
+                    "headers must be an object of string values: key {k:?} holds {}",
+                    json_kind(&other)
                 ))
             }
-        };
-        Ok(headers)
+        }
     }
+    Ok(out)
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {

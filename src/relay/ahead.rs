@@ -2,7 +2,7 @@
 //! statements overlap, and used by the sweep claim that follows if it is what that claim
 //! would have scanned.
 
-use std::collections::HashSet;
+use super::aggkey::HashSet;
 
 use super::claimer::Plan;
 use crate::store::ScanPage;
@@ -68,7 +68,7 @@ mod tests {
         };
         let mut p = plan(3, 100);
         p.after = 10;
-        p.capped = [4, 5].into();
+        p.capped = [4, 5].into_iter().collect();
         assert!(
             ahead(10, &[4]).adopt(&mut p),
             "it skipped less than the plan caps"

@@ -15,7 +15,7 @@
 //! hot aggregate keeps flowing without waiting for the sweep to wrap. The sweep's state
 //! between claims (cursor, horizon, where a wrap starts) is `sweep::Sweep`.
 
-use std::collections::{HashMap, HashSet};
+use super::aggkey::{HashMap, HashSet};
 
 use super::ahead::Ahead;
 use crate::config::OnFailed;
@@ -135,8 +135,8 @@ pub fn select(plan: &Plan, page: &ScanPage) -> Selection {
             cursor: plan.after,
             ..Selection::default()
         },
-        counts: HashMap::new(),
-        capped: HashSet::new(),
+        counts: HashMap::default(),
+        capped: HashSet::default(),
         bytes: 0,
     };
     // Retries due below the cursor first (they do not move it).
@@ -399,11 +399,11 @@ pub(super) mod tests {
             generation: 0,
             epoch: None,
             after: 0,
-            capped: HashSet::new(),
+            capped: HashSet::default(),
             only: None,
-            exclude: HashSet::new(),
+            exclude: HashSet::default(),
             retried: Vec::new(),
-            counts: HashMap::new(),
+            counts: HashMap::default(),
             max_per_aggregate,
             room_rows,
             room_bytes: 1 << 20,
@@ -442,9 +442,9 @@ pub(super) mod tests {
     #[test]
     fn rows_in_memory_count_towards_the_share_and_are_skipped() {
         let mut p = plan(3, 100);
-        p.exclude = [1, 2].into();
-        p.counts = [(1, 2)].into();
-        p.capped = [9].into();
+        p.exclude = [1, 2].into_iter().collect();
+        p.counts = [(1, 2)].into_iter().collect();
+        p.capped = [9].into_iter().collect();
         let sel = select(&p, &page(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 9), (6, 2)]));
         assert_eq!(sel.take, vec![3, 6]);
         assert_eq!(sel.cursor, 6);

@@ -1,7 +1,7 @@
 //! The engine's side of a claim: the plan of the next claim (room in the window, fair
 //! shares, what to leave out) and the intake of the rows it returns into the window.
 
-use std::collections::HashSet;
+use super::aggkey::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -121,7 +121,7 @@ impl<S: Sink> Engine<S> {
             }
             let bytes = c.bytes();
             let row = c.row;
-            let key: AggKey = (row.aggregate_type.clone(), row.aggregate_id.clone());
+            let key = AggKey::new(&row.aggregate_type, &row.aggregate_id);
             if self.dropped.contains(&key) {
                 // Dropped while the claim ran: an earlier row may have left memory.
                 self.sweep.cap(c.hash);

@@ -6,24 +6,24 @@
 //! Bounded: the `CAP` aggregates with the highest delivered ids are kept (ids grow with
 //! time), keyed by a 64-bit hash of the aggregate.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasherDefault;
 
-use super::window::AggKey;
+use super::aggkey::{AggKey, KeyHasher};
 
 /// Aggregates remembered (at most twice this many between prunes: ~4 MB).
 const CAP: usize = 65_536;
 
 #[derive(Debug, Default)]
 pub struct Delivered {
-    highest: HashMap<u64, i64>,
+    /// By `AggKey::hash64`.
+    highest: HashMap<u64, i64, BuildHasherDefault<KeyHasher>>,
 }
 
 impl Delivered {
     /// Row `id` of `key` was confirmed by the broker.
     pub fn record(&mut self, key: &AggKey, id: i64) {
-        let slot = self.highest.entry(hash(key)).or_insert(id);
+        let slot = self.highest.entry(key.hash64()).or_insert(id);
         *slot = (*slot).max(id);
         if self.highest.len() > 2 * CAP {
             self.prune();
@@ -32,7 +32,7 @@ impl Delivered {
 
     /// Whether a later row of `key` than `id` was delivered.
     pub fn is_behind(&self, key: &AggKey, id: i64) -> bool {
-        self.highest.get(&hash(key)).is_some_and(|h| *h > id)
+        self.highest.get(&key.hash64()).is_some_and(|h| *h > id)
     }
 
     /// Keep the `CAP` aggregates with the highest delivered ids.
@@ -45,18 +45,12 @@ impl Delivered {
     }
 }
 
-fn hash(key: &AggKey) -> u64 {
-    let mut h = DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn key(a: &str) -> AggKey {
-        ("order".into(), a.into())
+        AggKey::new("order", a)
     }
 
     #[test]

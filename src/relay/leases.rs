@@ -9,7 +9,7 @@
 //! next renew of a survivor: takeover within ~3T/4 < T. Validity is measured from
 //! *before* the renew was sent.
 
-use std::collections::HashSet;
+use super::aggkey::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::store::{Store, StoreError, PARTITIONS};

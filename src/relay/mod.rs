@@ -3,7 +3,8 @@
 //! completer records outcomes in batched statements. Leases run on their own clock. It
 //! sees only `Store` and `Sink`.
 //!
-//! Stages (one file each): `window` (per-aggregate FIFOs, bounded in rows and bytes),
+//! Stages (one file each): `window` (per-aggregate FIFOs, bounded in rows and bytes;
+//! keyed by `aggkey`, a shared key hashed once),
 //! `claimer` (fair claims), `intake` (the engine's side of a claim: its plan, its rows
 //! into the window), `ahead` (the next sweep scan, run beside a claim's fetch),
 //! `sweep` (where the next claim looks: cursor, low water mark), `horizon` (ids that can
@@ -22,6 +23,7 @@
 //!   releases the next one), so first deliveries stay in order;
 //! - after mark: done.
 
+mod aggkey;
 mod ahead;
 pub mod backoff;
 mod claimer;
@@ -42,7 +44,7 @@ mod window;
 
 pub(crate) use horizon::Horizon;
 
-use std::collections::{HashMap, HashSet};
+use aggkey::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,6 +59,7 @@ use crate::health::Health;
 use crate::metrics as m;
 use crate::sink::Sink;
 use crate::store::{Store, StoreError};
+use aggkey::{AggKey, KeySet};
 use ahead::Ahead;
 use backoff::Pacer;
 use claimer::Claimed;
@@ -66,7 +69,7 @@ use doorbell::Doorbell;
 use late::Delivered;
 use leases::{Leases, Renewal};
 use sweep::Sweep;
-use window::{AggKey, Window};
+use window::Window;
 
 /// Late-committed rows seen behind a row of their aggregate that was already sent.
 pub const LATE_ROWS_TOTAL: &str = "outbox_relay_late_rows_total";
@@ -146,7 +149,7 @@ struct Engine<S: Sink> {
     next_claim_at: Instant,
     db_pacer: Pacer,
     /// Aggregates dropped from memory since the running claim started.
-    dropped: HashSet<AggKey>,
+    dropped: KeySet,
     /// When the last poll tick claimed (the tick is shorter while not listening).
     last_poll: Instant,
     doorbell: Doorbell,
@@ -183,12 +186,12 @@ impl<S: Sink> Engine<S> {
             health: r.health,
             leases,
             renewing: None,
-            releasing: HashSet::new(),
+            releasing: HashSet::default(),
             release_task: None,
             window: Window::default(),
             delivered: Delivered::default(),
             max_rows,
-            flights: HashMap::new(),
+            flights: HashMap::default(),
             confirms: FuturesUnordered::new(),
             probation: None,
             sends_left: false,
@@ -196,15 +199,15 @@ impl<S: Sink> Engine<S> {
             confirm_timeout,
             broker: Broker::default(),
             completer,
-            recording: HashMap::new(),
-            rejected: HashMap::new(),
+            recording: HashMap::default(),
+            rejected: HashMap::default(),
             sweep: Sweep::default(),
             claiming: None,
             ahead: None,
             claim_due: true,
             next_claim_at: Instant::now(),
             db_pacer: Pacer::default(),
-            dropped: HashSet::new(),
+            dropped: KeySet::default(),
             last_poll: Instant::now(),
             doorbell: Doorbell::new(r.bell, r.cfg.busy_poll_interval),
             probes: probe::Probes::new(Instant::now()),

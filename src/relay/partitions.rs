@@ -2,7 +2,7 @@
 //! surplus and gained partitions), forgets the rows of partitions let go, and hands
 //! surplus partitions back once nothing of theirs is out or being recorded.
 
-use std::collections::HashSet;
+use super::aggkey::HashSet;
 
 use super::{Engine, Renewal};
 use crate::metrics as m;

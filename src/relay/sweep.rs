@@ -18,7 +18,7 @@
 //! the sweep over from there (a claim that sees the new epoch takes nothing: rows of the
 //! re-opened aggregates above the cursor must not go before them).
 
-use std::collections::{HashMap, HashSet};
+use super::aggkey::{HashMap, HashSet};
 use std::time::Instant;
 
 use super::claimer::Seen;
@@ -65,7 +65,7 @@ impl Sweep {
     pub fn plan(&mut self, refill: bool) -> (i64, HashSet<i32>) {
         self.last_was_refill = refill;
         if refill {
-            (self.low, HashSet::new())
+            (self.low, HashSet::default())
         } else {
             (self.cursor, self.capped.clone())
         }
@@ -172,32 +172,32 @@ mod tests {
         let mut s = Sweep::default();
         prime(&mut s, 1000);
         s.observe(s.generation(), &snap(quiet(1000)));
-        assert!(s.refill(&HashMap::new(), 4).is_empty());
-        assert_eq!(s.plan(false), (0, HashSet::new()));
+        assert!(s.refill(&HashMap::default(), 4).is_empty());
+        assert_eq!(s.plan(false), (0, HashSet::default()));
         let g = s.generation();
         s.advance(g, 40, false, 1, &[7]);
         assert!(s.more);
         assert!(
-            s.refill(&[(7, 2)].into(), 4).is_empty(),
+            s.refill(&[(7, 2)].into_iter().collect(), 4).is_empty(),
             "half its share held"
         );
-        assert_eq!(s.refill(&[(7, 1)].into(), 4), vec![7]);
+        assert_eq!(s.refill(&[(7, 1)].into_iter().collect(), 4), vec![7]);
         assert_eq!(s.plan(true).0, 0);
         assert!(
-            s.refill(&HashMap::new(), 4).is_empty(),
+            s.refill(&HashMap::default(), 4).is_empty(),
             "one refill at a time"
         );
-        assert_eq!(s.plan(false), (40, [7].into()));
+        assert_eq!(s.plan(false), (40, [7].into_iter().collect()));
         s.advance(g, 90, false, 1, &[8]);
         s.restart();
         s.advance(g, 120, false, 1, &[]);
         assert_eq!(
             s.plan(false),
-            (0, HashSet::new()),
+            (0, HashSet::default()),
             "a stale claim moves nothing"
         );
         s.advance(s.generation(), 90, true, 1, &[]);
-        assert_eq!(s.plan(false), (0, HashSet::new()));
+        assert_eq!(s.plan(false), (0, HashSet::default()));
     }
 
     /// A scan that started above the mark (says nothing about it).
@@ -223,7 +223,7 @@ mod tests {
         s.advance(g, 250, false, 3, &[4]);
         assert_eq!(
             s.plan(false),
-            (100, [4].into()),
+            (100, [4].into_iter().collect()),
             "rows above 100 looked at again"
         );
         assert!(s.more, "it took rows: claim again");
@@ -299,7 +299,7 @@ mod tests {
         assert_eq!(s.plan(true).0, 5);
         assert_eq!(
             s.plan(false),
-            (5, HashSet::new()),
+            (5, HashSet::default()),
             "the sweep starts over there"
         );
         assert_ne!(s.generation(), g, "claims planned before it move nothing");

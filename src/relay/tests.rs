@@ -161,7 +161,7 @@ async fn an_aggregate_dropped_while_its_claim_ran_is_refilled_then_skipped() {
     let mut e = engine();
     renewed(&mut e, 1);
     let plan = e.next_plan(Instant::now()).unwrap();
-    e.dropped.insert(("order".into(), "a".into()));
+    e.dropped.insert(super::aggkey::AggKey::new("order", "a"));
     let rows = vec![row(1, "a", 5), row(3, "c", 6)];
     e.on_claimed(Ok(Ok(landed(&plan, rows))));
     let ids: Vec<i64> = e.window.ids().copied().collect();

@@ -9,13 +9,14 @@
 //!   and it is not held back (a rejection not yet recorded) or doomed (being dropped);
 //! - `rows`, `bytes` and the per-hash counts always match the queues.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use super::aggkey::{HashMap, HashSet};
 use std::sync::Arc;
 
+pub use super::aggkey::AggKey;
+use super::aggkey::KeyMap;
 use crate::model::Message;
-
-/// The ordering key: (`aggregate_type`, `aggregate_id`).
-pub type AggKey = (String, String);
 
 /// What a held row turned into when it was claimed.
 #[derive(Debug, Clone)]
@@ -57,7 +58,7 @@ struct Agg {
 /// The rows this instance holds (see the module doc).
 #[derive(Debug, Default)]
 pub struct Window {
-    aggs: HashMap<AggKey, Agg>,
+    aggs: KeyMap<Agg>,
     ready: VecDeque<AggKey>,
     ids: HashSet<i64>,
     per_hash: HashMap<i32, u32>,
@@ -342,7 +343,7 @@ mod tests {
     use super::*;
 
     fn key(a: &str) -> AggKey {
-        ("order".into(), a.into())
+        AggKey::new("order", a)
     }
 
     fn entry(id: i64, hash: i32) -> Entry {

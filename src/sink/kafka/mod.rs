@@ -37,8 +37,8 @@ pub use config::{validate_properties, KafkaConfig, PropertyError};
 // produces with the relay's own settings); the rest of `props` stays inside the sink.
 pub use props::producer_config;
 pub use tap::{tap_for_demo, DemoTap};
-use wire::headers;
 pub use wire::{check_topic_name, topic_from_template};
+use wire::{headers, AGGREGATE_TYPE};
 
 /// Slack past `message.timeout.ms` before the engine stops waiting for a delivery
 /// report (librdkafka scans for timed-out messages about once a second).
@@ -54,7 +54,7 @@ pub struct KafkaSink {
     /// The user's properties, kept to scrub secret values from error texts.
     properties: Arc<BTreeMap<String, String>>,
     brokers: String,
-    topic_template: String,
+    topic_template: Arc<str>,
     dead_letter_topic: Option<String>,
     /// Metadata probes and the connect check.
     timeout: Duration,
@@ -79,7 +79,7 @@ impl KafkaSink {
             config,
             properties: Arc::new(cfg.properties.clone()),
             brokers: redact_url(cfg.brokers.trim()),
-            topic_template: cfg.topic.clone(),
+            topic_template: Arc::from(cfg.topic.as_str()),
             dead_letter_topic: cfg.dead_letter_topic.clone(),
             timeout,
             report_wait: message_timeout.unwrap_or(timeout).max(timeout) + REPORT_GRACE,
@@ -104,11 +104,13 @@ impl KafkaSink {
             .map_err(|e| props::config_refused(&e, &cfg.properties))
     }
 
-    /// The topic a message goes to (SPEC §2).
-    pub fn topic_for(&self, m: &Message) -> String {
+    /// The topic a message goes to (SPEC §2); a template with nothing to substitute is
+    /// shared, not copied for each message.
+    pub fn topic_for(&self, m: &Message) -> Arc<str> {
         match &m.destination {
-            Some(d) => d.clone(),
-            None => topic_from_template(&self.topic_template, &m.aggregate_type),
+            Some(d) => Arc::from(d.as_str()),
+            None if !self.topic_template.contains(AGGREGATE_TYPE) => self.topic_template.clone(),
+            None => Arc::from(topic_from_template(&self.topic_template, &m.aggregate_type)),
         }
     }
 
@@ -316,9 +318,9 @@ impl Sink for KafkaSink {
         let topic = self.topic_for(m);
         check_topic_name(&topic).map_err(SinkError::Rejected)?;
         if let Some(v) = self
-            .probe_topics(&producer, &[topic.as_str()])
+            .probe_topics(&producer, &[&*topic])
             .await
-            .remove(&topic)
+            .remove(&*topic)
         {
             return Err(self.scrubbed(v));
         }
@@ -375,7 +377,7 @@ impl Sink for KafkaSink {
             .payload(message.payload.as_bytes())
             .headers(headers(
                 message,
-                &[("last_error", error), ("original_topic", original.as_str())],
+                &[("last_error", error), ("original_topic", &original)],
             ));
         let deadline = Instant::now() + self.timeout;
         let size = message.payload.len();

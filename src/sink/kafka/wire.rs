@@ -9,9 +9,12 @@ use crate::model::Message;
 /// so consumers never see two values.
 const RESERVED_HEADERS: [&str; 4] = ["event_id", "event_type", "aggregate_type", "aggregate_id"];
 
+/// What `kafka.topic` substitutes.
+pub const AGGREGATE_TYPE: &str = "{aggregate_type}";
+
 /// `template` with `{aggregate_type}` substituted.
 pub fn topic_from_template(template: &str, aggregate_type: &str) -> String {
-    template.replace("{aggregate_type}", aggregate_type)
+    template.replace(AGGREGATE_TYPE, aggregate_type)
 }
 
 /// Kafka's topic-name rule: 1 to 249 of `[A-Za-z0-9._-]`, not `.` or `..`.
@@ -36,7 +39,8 @@ pub fn check_topic_name(t: &str) -> Result<(), String> {
 /// Row headers (minus the reserved names), then `event_id`, `event_type`,
 /// `aggregate_type`, `aggregate_id`, then `extra`.
 pub(crate) fn headers(m: &Message, extra: &[(&str, &str)]) -> OwnedHeaders {
-    let event_id = m.event_id.to_string();
+    let mut buf = uuid::Uuid::encode_buffer();
+    let event_id = &*m.event_id.hyphenated().encode_lower(&mut buf);
     let mut h = OwnedHeaders::new_with_capacity(m.headers.len() + 4 + extra.len());
     let taken = |k: &str| RESERVED_HEADERS.contains(&k) || extra.iter().any(|(n, _)| *n == k);
     for (k, v) in &m.headers {
@@ -48,7 +52,7 @@ pub(crate) fn headers(m: &Message, extra: &[(&str, &str)]) -> OwnedHeaders {
         }
     }
     for (k, v) in m
-        .identity(&event_id)
+        .identity(event_id)
         .into_iter()
         .chain(extra.iter().copied())
     {
