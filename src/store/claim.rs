@@ -36,12 +36,16 @@ pub struct ScanQuery<'a> {
     pub list_writers: bool,
 }
 
-/// A scan row as the statement returns it: a pending row, or (last) the summary.
+/// The scan's one row: the pending rows and the due retries as arrays, and the summary.
 struct ScanRow {
-    id: i64,
-    hash: i32,
-    size: i64,
-    due: bool,
+    ids: Option<Vec<i64>>,
+    hashes: Option<Vec<i32>>,
+    sizes: Option<Vec<i64>>,
+    due_ids: Option<Vec<i64>>,
+    due_hashes: Option<Vec<i32>>,
+    due_sizes: Option<Vec<i64>>,
+    last: i64,
+    examined: i32,
     top: Option<i64>,
     writers: Option<Vec<String>>,
     first: Option<i64>,
@@ -53,24 +57,57 @@ impl<'r> sqlx::FromRow<'r, PgRow> for ScanRow {
     /// By position, as `ClaimedRow` (the scan's columns: `SCANNED_COLUMNS`).
     fn from_row(r: &'r PgRow) -> Result<Self, sqlx::Error> {
         Ok(Self {
-            id: r.try_get_unchecked(0)?,
-            hash: r.try_get_unchecked(1)?,
-            size: r.try_get_unchecked(2)?,
-            due: r.try_get_unchecked(3)?,
-            top: r.try_get_unchecked(4)?,
-            writers: r.try_get_unchecked(5)?,
-            first: r.try_get_unchecked(6)?,
-            floor: r.try_get_unchecked(7)?,
-            epoch: r.try_get_unchecked(8)?,
+            ids: r.try_get_unchecked(0)?,
+            hashes: r.try_get_unchecked(1)?,
+            sizes: r.try_get_unchecked(2)?,
+            due_ids: r.try_get_unchecked(3)?,
+            due_hashes: r.try_get_unchecked(4)?,
+            due_sizes: r.try_get_unchecked(5)?,
+            last: r.try_get_unchecked(6)?,
+            examined: r.try_get_unchecked(7)?,
+            top: r.try_get_unchecked(8)?,
+            writers: r.try_get_unchecked(9)?,
+            first: r.try_get_unchecked(10)?,
+            floor: r.try_get_unchecked(11)?,
+            epoch: r.try_get_unchecked(12)?,
         })
     }
 }
 
 /// The scan's columns by name, in the order `ScanRow::from_row` reads them.
 #[cfg(test)]
-pub(crate) const SCANNED_COLUMNS: [&str; 9] = [
-    "id", "hash", "size", "due", "top", "writers", "first", "floor", "epoch",
+pub(crate) const SCANNED_COLUMNS: [&str; 8] = [
+    "w.ids",
+    "w.hashes",
+    "w.sizes",
+    "e.ids",
+    "e.hashes",
+    "e.sizes",
+    "x.last",
+    "x.examined",
 ];
+
+/// Rows from the scan's three arrays (of one length, or the scan is refused).
+fn zipped(
+    ids: Option<Vec<i64>>,
+    hashes: Option<Vec<i32>>,
+    sizes: Option<Vec<i64>>,
+) -> Result<Vec<Scanned>, StoreError> {
+    let (ids, hashes, sizes) = (
+        ids.unwrap_or_default(),
+        hashes.unwrap_or_default(),
+        sizes.unwrap_or_default(),
+    );
+    if ids.len() != hashes.len() || ids.len() != sizes.len() {
+        return Err(StoreError::Unexpected("scan arrays of different lengths"));
+    }
+    Ok(ids
+        .into_iter()
+        .zip(hashes)
+        .zip(sizes)
+        .map(|((id, hash), size)| Scanned { id, hash, size })
+        .collect())
+}
 
 /// What a statement's snapshot says about ids that can still commit (see
 /// `relay::Horizon`).
@@ -212,7 +249,7 @@ impl Store {
     /// just those hashes are kept; at most `limit` are returned. Beside them, up to
     /// `limit` retries due now with `id <= after` (the same filters).
     pub async fn scan(&self, q: &ScanQuery<'_>) -> Result<ScanPage, StoreError> {
-        let mut rows = sqlx::query_as::<_, ScanRow>(&self.sql.scan)
+        let row = sqlx::query_as::<_, ScanRow>(&self.sql.scan)
             .bind(q.after)
             .bind(q.partitions)
             .bind(i64::from(q.limit))
@@ -220,32 +257,25 @@ impl Store {
             .bind(q.skip)
             .bind(q.only)
             .bind(q.list_writers)
-            .fetch_all(&self.hot)
+            .fetch_one(&self.hot)
             .await?;
-        let summary = rows
-            .pop()
-            .filter(|r| r.size == -1)
-            .ok_or_else(|| StoreError::Unexpected("scan returned no summary row"))?;
-        let probe = match (summary.top, summary.writers) {
+        let probe = match (row.top, row.writers) {
             (Some(top), writers) => Probe { top, writers },
             _ => return Err(StoreError::Unexpected("scan summary without its snapshot")),
         };
-        let (due, rows): (Vec<ScanRow>, Vec<ScanRow>) = rows.into_iter().partition(|r| r.due);
-        let scanned = |r: ScanRow| Scanned {
-            id: r.id,
-            hash: r.hash,
-            size: r.size,
-        };
+        let mut rows = zipped(row.ids, row.hashes, row.sizes)?;
+        // In id order (`array_agg` keeps its input's order in practice; this makes sure).
+        rows.sort_unstable_by_key(|r| r.id);
         Ok(ScanPage {
-            rows: rows.into_iter().map(scanned).collect(),
-            due: due.into_iter().map(scanned).collect(),
-            last_examined: summary.id,
-            examined: u32::try_from(summary.hash).unwrap_or(0),
+            rows,
+            due: zipped(row.due_ids, row.due_hashes, row.due_sizes)?,
+            last_examined: row.last,
+            examined: u32::try_from(row.examined).unwrap_or(0),
             probe: Some(probe),
-            first: summary.first,
-            floor: summary
+            first: row.first,
+            floor: row
                 .floor
-                .zip(summary.epoch)
+                .zip(row.epoch)
                 .map(|(floor, epoch)| super::Floor { floor, epoch }),
         })
     }
@@ -323,9 +353,15 @@ mod tests {
         for stmt in [&sql.fetch, &sql.fetch_range] {
             assert_eq!(select_list(stmt), FETCHED_COLUMNS, "{stmt}");
         }
-        // The scan's first branch names its columns (the others follow by position).
-        let first = sql.scan.find("(SELECT id, hash").unwrap();
-        assert_eq!(select_list(&sql.scan[first + 1..]), SCANNED_COLUMNS);
+        // The scan's outer select list starts with the columns named (the probe, the
+        // first fresh id, the floor and its epoch follow).
+        let outer = sql.scan.rfind("SELECT w.ids").unwrap();
+        let head: Vec<String> = sql.scan[outer + "SELECT".len()..]
+            .split(',')
+            .take(SCANNED_COLUMNS.len())
+            .map(|c| c.trim().to_string())
+            .collect();
+        assert_eq!(head, SCANNED_COLUMNS);
         assert!(sql.fetch_range.contains("o.id >= $5 AND o.id <= $6"));
     }
 

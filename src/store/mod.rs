@@ -210,13 +210,14 @@ impl Sql {
         Self {
             // `s` examines at most $4 pending ids after $1 (no payloads), walking the
             // primary key; `d` adds the retries that fell due at or below $1 (below the
-            // floor: a waiting retry does not hold it), through `outbox_due_idx`. The
-            // outer query leaves out the hashes in $5 (skipped for the rest of a sweep)
-            // or keeps only those in $6 (a refill), and appends one summary row (size
-            // -1: id = the last id `s` examined, hash = how many, the horizon probe (the
-            // table's highest visible id, the transactions writing to it);
-            // the first id examined with no retry schedule; the stored floor and its
-            // epoch).
+            // floor: a waiting retry does not hold it), through `outbox_due_idx`. `w`
+            // and `e` leave out the hashes in $5 (skipped for the rest of a sweep) or keep
+            // only those in $6 (a refill). One row comes back: each list as three arrays
+            // (ids, hashes, sizes: a row per pending id cost the relay ~4 000
+            // instructions each to receive and decode, the arrays a few dozen), the last
+            // id `s` examined and how many, the horizon probe (the table's highest visible
+            // id, the transactions writing to it), the first id examined with no retry
+            // schedule, the stored floor and its epoch.
             scan: format!(
                 "WITH s AS (
                      SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
@@ -238,25 +239,28 @@ impl Sql {
                        AND ($2::int[] IS NULL
                             OR (hashtext(o.aggregate_type || '/' || o.aggregate_id) & 255) = ANY($2))
                      ORDER BY o.next_attempt_at
-                     LIMIT $3)
-                 (SELECT id, hash, size, false AS due, NULL::bigint AS top, NULL::text[] AS writers,
-                         NULL::bigint AS first, NULL::bigint AS floor, NULL::bigint AS epoch
-                  FROM s
-                  WHERE ($5::int[] IS NULL OR hash <> ALL($5))
-                    AND ($6::int[] IS NULL OR hash = ANY($6))
-                  ORDER BY id
-                  LIMIT $3)
-                 UNION ALL
-                 SELECT id, hash, size, true, NULL, NULL, NULL, NULL, NULL FROM d
-                 WHERE ($5::int[] IS NULL OR hash <> ALL($5))
-                   AND ($6::int[] IS NULL OR hash = ANY($6))
-                 UNION ALL
-                 SELECT coalesce(max(id), $1), count(*)::int, -1::bigint, false,
+                     LIMIT $3),
+                 w AS (
+                     SELECT id, hash, size FROM s
+                     WHERE ($5::int[] IS NULL OR hash <> ALL($5))
+                       AND ($6::int[] IS NULL OR hash = ANY($6))
+                     ORDER BY id
+                     LIMIT $3),
+                 e AS (
+                     SELECT id, hash, size FROM d
+                     WHERE ($5::int[] IS NULL OR hash <> ALL($5))
+                       AND ($6::int[] IS NULL OR hash = ANY($6)))
+                 SELECT w.ids, w.hashes, w.sizes, e.ids, e.hashes, e.sizes, x.last, x.examined,
                         {probe},
-                        min(id) FILTER (WHERE fresh),
+                        x.first,
                         (SELECT f.floor FROM {floor_tbl} f WHERE f.singleton),
                         (SELECT f.epoch FROM {floor_tbl} f WHERE f.singleton)
-                 FROM s"
+                 FROM (SELECT array_agg(id) AS ids, array_agg(hash) AS hashes,
+                              array_agg(size) AS sizes FROM w) w,
+                      (SELECT array_agg(id) AS ids, array_agg(hash) AS hashes,
+                              array_agg(size) AS sizes FROM e) e,
+                      (SELECT coalesce(max(id), $1) AS last, count(*)::int AS examined,
+                              min(id) FILTER (WHERE fresh) AS first FROM s) x"
             ),
             fetch: fetch(&tbl, &untaken, &floor_tbl, "o.id = ANY($1)"),
             // The same for ids close together (a drain's claims): one walk of that stretch
