@@ -55,6 +55,8 @@ pub struct KafkaSink {
     properties: Arc<BTreeMap<String, String>>,
     brokers: String,
     topic_template: Arc<str>,
+    /// `topic_template` has nothing to substitute: every message's default topic.
+    fixed_topic: bool,
     dead_letter_topic: Option<String>,
     /// Metadata probes and the connect check.
     timeout: Duration,
@@ -80,6 +82,7 @@ impl KafkaSink {
             properties: Arc::new(cfg.properties.clone()),
             brokers: redact_url(cfg.brokers.trim()),
             topic_template: Arc::from(cfg.topic.as_str()),
+            fixed_topic: !cfg.topic.contains(AGGREGATE_TYPE),
             dead_letter_topic: cfg.dead_letter_topic.clone(),
             timeout,
             report_wait: message_timeout.unwrap_or(timeout).max(timeout) + REPORT_GRACE,
@@ -109,7 +112,7 @@ impl KafkaSink {
     pub fn topic_for(&self, m: &Message) -> Arc<str> {
         match &m.destination {
             Some(d) => Arc::from(d.as_str()),
-            None if !self.topic_template.contains(AGGREGATE_TYPE) => self.topic_template.clone(),
+            None if self.fixed_topic => self.topic_template.clone(),
             None => Arc::from(topic_from_template(&self.topic_template, &m.aggregate_type)),
         }
     }
@@ -138,6 +141,11 @@ impl KafkaSink {
         SinkError::Unavailable(props::scrub(why.as_ref(), &self.properties))
     }
 
+    /// Whether `topic` was seen to exist within `TOPIC_CACHE_TTL`.
+    fn seen_lately(&self, topic: &str) -> bool {
+        matches!(self.known_topics.get(topic), Some(seen) if seen.elapsed() <= TOPIC_CACHE_TTL)
+    }
+
     /// Which of `topics` are missing (with the reason), probing those not seen lately.
     /// A probe that cannot reach the broker makes that topic's rows `Unavailable`.
     async fn probe_topics(
@@ -148,9 +156,7 @@ impl KafkaSink {
         let now = Instant::now();
         let mut to_check: Vec<String> = topics
             .iter()
-            .filter(|t| {
-                !matches!(self.known_topics.get(**t), Some(seen) if now.duration_since(*seen) <= TOPIC_CACHE_TTL)
-            })
+            .filter(|t| !self.seen_lately(t))
             .map(|t| t.to_string())
             .collect();
         to_check.sort();
@@ -316,13 +322,16 @@ impl Sink for KafkaSink {
     async fn send(&mut self, m: &Message) -> Result<Confirm, SinkError> {
         let producer = self.producer().await?;
         let topic = self.topic_for(m);
-        check_topic_name(&topic).map_err(SinkError::Rejected)?;
-        if let Some(v) = self
-            .probe_topics(&producer, &[&*topic])
-            .await
-            .remove(&*topic)
-        {
-            return Err(self.scrubbed(v));
+        // A topic seen lately exists, so its name is valid: neither is checked again.
+        if !self.seen_lately(&topic) {
+            check_topic_name(&topic).map_err(SinkError::Rejected)?;
+            if let Some(v) = self
+                .probe_topics(&producer, &[&*topic])
+                .await
+                .remove(&*topic)
+            {
+                return Err(self.scrubbed(v));
+            }
         }
         let record = FutureRecord::to(&topic)
             .key(m.aggregate_id.as_str())
