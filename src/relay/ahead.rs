@@ -3,7 +3,6 @@
 //! would have scanned.
 
 use super::aggkey::HashSet;
-
 use super::claimer::Plan;
 use crate::store::ScanPage;
 

@@ -16,7 +16,6 @@
 //! between claims (cursor, horizon, where a wrap starts) is `sweep::Sweep`.
 
 use super::aggkey::{HashMap, HashSet};
-
 use super::ahead::Ahead;
 use crate::config::OnFailed;
 use crate::store::{ClaimedRow, Floor, Probe, ScanPage, ScanQuery, Scanned, Store, StoreError};

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures::Future;
 
+use super::aggkey::AggKey;
 use super::backoff::{self, Pacer};
-use super::window::{AggKey, Body, Entry};
+use super::window::{Body, Entry};
 use super::Engine;
 use crate::metrics as m;
 use crate::model::Message;

@@ -1,12 +1,12 @@
 //! The engine's side of a claim: the plan of the next claim (room in the window, fair
 //! shares, what to leave out) and the intake of the rows it returns into the window.
 
-use super::aggkey::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::aggkey::{AggKey, HashSet};
 use super::claimer::{self, Claimed, Plan};
-use super::window::{AggKey, Body, Entry, Inserted};
+use super::window::{Body, Entry, Inserted};
 use super::{Engine, LATE_ROWS_TOTAL};
 use crate::metrics as m;
 use crate::sink::Sink;

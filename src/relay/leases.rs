@@ -9,9 +9,9 @@
 //! next renew of a survivor: takeover within ~3T/4 < T. Validity is measured from
 //! *before* the renew was sent.
 
-use super::aggkey::HashSet;
 use std::time::{Duration, Instant};
 
+use super::aggkey::HashSet;
 use crate::store::{Store, StoreError, PARTITIONS};
 
 /// What one maintenance round found.

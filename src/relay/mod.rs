@@ -44,7 +44,6 @@ mod window;
 
 pub(crate) use horizon::Horizon;
 
-use aggkey::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,7 +58,7 @@ use crate::health::Health;
 use crate::metrics as m;
 use crate::sink::Sink;
 use crate::store::{Store, StoreError};
-use aggkey::{AggKey, KeySet};
+use aggkey::{AggKey, HashMap, HashSet, KeySet};
 use ahead::Ahead;
 use backoff::Pacer;
 use claimer::Claimed;

@@ -3,7 +3,6 @@
 //! surplus partitions back once nothing of theirs is out or being recorded.
 
 use super::aggkey::HashSet;
-
 use super::{Engine, Renewal};
 use crate::metrics as m;
 use crate::sink::Sink;

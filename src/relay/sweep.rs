@@ -18,9 +18,9 @@
 //! the sweep over from there (a claim that sees the new epoch takes nothing: rows of the
 //! re-opened aggregates above the cursor must not go before them).
 
-use super::aggkey::{HashMap, HashSet};
 use std::time::Instant;
 
+use super::aggkey::{HashMap, HashSet};
 use super::claimer::Seen;
 use super::horizon::Horizon;
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::aggkey::AggKey;
 use super::claimer::{Claimed, Plan, Seen};
 use super::{Engine, Relay, Renewal};
 use crate::config::RelayConfig;
@@ -161,7 +162,7 @@ async fn an_aggregate_dropped_while_its_claim_ran_is_refilled_then_skipped() {
     let mut e = engine();
     renewed(&mut e, 1);
     let plan = e.next_plan(Instant::now()).unwrap();
-    e.dropped.insert(super::aggkey::AggKey::new("order", "a"));
+    e.dropped.insert(AggKey::new("order", "a"));
     let rows = vec![row(1, "a", 5), row(3, "c", 6)];
     e.on_claimed(Ok(Ok(landed(&plan, rows))));
     let ids: Vec<i64> = e.window.ids().copied().collect();

@@ -10,12 +10,9 @@
 //! - `rows`, `bytes` and the per-hash counts always match the queues.
 
 use std::collections::VecDeque;
-
-use super::aggkey::{HashMap, HashSet};
 use std::sync::Arc;
 
-pub use super::aggkey::AggKey;
-use super::aggkey::KeyMap;
+use super::aggkey::{AggKey, HashMap, HashSet, KeyMap};
 use crate::model::Message;
 
 /// What a held row turned into when it was claimed.
