@@ -7,27 +7,27 @@
 //! - a message is `Ok(())` only from its own successful delivery report; the producer is
 //!   always idempotent with `acks=all` (`props` refuses properties that weaken it);
 //! - a delivery that timed out inside librdkafka, or a fatal producer error, retires the
-//!   producer before the next send (dropping it purges its queue, so no stale copy is sent
-//!   behind a later row of the same aggregate); `close` does the same for everything
-//!   outstanding — the engine re-sends (a duplicate, never a loss);
+//!   producers (both lanes, `lanes`) before the next send (dropping one purges its queue,
+//!   so no stale copy is sent behind a later row of the same aggregate); `close` does the
+//!   same for everything outstanding — the engine re-sends (a duplicate, never a loss);
 //! - a topic named by a row is never created: a missing one fails its rows (`Rejected`),
 //!   found with a metadata probe rather than by waiting out `message.timeout.ms`;
 //! - errors never print secret property values.
 
 mod config;
 pub mod errors;
+mod lanes;
 mod props;
 pub mod tap;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
 
 use super::{Confirm, Sink, SinkError};
 use crate::model::Message;
@@ -35,7 +35,9 @@ use crate::secret::redact_url;
 pub use config::{validate_properties, KafkaConfig, PropertyError};
 // `producer_config` is public only for outbox-relay-tools (the bench's textbook relay
 // produces with the relay's own settings); the rest of `props` stays inside the sink.
-pub use props::producer_config;
+pub use lanes::EXPRESS_BELOW;
+use lanes::{Lanes, Replace};
+pub use props::{express_config, producer_config};
 pub use tap::{tap_for_demo, DemoTap};
 pub use wire::{check_topic_name, topic_from_template};
 use wire::{headers, AGGREGATE_TYPE};
@@ -50,7 +52,6 @@ const TOPIC_CACHE_TTL: Duration = Duration::from_secs(600);
 
 /// The relay's Kafka publisher (invariants in the module doc).
 pub struct KafkaSink {
-    config: ClientConfig,
     /// The user's properties, kept to scrub secret values from error texts.
     properties: Arc<BTreeMap<String, String>>,
     brokers: String,
@@ -62,9 +63,8 @@ pub struct KafkaSink {
     timeout: Duration,
     /// Longest wait for one delivery report.
     report_wait: Duration,
-    producer: Option<FutureProducer>,
-    /// Set by a delivery that timed out: the producer must be replaced.
-    retire: Arc<AtomicBool>,
+    /// The producers: bulk and express lanes.
+    lanes: Lanes,
     /// The last `connect` reached the cluster (cleared by `close`).
     connected: bool,
     /// Topics seen to exist, and when.
@@ -78,7 +78,7 @@ impl KafkaSink {
     pub fn new(cfg: &KafkaConfig, timeout: Duration) -> Result<Self, SinkError> {
         let (config, message_timeout) = props::checked_config(cfg, timeout)?;
         let mut sink = Self {
-            config,
+            lanes: Lanes::new(config, &cfg.properties),
             properties: Arc::new(cfg.properties.clone()),
             brokers: redact_url(cfg.brokers.trim()),
             topic_template: Arc::from(cfg.topic.as_str()),
@@ -86,9 +86,7 @@ impl KafkaSink {
             dead_letter_topic: cfg.dead_letter_topic.clone(),
             timeout,
             report_wait: message_timeout.unwrap_or(timeout).max(timeout) + REPORT_GRACE,
-            retire: Arc::new(AtomicBool::new(false)),
             connected: false,
-            producer: None,
             known_topics: HashMap::new(),
         };
         let _producer = sink.ensure_producer()?;
@@ -118,23 +116,7 @@ impl KafkaSink {
     }
 
     fn ensure_producer(&mut self) -> Result<FutureProducer, SinkError> {
-        if let Some(p) = &self.producer {
-            return Ok(p.clone());
-        }
-        let producer: FutureProducer = self
-            .config
-            .create()
-            .map_err(|e| props::config_refused(&e, &self.properties))?;
-        self.producer = Some(producer.clone());
-        Ok(producer)
-    }
-
-    /// Drop the producer off the async runtime: its `Drop` purges and flushes (bounded)
-    /// and joins its polling thread.
-    async fn drop_producer(&mut self) {
-        if let Some(p) = self.producer.take() {
-            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
-        }
+        self.lanes.ensure(&self.properties)
     }
 
     fn unavailable(&self, why: impl AsRef<str>) -> SinkError {
@@ -166,6 +148,7 @@ impl KafkaSink {
             return verdicts;
         }
         let p = producer.clone();
+        let express = self.lanes.express();
         let timeout = self.timeout;
         let probed = tokio::task::spawn_blocking(move || {
             // After one probe fails to reach the broker, the others would only wait out
@@ -185,8 +168,16 @@ impl KafkaSink {
                         )
                     })
                 });
-                if let Err(e) = &res {
-                    unreachable = Some(e.clone());
+                match &res {
+                    Err(e) => unreachable = Some(e.clone()),
+                    // The express lane learns the topic too, so its first message does
+                    // not wait for a metadata round trip of its own.
+                    Ok(Some((None, _))) => {
+                        if let Some(x) = &express {
+                            let _ = x.client().fetch_metadata(Some(&t), timeout);
+                        }
+                    }
+                    Ok(_) => {}
                 }
                 out.push((t, res));
             }
@@ -256,23 +247,21 @@ async fn enqueue(
 }
 
 impl KafkaSink {
-    /// The producer to send with: a fresh one after a fatal error or a delivery that
-    /// timed out inside librdkafka (the broker may have lost this producer's id).
+    /// The bulk producer: fresh producers after a fatal error or a delivery that timed
+    /// out inside librdkafka (the broker may have lost a producer's id).
     async fn producer(&mut self) -> Result<FutureProducer, SinkError> {
-        let broken = self.retire.swap(false, Ordering::SeqCst);
-        let fatal = self
-            .producer
-            .as_ref()
-            .and_then(|p| p.client().fatal_error());
-        if let Some((code, why)) = &fatal {
-            tracing::error!(error = %props::scrub(why, &self.properties), ?code, "fatal Kafka producer error; creating a new producer");
-        } else if broken && self.producer.is_some() {
-            tracing::warn!(
-                "a delivery timed out; dropping the producer so nothing stale is sent later"
-            );
-        }
-        if fatal.is_some() || broken {
-            self.drop_producer().await;
+        match self.lanes.needs_replacing() {
+            Some(Replace::Fatal(why)) => {
+                tracing::error!(error = %props::scrub(&why, &self.properties), "fatal Kafka producer error; creating new producers");
+                self.lanes.drop_all().await;
+            }
+            Some(Replace::TimedOut) => {
+                tracing::warn!(
+                    "a delivery timed out; dropping the producers so nothing stale is sent later"
+                );
+                self.lanes.drop_all().await;
+            }
+            None => {}
         }
         self.ensure_producer()
     }
@@ -290,10 +279,17 @@ impl Sink for KafkaSink {
         let producer = self.producer().await?;
         let timeout = self.timeout;
         let p = producer.clone();
+        let express = self.lanes.express();
         let md = tokio::task::spawn_blocking(move || {
-            p.client()
+            let reached = p
+                .client()
                 .fetch_metadata(None, timeout)
-                .map(|md| md.brokers().len())
+                .map(|md| md.brokers().len());
+            // The express lane's connection up before its first message.
+            if let (Ok(_), Some(x)) = (&reached, &express) {
+                let _ = x.client().fetch_metadata(None, timeout);
+            }
+            reached
         })
         .await
         .map_err(|e| self.unavailable(e.to_string()))?;
@@ -339,12 +335,15 @@ impl Sink for KafkaSink {
             .headers(headers(m, &[]));
         let size = m.payload.len();
         let deadline = Instant::now() + self.timeout;
-        let f = enqueue(&producer, record, deadline)
+        let (lane, outstanding) = self.lanes.pick(producer);
+        let f = enqueue(&lane, record, deadline)
             .await
             .map_err(|e| self.scrubbed(errors::classify(&e, &topic, size)))?;
-        let (retire, properties) = (self.retire.clone(), self.properties.clone());
+        let (retire, properties) = (self.lanes.retire_flag(), self.properties.clone());
         Ok(Box::pin(async move {
-            let e = match f.await {
+            let report = f.await;
+            drop(outstanding);
+            let e = match report {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err((e, _))) => e,
                 Err(_canceled) => KafkaError::Canceled,
@@ -405,14 +404,14 @@ impl Sink for KafkaSink {
     }
 
     fn is_connected(&self) -> bool {
-        self.connected && self.producer.is_some() && !self.retire.load(Ordering::SeqCst)
+        self.connected && self.lanes.current().is_some() && !self.lanes.retiring()
     }
 
     /// A metadata request for one topic already seen to exist (for every topic only
     /// before any was seen): librdkafka sends it to a broker it is connected to, and
     /// fails it when none is reachable within `within`.
     fn probe(&self, within: Duration) -> Confirm {
-        let producer = match &self.producer {
+        let producer = match self.lanes.current() {
             Some(p) if self.is_connected() => p.clone(),
             _ => return super::decided(Err(self.unavailable("not connected"))),
         };
@@ -442,7 +441,7 @@ impl Sink for KafkaSink {
     }
 
     async fn close(&mut self) {
-        self.drop_producer().await;
+        self.lanes.drop_all().await;
         self.connected = false;
         self.known_topics.clear();
     }
