@@ -7,27 +7,27 @@
 //! - a message is `Ok(())` only from its own successful delivery report; the producer is
 //!   always idempotent with `acks=all` (`props` refuses properties that weaken it);
 //! - a delivery that timed out inside librdkafka, or a fatal producer error, retires the
-//!   producers (both lanes, `lanes`) before the next send (dropping one purges its queue,
-//!   so no stale copy is sent behind a later row of the same aggregate); `close` does the
-//!   same for everything outstanding — the engine re-sends (a duplicate, never a loss);
+//!   producer before the next send (dropping it purges its queue, so no stale copy is sent
+//!   behind a later row of the same aggregate); `close` does the same for everything
+//!   outstanding — the engine re-sends (a duplicate, never a loss);
 //! - a topic named by a row is never created: a missing one fails its rows (`Rejected`),
 //!   found with a metadata probe rather than by waiting out `message.timeout.ms`;
 //! - errors never print secret property values.
 
 mod config;
 pub mod errors;
-mod lanes;
 mod props;
 pub mod tap;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
 
 use super::{Confirm, Sink, SinkError};
 use crate::model::Message;
@@ -35,9 +35,7 @@ use crate::secret::redact_url;
 pub use config::{validate_properties, KafkaConfig, PropertyError};
 // `producer_config` is public only for outbox-relay-tools (the bench's textbook relay
 // produces with the relay's own settings); the rest of `props` stays inside the sink.
-pub use lanes::EXPRESS_BELOW;
-use lanes::{Lanes, Replace};
-pub use props::{express_config, producer_config};
+pub use props::producer_config;
 pub use tap::{tap_for_demo, DemoTap};
 pub use wire::{check_topic_name, topic_from_template};
 use wire::{headers, AGGREGATE_TYPE};
@@ -52,6 +50,7 @@ const TOPIC_CACHE_TTL: Duration = Duration::from_secs(600);
 
 /// The relay's Kafka publisher (invariants in the module doc).
 pub struct KafkaSink {
+    config: ClientConfig,
     /// The user's properties, kept to scrub secret values from error texts.
     properties: Arc<BTreeMap<String, String>>,
     brokers: String,
@@ -63,8 +62,9 @@ pub struct KafkaSink {
     timeout: Duration,
     /// Longest wait for one delivery report.
     report_wait: Duration,
-    /// The producers: bulk and express lanes.
-    lanes: Lanes,
+    producer: Option<FutureProducer>,
+    /// Set by a delivery that timed out: the producer must be replaced.
+    retire: Arc<AtomicBool>,
     /// The last `connect` reached the cluster (cleared by `close`).
     connected: bool,
     /// Topics seen to exist, and when.
@@ -78,7 +78,7 @@ impl KafkaSink {
     pub fn new(cfg: &KafkaConfig, timeout: Duration) -> Result<Self, SinkError> {
         let (config, message_timeout) = props::checked_config(cfg, timeout)?;
         let mut sink = Self {
-            lanes: Lanes::new(config, &cfg.properties),
+            config,
             properties: Arc::new(cfg.properties.clone()),
             brokers: redact_url(cfg.brokers.trim()),
             topic_template: Arc::from(cfg.topic.as_str()),
@@ -86,7 +86,9 @@ impl KafkaSink {
             dead_letter_topic: cfg.dead_letter_topic.clone(),
             timeout,
             report_wait: message_timeout.unwrap_or(timeout).max(timeout) + REPORT_GRACE,
+            retire: Arc::new(AtomicBool::new(false)),
             connected: false,
+            producer: None,
             known_topics: HashMap::new(),
         };
         let _producer = sink.ensure_producer()?;
@@ -116,7 +118,23 @@ impl KafkaSink {
     }
 
     fn ensure_producer(&mut self) -> Result<FutureProducer, SinkError> {
-        self.lanes.ensure(&self.properties)
+        if let Some(p) = &self.producer {
+            return Ok(p.clone());
+        }
+        let producer: FutureProducer = self
+            .config
+            .create()
+            .map_err(|e| props::config_refused(&e, &self.properties))?;
+        self.producer = Some(producer.clone());
+        Ok(producer)
+    }
+
+    /// Drop the producer off the async runtime: its `Drop` purges and flushes (bounded)
+    /// and joins its polling thread.
+    async fn drop_producer(&mut self) {
+        if let Some(p) = self.producer.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+        }
     }
 
     fn unavailable(&self, why: impl AsRef<str>) -> SinkError {
@@ -148,7 +166,6 @@ impl KafkaSink {
             return verdicts;
         }
         let p = producer.clone();
-        let express = self.lanes.express();
         let timeout = self.timeout;
         let probed = tokio::task::spawn_blocking(move || {
             // After one probe fails to reach the broker, the others would only wait out
@@ -168,16 +185,8 @@ impl KafkaSink {
                         )
                     })
                 });
-                match &res {
-                    Err(e) => unreachable = Some(e.clone()),
-                    // The express lane learns the topic too, so its first message does
-                    // not wait for a metadata round trip of its own.
-                    Ok(Some((None, _))) => {
-                        if let Some(x) = &express {
-                            let _ = x.client().fetch_metadata(Some(&t), timeout);
-                        }
-                    }
-                    Ok(_) => {}
+                if let Err(e) = &res {
+                    unreachable = Some(e.clone());
                 }
                 out.push((t, res));
             }
@@ -247,21 +256,23 @@ async fn enqueue(
 }
 
 impl KafkaSink {
-    /// The bulk producer: fresh producers after a fatal error or a delivery that timed
-    /// out inside librdkafka (the broker may have lost a producer's id).
+    /// The producer to send with: a fresh one after a fatal error or a delivery that
+    /// timed out inside librdkafka (the broker may have lost this producer's id).
     async fn producer(&mut self) -> Result<FutureProducer, SinkError> {
-        match self.lanes.needs_replacing() {
-            Some(Replace::Fatal(why)) => {
-                tracing::error!(error = %props::scrub(&why, &self.properties), "fatal Kafka producer error; creating new producers");
-                self.lanes.drop_all().await;
-            }
-            Some(Replace::TimedOut) => {
-                tracing::warn!(
-                    "a delivery timed out; dropping the producers so nothing stale is sent later"
-                );
-                self.lanes.drop_all().await;
-            }
-            None => {}
+        let broken = self.retire.swap(false, Ordering::SeqCst);
+        let fatal = self
+            .producer
+            .as_ref()
+            .and_then(|p| p.client().fatal_error());
+        if let Some((code, why)) = &fatal {
+            tracing::error!(error = %props::scrub(why, &self.properties), ?code, "fatal Kafka producer error; creating a new producer");
+        } else if broken && self.producer.is_some() {
+            tracing::warn!(
+                "a delivery timed out; dropping the producer so nothing stale is sent later"
+            );
+        }
+        if fatal.is_some() || broken {
+            self.drop_producer().await;
         }
         self.ensure_producer()
     }
@@ -279,17 +290,10 @@ impl Sink for KafkaSink {
         let producer = self.producer().await?;
         let timeout = self.timeout;
         let p = producer.clone();
-        let express = self.lanes.express();
         let md = tokio::task::spawn_blocking(move || {
-            let reached = p
-                .client()
+            p.client()
                 .fetch_metadata(None, timeout)
-                .map(|md| md.brokers().len());
-            // The express lane's connection up before its first message.
-            if let (Ok(_), Some(x)) = (&reached, &express) {
-                let _ = x.client().fetch_metadata(None, timeout);
-            }
-            reached
+                .map(|md| md.brokers().len())
         })
         .await
         .map_err(|e| self.unavailable(e.to_string()))?;
@@ -335,15 +339,12 @@ impl Sink for KafkaSink {
             .headers(headers(m, &[]));
         let size = m.payload.len();
         let deadline = Instant::now() + self.timeout;
-        let (lane, outstanding) = self.lanes.pick(producer);
-        let f = enqueue(&lane, record, deadline)
+        let f = enqueue(&producer, record, deadline)
             .await
             .map_err(|e| self.scrubbed(errors::classify(&e, &topic, size)))?;
-        let (retire, properties) = (self.lanes.retire_flag(), self.properties.clone());
+        let (retire, properties) = (self.retire.clone(), self.properties.clone());
         Ok(Box::pin(async move {
-            let report = f.await;
-            drop(outstanding);
-            let e = match report {
+            let e = match f.await {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err((e, _))) => e,
                 Err(_canceled) => KafkaError::Canceled,
@@ -404,14 +405,14 @@ impl Sink for KafkaSink {
     }
 
     fn is_connected(&self) -> bool {
-        self.connected && self.lanes.current().is_some() && !self.lanes.retiring()
+        self.connected && self.producer.is_some() && !self.retire.load(Ordering::SeqCst)
     }
 
     /// A metadata request for one topic already seen to exist (for every topic only
     /// before any was seen): librdkafka sends it to a broker it is connected to, and
     /// fails it when none is reachable within `within`.
     fn probe(&self, within: Duration) -> Confirm {
-        let producer = match self.lanes.current() {
+        let producer = match &self.producer {
             Some(p) if self.is_connected() => p.clone(),
             _ => return super::decided(Err(self.unavailable("not connected"))),
         };
@@ -441,7 +442,7 @@ impl Sink for KafkaSink {
     }
 
     async fn close(&mut self) {
-        self.lanes.drop_all().await;
+        self.drop_producer().await;
         self.connected = false;
         self.known_topics.clear();
     }

@@ -49,9 +49,8 @@ pub fn producer_config(
     validate_properties(&cfg.properties)?;
     let mut c = base_config(cfg);
     c.set("client.id", "outbox-relay")
-        // The bulk lane: while a drain keeps many messages outstanding, an idempotent
-        // producer (at most 5 produce requests in flight per broker) gathers a few ms
-        // per request. Few outstanding take the express lane (`express_config`).
+        // Messages arrive one aggregate head at a time; an idempotent producer keeps at
+        // most 5 produce requests in flight per broker, so gather a few ms per request.
         .set("linger.ms", "5")
         // Same key → same partition as the Java client's default partitioner.
         .set("partitioner", PARTITIONER)
@@ -67,24 +66,6 @@ pub fn producer_config(
         c.set("request.required.acks", "all");
     }
     Ok(c)
-}
-
-/// The express lane's configuration (`lanes`): the bulk lane's with `linger.ms` 0, or
-/// `None` when the user set `linger.ms` (or its alias `queue.buffering.max.ms`)
-/// themselves — then one producer with their setting.
-pub fn express_config(
-    bulk: &ClientConfig,
-    user: &BTreeMap<String, String>,
-) -> Option<ClientConfig> {
-    if ["linger.ms", "queue.buffering.max.ms"]
-        .iter()
-        .any(|k| user.contains_key(*k))
-    {
-        return None;
-    }
-    let mut c = bulk.clone();
-    c.set("linger.ms", "0");
-    Some(c)
 }
 
 /// Brokers plus the user's properties (security settings), for the demo's admin and

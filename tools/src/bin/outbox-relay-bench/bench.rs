@@ -230,29 +230,16 @@ impl Bench {
                 }
                 Err(e) => self.fail(&mut s, "latency", e),
             }
-            // Kafka: the express lane (the one the relay sends by at this rate), then
-            // the bulk lane.
-            let lanes: &[(bool, &str)] = match kind {
-                Kind::Kafka => &[(true, ", express lane"), (false, ", bulk lane")],
-                _ => &[(true, "")],
-            };
-            for &(express, lane) in lanes {
-                match self.latency_floor(kind, express).await {
-                    Ok(Some((p50, p99, max))) => {
-                        println!(
-                            "{k}: latency floor (bare publisher -> consumer at {} msg/s, no database, no relay{lane}): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
-                            int(self.rate_for(kind))
-                        );
-                        let slot = if express {
-                            &mut s.floor
-                        } else {
-                            &mut s.floor_bulk
-                        };
-                        *slot = Some((p50, p99, max));
-                    }
-                    Ok(None) => {}
-                    Err(e) => self.fail(&mut s, "latency floor", e),
+            match self.latency_floor(kind).await {
+                Ok(Some((p50, p99, max))) => {
+                    println!(
+                        "{k}: latency floor (bare publisher -> consumer at {} msg/s, no database, no relay): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+                        int(self.rate_for(kind))
+                    );
+                    s.floor = Some((p50, p99, max));
                 }
+                Ok(None) => {}
+                Err(e) => self.fail(&mut s, "latency floor", e),
             }
         }
         if has(&self.args, Phase::Idle) {

@@ -135,7 +135,7 @@ impl Bench {
             Kind::Kafka => {
                 let k = self.kafka()?;
                 let topic = k.topic(&format!("{}_{phase}", self.prefix)).await?;
-                let mut p = k.publisher(&topic, false)?;
+                let mut p = k.publisher(&topic)?;
                 pg::naive_relay(&t, &mut p).await?
             }
             other => bail!("no textbook relay for {}", other.label()),

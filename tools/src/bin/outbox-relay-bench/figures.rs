@@ -122,10 +122,8 @@ pub struct SinkFigures {
     pub drain: Option<Drain>,
     pub latency: Option<Latency>,
     /// The broker's own latency at the same rate (bare publisher → consumer): p50, p99,
-    /// max ms (Kafka: with the relay's express lane's settings).
+    /// max ms.
     pub floor: Option<(f64, f64, f64)>,
-    /// Kafka's floor with the relay's bulk lane's settings.
-    pub floor_bulk: Option<(f64, f64, f64)>,
     pub naive: Option<(u64, f64)>,
     pub idle: Option<Idle>,
     pub errors: Vec<String>,

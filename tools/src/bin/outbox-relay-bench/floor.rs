@@ -1,8 +1,7 @@
 //! The latency floor: what the broker alone adds between a publisher and a consumer. A
 //! bare publisher (the relay's own client settings, no database, no relay) sends the
 //! latency phase's messages at the same offered rate, and the same consumer notes their
-//! arrival; the relay's commit → consumer figures read against it. RabbitMQ and Kafka
-//! (Kafka's for each of the relay's two producer lanes: `linger.ms` 0 and 5).
+//! arrival; the relay's commit → consumer figures read against it. RabbitMQ and Kafka.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -74,13 +73,8 @@ pub fn percentiles(lat: &[f64]) -> Result<(f64, f64, f64)> {
 
 impl Bench {
     /// The latency floor of `kind` at its latency phase's rate: (p50, p99, max) ms, or
-    /// `None` for a broker without one here. `express`: Kafka's publisher takes the
-    /// relay's express lane's settings, else its bulk lane's.
-    pub async fn latency_floor(
-        &self,
-        kind: Kind,
-        express: bool,
-    ) -> Result<Option<(f64, f64, f64)>> {
+    /// `None` for a broker without one here.
+    pub async fn latency_floor(&self, kind: Kind) -> Result<Option<(f64, f64, f64)>> {
         let (rate, secs) = (self.rate_for(kind), self.args.latency_secs);
         let (sent, seen, consumer) = match kind {
             Kind::Rabbit => {
@@ -96,13 +90,10 @@ impl Bench {
             }
             Kind::Kafka => {
                 let k = self.kafka()?;
-                // A topic per lane: a consumer of the second would read the first's
-                // messages before its own.
-                let lane = if express { "floor" } else { "floor_bulk" };
-                let topic = k.topic(&format!("{}_{lane}", self.prefix)).await?;
+                let topic = k.topic(&format!("{}_floor", self.prefix)).await?;
                 let (seen, consumer) = k.arrivals(&topic).await?;
                 k.warm(&topic, &seen).await?;
-                let publisher = k.publisher(&topic, express)?;
+                let publisher = k.publisher(&topic)?;
                 // Its producer id and metadata first: the relay's producer has them
                 // long before a latency run's rows.
                 publisher.send(Uuid::new_v4(), "warm", "{}")?;

@@ -93,14 +93,10 @@ impl Kafka {
         }
     }
 
-    /// A producer with the relay's bulk-lane settings, or its express lane's.
-    fn producer(&self, topic: &str, express: bool) -> Result<FutureProducer> {
-        use outbox_relay::sink::kafka::{express_config, producer_config};
+    fn producer(&self, topic: &str) -> Result<FutureProducer> {
         let cfg = config(&self.brokers, topic)?;
-        let mut c = producer_config(&cfg, Duration::from_secs(30)).map_err(|e| anyhow!("{e}"))?;
-        if express {
-            c = express_config(&c, &cfg.properties).unwrap_or(c);
-        }
+        let c = outbox_relay::sink::kafka::producer_config(&cfg, Duration::from_secs(30))
+            .map_err(|e| anyhow!("{e}"))?;
         Ok(c.create()?)
     }
 
@@ -110,7 +106,7 @@ impl Kafka {
         let Load {
             n, payload, window, ..
         } = *load;
-        let publisher = self.publisher(topic, false)?;
+        let publisher = self.publisher(topic)?;
         let producer = &publisher.producer;
         sliding(n, window, |i| {
             let id = Uuid::new_v4().to_string();
@@ -171,7 +167,7 @@ impl Kafka {
     /// Wait until the consumer of `arrivals` got its partitions (the first message
     /// sent here arrives), so nothing produced afterwards is missed.
     pub async fn warm(&self, topic: &str, seen: &Arrivals) -> Result<()> {
-        let producer = self.producer(topic, true)?;
+        let producer = self.producer(topic)?;
         let id = Uuid::new_v4();
         let ids = id.to_string();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -195,12 +191,10 @@ impl Kafka {
     }
 
     /// A bare producer to `topic` with the relay's producer settings: the raw
-    /// ceiling's and the textbook relay's (the bulk lane's `linger.ms`), or the latency
-    /// floor's (`express`: the lane the relay sends by while few messages are
-    /// outstanding, as at the latency phase's rate).
-    pub fn publisher(&self, topic: &str, express: bool) -> Result<BareProducer> {
+    /// ceiling's, the textbook relay's and the latency floor's.
+    pub fn publisher(&self, topic: &str) -> Result<BareProducer> {
         Ok(BareProducer {
-            producer: self.producer(topic, express)?,
+            producer: self.producer(topic)?,
             topic: topic.to_string(),
         })
     }

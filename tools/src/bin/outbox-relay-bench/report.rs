@@ -123,16 +123,11 @@ pub fn print_table(args: &Args, f: &Figures) {
         },
     );
     row(
-        "latency floor: a bare publisher → the same consumer at the same rate (no database, no relay): p50 / p99 / max (Kafka: the relay's express lane, `linger.ms` 0; its bulk lane, 5)"
+        "latency floor: a bare publisher → the same consumer at the same rate (no database, no relay): p50 / p99 / max"
             .into(),
         &|s| {
             let (a, b, c) = s.floor?;
-            Some(match s.floor_bulk {
-                Some((d, e, f)) => {
-                    format!("{a:.1} / {b:.1} / {c:.0} ms; {d:.1} / {e:.1} / {f:.0} ms")
-                }
-                None => format!("{a:.1} / {b:.1} / {c:.0} ms"),
-            })
+            Some(format!("{a:.1} / {b:.1} / {c:.0} ms"))
         },
     );
     row(
