@@ -402,3 +402,62 @@ async fn a_row_committed_after_the_sweep_passed_its_id_goes_out_first() {
     })
     .await;
 }
+
+/// Rows held in memory do not hold the sweep's low water mark (a slow confirm would make
+/// every wrap walk what was marked since); so rows that leave memory still `PENDING`
+/// must bring the mark back. Here: row x's confirm is held throughout; r1 is out with r2
+/// and r3 queued behind it while wraps pass them all; r1 is then rejected for good (skip
+/// mode), r2 and r3 leave memory, and must be claimed and delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_dropped_after_a_rejection_come_back_while_a_slow_confirm_is_out() {
+    with_table("eng_drop", |table| async move {
+        let x = table.insert("slow", "e", None, serde_json::json!({})).await;
+        let r = insert_round_robin(&table, &["r"], 3).await["r"].clone();
+        let (r1, r2, r3) = (r[0], r[1], r[2]);
+        let sink = RecordingSink::new(hold_if(move |m, _| m.id == x || m.id == r1));
+        let mut c = cfg();
+        c.on_failed = outbox_relay::config::OnFailed::Skip;
+        c.max_attempts = 1;
+        c.lease_timeout = Duration::from_secs(30);
+        c.publish_timeout = Duration::from_secs(20);
+        let (relay, ledger) = start_recorded(&table, sink, c);
+        ledger.wait_held(2, "x and r1 out").await;
+        wait_all_leases(&table, &relay.instance, Duration::from_secs(10)).await;
+        // Claims wrap past x, r1, r2 and r3 (all held) while these flow.
+        for round in 1..=3 {
+            insert_round_robin(&table, &["a", "b", "c", "d", "e"], 10).await;
+            table
+                .wait_status("PROCESSED", round * 50, Duration::from_secs(20))
+                .await;
+        }
+        assert_eq!(ledger.send_count(r2), 0, "r2 waits behind r1");
+        assert!(ledger.release(
+            r1,
+            Err(outbox_relay::sink::SinkError::Rejected("nacked: r1".into()))
+        ));
+        wait_for(Duration::from_secs(10), "r2 and r3 PROCESSED", || {
+            let t = table.clone();
+            async move {
+                let done =
+                    status(&t, r2).await == "PROCESSED" && status(&t, r3).await == "PROCESSED";
+                done.then_some(())
+            }
+        })
+        .await;
+        assert_eq!(status(&table, r1).await, "FAILED");
+        assert_eq!(status(&table, x).await, "PENDING", "x still out");
+        assert!(ledger.release_and_wait(x, Duration::from_secs(10)).await);
+        table
+            .wait_statuses(
+                &[("FAILED", 1), ("PROCESSED", 153)],
+                Duration::from_secs(20),
+            )
+            .await;
+        relay.stop(Duration::from_secs(5)).await;
+        assert_eq!(ledger.send_count(r2), 1, "r2 sent once, after r1's outcome");
+        // (Skip mode: r2 follows r1's FAILED, which `assert_clean`'s order rule counts.)
+        let bad = ledger.bound_violations(cfg().max_in_flight as usize);
+        assert!(bad.is_empty(), "{bad:?}");
+    })
+    .await;
+}

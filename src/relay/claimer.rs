@@ -18,7 +18,9 @@
 use super::aggkey::{HashMap, HashSet};
 use super::ahead::Ahead;
 use crate::config::OnFailed;
-use crate::store::{ClaimedRow, Floor, Probe, ScanPage, ScanQuery, Scanned, Store, StoreError};
+use crate::store::{
+    ClaimedRow, Floor, Fresh, Probe, ScanPage, ScanQuery, Scanned, Store, StoreError,
+};
 
 /// Everything one claim needs, snapshotted from the engine when it starts.
 #[derive(Debug, Clone)]
@@ -261,9 +263,9 @@ pub struct Seen {
     pub after: i64,
     /// The scan's snapshot.
     pub probe: Option<Probe>,
-    /// The first pending id with no retry schedule it examined (of this instance's
+    /// The first pending ids with no retry schedule it examined (of this instance's
     /// partitions, any hash).
-    pub first: Option<i64>,
+    pub fresh: Fresh,
     /// How far it looked: the last id examined when it stopped at its examine limit,
     /// `i64::MAX` when it reached the end of the table.
     pub reach: i64,
@@ -276,7 +278,7 @@ impl Default for Seen {
         Self {
             after: 0,
             probe: None,
-            first: None,
+            fresh: Fresh::default(),
             reach: i64::MAX,
             floor: None,
         }
@@ -304,7 +306,7 @@ pub async fn claim(store: Store, mut plan: Plan) -> Result<Claimed, StoreError> 
     let seen = Seen {
         after: plan.after,
         probe: page.probe.take(),
-        first: page.first,
+        fresh: std::mem::take(&mut page.fresh),
         reach: if page.examined < plan.examine {
             i64::MAX
         } else {

@@ -18,8 +18,10 @@ use crate::store::{Rejection, Store, StoreError};
 /// Outcomes recorded by one finished statement.
 #[derive(Debug)]
 pub enum Recorded {
-    /// These confirmed ids are `PROCESSED` now (or were no longer `PENDING`).
-    Marked(Vec<i64>),
+    /// These confirmed ids are `PROCESSED` now (or were no longer `PENDING`), except
+    /// the second list's: the database refused their marks, they stay `PENDING` (to be
+    /// published again).
+    Marked(Vec<i64>, Vec<i64>),
     /// These rejected ids are recorded (or given up on after a row-level error).
     Rejected(Vec<i64>),
 }
@@ -32,7 +34,7 @@ pub struct Completer {
     marks: Vec<i64>,
     /// Confirmed rows that had been retried: rows may be parked behind them.
     releases: Vec<i64>,
-    marking: Option<JoinHandle<Vec<i64>>>,
+    marking: Option<JoinHandle<(Vec<i64>, Vec<i64>)>>,
     rejects: Vec<Rejection>,
     rejecting: Option<JoinHandle<Vec<i64>>>,
     /// Ids handed over and not yet recorded.
@@ -87,9 +89,11 @@ impl Completer {
             let releases = std::mem::take(&mut self.releases);
             let (store, health) = (self.store.clone(), self.health.clone());
             self.marking = Some(tokio::spawn(async move {
-                let mut done = mark(&store, ids, &health, false).await;
-                done.extend(mark(&store, releases, &health, true).await);
-                done
+                let (mut done, mut refused) = mark(&store, ids, &health, false).await;
+                let (released, not) = mark(&store, releases, &health, true).await;
+                done.extend(released);
+                refused.extend(not);
+                (done, refused)
             }));
         }
         if self.rejecting.is_none() && !self.rejects.is_empty() {
@@ -103,11 +107,11 @@ impl Completer {
     /// The next finished statement (pending for ever when none runs).
     pub async fn next(&mut self) -> Recorded {
         let out = tokio::select! {
-            r = join(&mut self.marking) => Recorded::Marked(r),
+            (done, refused) = join(&mut self.marking) => Recorded::Marked(done, refused),
             r = join(&mut self.rejecting) => Recorded::Rejected(r),
         };
         match &out {
-            Recorded::Marked(ids) => {
+            Recorded::Marked(ids, _) => {
                 self.marking = None;
                 self.backlog -= ids.len();
             }
@@ -122,16 +126,16 @@ impl Completer {
 
     /// Stop statements still retrying (shutdown deadline): their rows stay `PENDING`.
     pub fn abort(&mut self) {
-        for h in [self.marking.take(), self.rejecting.take()]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(h) = self.marking.take() {
+            h.abort();
+        }
+        if let Some(h) = self.rejecting.take() {
             h.abort();
         }
     }
 }
 
-async fn join(h: &mut Option<JoinHandle<Vec<i64>>>) -> Vec<i64> {
+async fn join<T: Default>(h: &mut Option<JoinHandle<T>>) -> T {
     match h {
         Some(handle) => handle.await.unwrap_or_default(),
         None => std::future::pending().await,
@@ -140,10 +144,17 @@ async fn join(h: &mut Option<JoinHandle<Vec<i64>>>) -> Vec<i64> {
 
 /// Mark confirmed ids `PROCESSED` (`release`: and un-park what waits behind them),
 /// retrying while the database is unreachable; a statement refused for another reason
-/// is retried row by row, so one row cannot hold the others' marks back.
-async fn mark(store: &Store, ids: Vec<i64>, health: &Health, release: bool) -> Vec<i64> {
+/// is retried row by row, so one row cannot hold the others' marks back. Returns the
+/// ids, and those whose mark was refused.
+async fn mark(
+    store: &Store,
+    ids: Vec<i64>,
+    health: &Health,
+    release: bool,
+) -> (Vec<i64>, Vec<i64>) {
+    let mut refused = Vec::new();
     if ids.is_empty() {
-        return ids;
+        return (ids, refused);
     }
     let began = std::time::Instant::now();
     let marked = mark_with_retry(store, &ids, health, release).await;
@@ -158,10 +169,11 @@ async fn mark(store: &Store, ids: Vec<i64>, health: &Health, release: bool) -> V
             if let Err(e) = mark_with_retry(store, std::slice::from_ref(id), health, release).await
             {
                 tracing::error!(id, error = %e, "cannot mark this row PROCESSED; it stays PENDING and will be published again");
+                refused.push(*id);
             }
         }
     }
-    ids
+    (ids, refused)
 }
 
 async fn mark_with_retry(

@@ -14,7 +14,16 @@ use crate::store::StoreError;
 
 impl<S: Sink> Engine<S> {
     /// The next claim's plan, when there is room for rows; the claim starts with it.
+    /// Rows that left memory still `PENDING` (`Window::take_dropped_low`) bring the
+    /// sweep's low water mark back below them, before it is used or raised again.
+    fn settle_drops(&mut self) {
+        if let Some(low) = self.window.take_dropped_low() {
+            self.sweep.lower(low);
+        }
+    }
+
     pub(super) fn next_plan(&mut self, now: Instant) -> Option<Plan> {
+        self.settle_drops();
         let room_rows = self.max_rows.saturating_sub(self.window.rows());
         let max_bytes = usize::try_from(self.cfg.max_in_flight_bytes).unwrap_or(usize::MAX);
         let room_bytes = max_bytes.saturating_sub(self.window.bytes());
@@ -97,7 +106,13 @@ impl<S: Sink> Engine<S> {
         };
         metrics::gauge!(m::DATABASE_UP).set(1.0);
         self.db_pacer.reset();
-        self.sweep.observe(claimed.generation, &claimed.seen);
+        // Rows held now do not hold the low water mark (`Sweep::observe`); rows dropped
+        // from memory since the last claim lower it first.
+        self.settle_drops();
+        let (window, recording) = (&self.window, &self.recording);
+        self.sweep.observe(claimed.generation, &claimed.seen, |id| {
+            window.holds(id) || recording.contains_key(&id)
+        });
         self.ahead = claimed.ahead;
         if !claimed.refill {
             self.sweep.advance(

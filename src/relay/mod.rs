@@ -334,9 +334,13 @@ impl<S: Sink> Engine<S> {
 
     fn on_recorded(&mut self, r: Recorded) {
         match r {
-            Recorded::Marked(ids) => {
+            Recorded::Marked(ids, refused) => {
                 for id in ids {
                     self.recording.remove(&id);
+                }
+                // Still `PENDING`: the sweep finds them again.
+                if let Some(low) = refused.into_iter().min() {
+                    self.sweep.lower(low);
                 }
             }
             Recorded::Rejected(ids) => {

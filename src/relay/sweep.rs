@@ -1,7 +1,7 @@
 //! The sweep's state between claims: its cursor, the aggregates it has capped, the
 //! *horizon* (the highest id at or below which no transaction can still commit) and the
 //! *low water mark* it wraps to (every pending, unparked row of this instance's
-//! partitions has an id above it).
+//! partitions that it does not hold has an id above it).
 //!
 //! Late commits: a row whose transaction is still open is invisible to the scan that
 //! passes its id; once it commits, its aggregate's next rows (drawn after it, schema 3's
@@ -13,10 +13,16 @@
 //! starts at the mark, not at id 0, so it does not read again every row marked since the
 //! table began. The mark starts at the stored floor (`store::Floor`, raised by the
 //! leader) and rises with each scan that started at or below it: the first pending id it
-//! examined, less one, or the horizon when it found none, whichever is lower. A lowered
-//! floor (a new `epoch`: rows re-opened by replay or un-parking) resets it and starts
-//! the sweep over from there (a claim that sees the new epoch takes nothing: rows of the
-//! re-opened aggregates above the cursor must not go before them).
+//! examined that this instance does not hold (in its window, or being recorded), less
+//! one, or the horizon when it found none, whichever is lower. Rows held do not hold it:
+//! a row whose confirm takes seconds while thousands of rows after it are marked would
+//! otherwise make every wrap walk all of those again, once per claim. A held row that
+//! leaves memory still `PENDING` (its aggregate dropped after a rejection or when its
+//! partition was let go, a mark the database refused) lowers the mark to just below it
+//! (`lower`, from `Window::take_dropped_low` before the next claim is planned or seen). A lowered floor (a new
+//! `epoch`: rows re-opened by replay or un-parking) resets it and starts the sweep over
+//! from there (a claim that sees the new epoch takes nothing: rows of the re-opened
+//! aggregates above the cursor must not go before them).
 
 use std::time::Instant;
 
@@ -29,7 +35,8 @@ use super::horizon::Horizon;
 pub struct Sweep {
     cursor: i64,
     horizon: Horizon,
-    /// Every pending, unparked row of this instance's partitions has an id above it.
+    /// Every pending, unparked row of this instance's partitions that it does not hold
+    /// has an id above it.
     low: i64,
     /// The stored floor last seen (its epoch changes when it is lowered).
     floor: Option<crate::store::Floor>,
@@ -101,10 +108,17 @@ impl Sweep {
         self.generation += 1;
     }
 
+    /// A row this instance held left memory still `PENDING` and due (its aggregate was
+    /// dropped, or its mark was refused): the next wrap must find it again.
+    pub fn lower(&mut self, id: i64) {
+        self.low = self.low.min(id.saturating_sub(1));
+    }
+
     /// Take what a claim's scan saw into account (every claim's, refills' too): its
     /// snapshot for the horizon, the stored floor, and (for a scan that started at or
-    /// below the mark, in the sweep's current generation) the first pending id.
-    pub fn observe(&mut self, generation: u64, seen: &Seen) {
+    /// below the mark, in the sweep's current generation) the first pending id it
+    /// examined that is not `held` now.
+    pub fn observe(&mut self, generation: u64, seen: &Seen, held: impl Fn(i64) -> bool) {
         if let Some(p) = &seen.probe {
             self.horizon.observe(p);
         }
@@ -126,7 +140,14 @@ impl Sweep {
         }
         if generation == self.generation && seen.after <= self.low && seen.probe.is_some() {
             let safe = self.horizon.safe();
-            let mark = seen.first.map_or(seen.reach, |first| first - 1).min(safe);
+            let fresh = &seen.fresh;
+            let mark = match fresh.ids.iter().copied().find(|id| !held(*id)) {
+                Some(first) => first - 1,
+                // Every one listed is held, and the scan examined more: as far as it listed.
+                None if fresh.more => fresh.ids.last().copied().unwrap_or(seen.after),
+                None => seen.reach,
+            };
+            let mark = mark.min(safe);
             self.low = self.low.max(mark);
         }
     }
@@ -164,14 +185,14 @@ impl Sweep {
 mod tests {
     use super::*;
     use crate::relay::horizon::tests::quiet;
-    use crate::store::Floor;
     use crate::store::Probe;
+    use crate::store::{Floor, Fresh};
 
     #[test]
     fn the_sweep_caps_until_it_wraps_and_refills_what_runs_low() {
         let mut s = Sweep::default();
         prime(&mut s, 1000);
-        s.observe(s.generation(), &snap(quiet(1000)));
+        s.observe(s.generation(), &snap(quiet(1000)), none);
         assert!(s.refill(&HashMap::default(), 4).is_empty());
         assert_eq!(s.plan(false), (0, HashSet::default()));
         let g = s.generation();
@@ -200,6 +221,19 @@ mod tests {
         assert_eq!(s.plan(false), (0, HashSet::default()));
     }
 
+    /// Nothing held.
+    fn none(_: i64) -> bool {
+        false
+    }
+
+    /// The first ids with no retry schedule a scan examined (all of them).
+    fn fresh(ids: &[i64]) -> Fresh {
+        Fresh {
+            ids: ids.to_vec(),
+            more: false,
+        }
+    }
+
     /// A scan that started above the mark (says nothing about it).
     fn snap(p: Probe) -> Seen {
         Seen {
@@ -211,14 +245,14 @@ mod tests {
 
     /// Make `top` the horizon for the next statement (a probe with no writer listed).
     fn prime(s: &mut Sweep, top: i64) {
-        s.observe(s.generation(), &snap(quiet(top)));
+        s.observe(s.generation(), &snap(quiet(top)), none);
     }
 
     #[test]
     fn the_cursor_stops_at_the_horizon() {
         let mut s = Sweep::default();
         prime(&mut s, 100);
-        s.observe(s.generation(), &snap(quiet(100)));
+        s.observe(s.generation(), &snap(quiet(100)), none);
         let g = s.generation();
         s.advance(g, 250, false, 3, &[4]);
         assert_eq!(
@@ -230,7 +264,7 @@ mod tests {
         s.advance(g, 250, false, 0, &[]);
         assert!(!s.more, "held back and nothing taken: wait for the tick");
         prime(&mut s, 300);
-        s.observe(s.generation(), &snap(quiet(300)));
+        s.observe(s.generation(), &snap(quiet(300)), none);
         s.advance(g, 250, false, 0, &[]);
         assert_eq!(s.plan(false).0, 250);
         assert!(s.more);
@@ -248,10 +282,11 @@ mod tests {
             &Seen {
                 after: 0,
                 probe: Some(quiet(100)),
-                first: Some(40),
+                fresh: fresh(&[40]),
                 reach: i64::MAX,
                 floor: floor(10, 0),
             },
+            none,
         );
         assert_eq!(s.plan(true).0, 39, "a refill starts at the mark");
         s.advance(g, 90, true, 1, &[]);
@@ -264,10 +299,11 @@ mod tests {
             &Seen {
                 after: 39,
                 probe: Some(quiet(200)),
-                first: None,
+                fresh: fresh(&[]),
                 reach: i64::MAX,
                 floor: floor(10, 0),
             },
+            none,
         );
         assert_eq!(s.plan(true).0, 200);
         // A scan that started above the mark says nothing about it.
@@ -277,10 +313,11 @@ mod tests {
             &Seen {
                 after: 300,
                 probe: Some(quiet(900)),
-                first: Some(800),
+                fresh: fresh(&[800]),
                 reach: i64::MAX,
                 floor: floor(10, 0),
             },
+            none,
         );
         assert_eq!(s.plan(true).0, 200);
         // The floor was lowered (rows re-opened): the mark follows it down, whatever
@@ -291,10 +328,11 @@ mod tests {
             &Seen {
                 after: 200,
                 probe: Some(quiet(900)),
-                first: Some(850),
+                fresh: fresh(&[850]),
                 reach: i64::MAX,
                 floor: floor(5, 1),
             },
+            none,
         );
         assert_eq!(s.plan(true).0, 5);
         assert_eq!(
@@ -310,10 +348,11 @@ mod tests {
             &Seen {
                 after: 900,
                 probe: None,
-                first: None,
+                fresh: fresh(&[]),
                 reach: i64::MAX,
                 floor: floor(60, 1),
             },
+            none,
         );
         assert_eq!(s.plan(true).0, 60);
         prime(&mut s, 900);
@@ -322,10 +361,11 @@ mod tests {
             &Seen {
                 after: 60,
                 probe: Some(quiet(900)),
-                first: Some(700),
+                fresh: fresh(&[700]),
                 reach: i64::MAX,
                 floor: floor(60, 1),
             },
+            none,
         );
         assert_eq!(s.plan(true).0, 699);
         s.restart();
@@ -337,12 +377,50 @@ mod tests {
             &Seen {
                 after: 0,
                 probe: Some(quiet(900)),
-                first: Some(800),
+                fresh: fresh(&[800]),
                 reach: i64::MAX,
                 floor: floor(60, 1),
             },
+            none,
         );
         assert_eq!(s.plan(true).0, 60);
+    }
+
+    #[test]
+    fn rows_held_do_not_hold_the_mark_until_they_leave_memory_pending() {
+        let mut s = Sweep::default();
+        let g = s.generation();
+        // Row 5 is out at the broker (its confirm slow); 6-8 are held too; 40 is not.
+        let held = |id: i64| (5..=8).contains(&id);
+        prime(&mut s, 100);
+        let seen = |fresh| Seen {
+            after: 0,
+            probe: Some(quiet(100)),
+            fresh,
+            reach: i64::MAX,
+            floor: None,
+        };
+        s.observe(g, &seen(fresh(&[5, 6, 7, 8, 40, 41])), held);
+        assert_eq!(s.plan(true).0, 39, "a wrap starts after the rows held");
+        // All listed held and the list cut: as far as it listed.
+        s.lower(1);
+        let cut = Fresh {
+            ids: vec![5, 6, 7, 8],
+            more: true,
+        };
+        s.observe(g, &seen(cut), held);
+        assert_eq!(s.plan(true).0, 8);
+        // All listed held and nothing more examined: the horizon.
+        s.observe(g, &seen(fresh(&[5, 6, 7, 8])), held);
+        assert_eq!(s.plan(true).0, 100);
+        // Row 6 left memory still pending (its aggregate dropped): the mark goes back,
+        // and a scan that still lists it (not held now) keeps it there.
+        s.lower(6);
+        assert_eq!(s.plan(true).0, 5);
+        s.observe(g, &seen(fresh(&[5, 6, 7, 8, 40])), |id| id == 5 || id == 7);
+        assert_eq!(s.plan(true).0, 5);
+        s.advance(g, 100, true, 0, &[]);
+        assert_eq!(s.plan(false).0, 5, "the next wrap finds it");
     }
 
     #[test]
@@ -356,10 +434,11 @@ mod tests {
             &Seen {
                 after: 0,
                 probe: Some(quiet(900)),
-                first: None,
+                fresh: fresh(&[]),
                 reach: 300,
                 floor: None,
             },
+            none,
         );
         assert_eq!(s.plan(true).0, 300);
     }

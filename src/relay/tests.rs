@@ -107,7 +107,10 @@ fn landed(plan: &Plan, rows: Vec<ClaimedRow>) -> Claimed {
         seen: Seen {
             after: plan.after,
             probe: None,
-            first: Some(1),
+            fresh: crate::store::Fresh {
+                ids: vec![1],
+                more: false,
+            },
             reach: cursor,
             floor: None,
         },

@@ -62,6 +62,8 @@ pub struct Window {
     rows: usize,
     bytes: usize,
     out: usize,
+    /// The lowest id dropped from memory still `PENDING` since `take_dropped_low`.
+    dropped_low: Option<i64>,
 }
 
 /// Where an inserted row landed.
@@ -91,6 +93,11 @@ impl Window {
 
     pub fn is_empty(&self) -> bool {
         self.rows == 0
+    }
+
+    /// Whether this row is held (queued or out).
+    pub fn holds(&self, id: i64) -> bool {
+        self.ids.contains(&id)
     }
 
     pub fn ids(&self) -> impl Iterator<Item = &i64> {
@@ -250,24 +257,31 @@ impl Window {
         }
     }
 
-    /// Forget an aggregate's rows (they stay `PENDING` in the database). If its head is
-    /// out, the aggregate is doomed instead and dropped when the head comes back.
-    pub fn drop_aggregate(&mut self, key: &AggKey) -> usize {
-        let Some(agg) = self.aggs.get_mut(key) else {
-            return 0;
-        };
+    /// Forget an aggregate's rows (they stay `PENDING` in the database); returns the
+    /// lowest id forgotten. If its head is out, the aggregate is doomed instead and
+    /// dropped when the head comes back.
+    pub fn drop_aggregate(&mut self, key: &AggKey) -> Option<i64> {
+        let agg = self.aggs.get_mut(key)?;
         if agg.out {
             agg.doomed = true;
-            return 0;
+            return None;
         }
-        let Some(agg) = self.aggs.remove(key) else {
-            return 0;
-        };
-        let n = agg.queue.len();
+        let agg = self.aggs.remove(key)?;
         for e in &agg.queue {
             self.forget(e);
         }
-        n
+        let low = agg.queue.iter().map(|e| e.id).min();
+        self.dropped_low = match (self.dropped_low, low) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        low
+    }
+
+    /// The lowest id dropped (by `drop_aggregate`, or when a doomed aggregate's head came
+    /// back) since the last call: the sweep must find those rows again.
+    pub fn take_dropped_low(&mut self) -> Option<i64> {
+        self.dropped_low.take()
     }
 
     /// Drop every aggregate whose rows live in one of `partitions` (released or lost);
@@ -402,9 +416,16 @@ mod tests {
         let (kb, _) = w.next(|_| true).unwrap();
         assert!(w.next(|_| true).is_none());
         assert_eq!(w.frozen_hashes().collect::<Vec<_>>(), vec![1]);
-        assert_eq!(w.drop_aggregate(&ka), 2);
-        assert_eq!(w.drop_aggregate(&kb), 0, "b's head is out: doomed");
+        assert_eq!(w.drop_aggregate(&ka), Some(1));
+        assert_eq!(w.drop_aggregate(&kb), None, "b's head is out: doomed");
+        assert_eq!(w.take_dropped_low(), Some(1));
         w.unsent(&kb, false, false);
+        assert_eq!(
+            w.take_dropped_low(),
+            Some(3),
+            "b dropped when its head came back"
+        );
+        assert_eq!(w.take_dropped_low(), None);
         assert!(w.is_empty());
         assert_eq!(w.bytes(), 0);
     }

@@ -48,7 +48,7 @@ struct ScanRow {
     examined: i32,
     top: Option<i64>,
     writers: Option<Vec<String>>,
-    first: Option<i64>,
+    fresh: Option<Vec<i64>>,
     floor: Option<i64>,
     epoch: Option<i64>,
 }
@@ -67,7 +67,7 @@ impl<'r> sqlx::FromRow<'r, PgRow> for ScanRow {
             examined: r.try_get_unchecked(7)?,
             top: r.try_get_unchecked(8)?,
             writers: r.try_get_unchecked(9)?,
-            first: r.try_get_unchecked(10)?,
+            fresh: r.try_get_unchecked(10)?,
             floor: r.try_get_unchecked(11)?,
             epoch: r.try_get_unchecked(12)?,
         })
@@ -121,6 +121,28 @@ pub struct Probe {
     pub writers: Option<Vec<String>>,
 }
 
+/// How many of the first pending ids with no retry schedule a scan returns (`Fresh`).
+pub const FRESH_IDS: usize = 128;
+
+/// The first pending ids with no retry schedule a scan examined, in `id` order: at most
+/// `FRESH_IDS` of them; `more` when it examined further ones. The sweep's low water mark
+/// rises to just below the first of them this instance does not hold (`relay::Sweep`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fresh {
+    pub ids: Vec<i64>,
+    pub more: bool,
+}
+
+impl Fresh {
+    /// From the scan's list (`FRESH_IDS` + 1 at most: one more says it was cut).
+    fn cut(mut ids: Vec<i64>) -> Self {
+        ids.sort_unstable();
+        let more = ids.len() > FRESH_IDS;
+        ids.truncate(FRESH_IDS);
+        Self { ids, more }
+    }
+}
+
 /// One page of a scan.
 #[derive(Debug, Clone, Default)]
 pub struct ScanPage {
@@ -134,8 +156,8 @@ pub struct ScanPage {
     pub examined: u32,
     /// The scan's snapshot (`None` in unit tests' pages).
     pub probe: Option<Probe>,
-    /// The first pending id examined with no retry schedule.
-    pub first: Option<i64>,
+    /// The first pending ids examined with no retry schedule.
+    pub fresh: Fresh,
     /// The stored floor as the scan's snapshot saw it (`None` in unit tests' pages).
     pub floor: Option<super::Floor>,
 }
@@ -272,7 +294,7 @@ impl Store {
             last_examined: row.last,
             examined: u32::try_from(row.examined).unwrap_or(0),
             probe: Some(probe),
-            first: row.first,
+            fresh: Fresh::cut(row.fresh.unwrap_or_default()),
             floor: row
                 .floor
                 .zip(row.epoch)

@@ -18,7 +18,7 @@ pub mod leases;
 mod park;
 mod pool;
 
-pub use claim::{ClaimedRow, Probe, ScanPage, ScanQuery, Scanned};
+pub use claim::{ClaimedRow, Fresh, Probe, ScanPage, ScanQuery, Scanned};
 pub use floor::Floor;
 pub use pool::{connect_options, pool_options, HOT_SETTINGS};
 
@@ -207,6 +207,7 @@ impl Sql {
         let unparked = UNPARKED;
         let floor_tbl = t.floor();
         let probe = probe_columns(&tbl, "$7");
+        let fresh_cap = claim::FRESH_IDS + 1;
         Self {
             // `s` examines at most $4 pending ids after $1 (no payloads), walking the
             // primary key; `d` adds the retries that fell due at or below $1 (below the
@@ -216,8 +217,9 @@ impl Sql {
             // (ids, hashes, sizes: a row per pending id cost the relay ~4 000
             // instructions each to receive and decode, the arrays a few dozen), the last
             // id `s` examined and how many, the horizon probe (the table's highest visible
-            // id, the transactions writing to it), the first id examined with no retry
-            // schedule, the stored floor and its epoch.
+            // id, the transactions writing to it), the first ids examined with no retry
+            // schedule (one more than `FRESH_IDS`, to tell a cut list), the stored floor
+            // and its epoch.
             scan: format!(
                 "WITH s AS (
                      SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
@@ -252,7 +254,7 @@ impl Sql {
                        AND ($6::int[] IS NULL OR hash = ANY($6)))
                  SELECT w.ids, w.hashes, w.sizes, e.ids, e.hashes, e.sizes, x.last, x.examined,
                         {probe},
-                        x.first,
+                        x.fresh,
                         (SELECT f.floor FROM {floor_tbl} f WHERE f.singleton),
                         (SELECT f.epoch FROM {floor_tbl} f WHERE f.singleton)
                  FROM (SELECT array_agg(id) AS ids, array_agg(hash) AS hashes,
@@ -260,7 +262,8 @@ impl Sql {
                       (SELECT array_agg(id) AS ids, array_agg(hash) AS hashes,
                               array_agg(size) AS sizes FROM e) e,
                       (SELECT coalesce(max(id), $1) AS last, count(*)::int AS examined,
-                              min(id) FILTER (WHERE fresh) AS first FROM s) x"
+                              (array_agg(id ORDER BY id) FILTER (WHERE fresh))[1:{fresh_cap}] AS fresh
+                       FROM s) x"
             ),
             fetch: fetch(&tbl, &untaken, &floor_tbl, "o.id = ANY($1)"),
             // The same for ids close together (a drain's claims): one walk of that stretch
