@@ -58,10 +58,15 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "one trigger",
         sql: include_str!("../migrations/0008_one_trigger.sql"),
     },
+    Migration {
+        version: 9,
+        description: "half pages",
+        sql: include_str!("../migrations/0009_half_pages.sql"),
+    },
 ];
 
 /// The table comment the latest migration leaves; `run` refuses to start without it.
-pub const SCHEMA_MARKER: &str = "relay schema 8";
+pub const SCHEMA_MARKER: &str = "relay schema 9";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
