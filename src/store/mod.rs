@@ -218,8 +218,9 @@ impl Sql {
             // instructions each to receive and decode, the arrays a few dozen), the last
             // id `s` examined and how many, the horizon probe (the table's highest visible
             // id, the transactions writing to it), the first ids examined with no retry
-            // schedule (one more than `FRESH_IDS`, to tell a cut list), the stored floor
-            // and its epoch.
+            // schedule (one more than `FRESH_IDS`, to tell a cut list; a bounded top-N, not
+            // an ordered aggregate of a skipping scan's up to 100 000 rows), the stored
+            // floor and its epoch.
             scan: format!(
                 "WITH s AS (
                      SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
@@ -254,15 +255,15 @@ impl Sql {
                        AND ($6::int[] IS NULL OR hash = ANY($6)))
                  SELECT w.ids, w.hashes, w.sizes, e.ids, e.hashes, e.sizes, x.last, x.examined,
                         {probe},
-                        x.fresh,
+                        (SELECT array_agg(f.id) FROM (SELECT id FROM s WHERE fresh
+                                                      ORDER BY id LIMIT {fresh_cap}) f),
                         (SELECT f.floor FROM {floor_tbl} f WHERE f.singleton),
                         (SELECT f.epoch FROM {floor_tbl} f WHERE f.singleton)
                  FROM (SELECT array_agg(id) AS ids, array_agg(hash) AS hashes,
                               array_agg(size) AS sizes FROM w) w,
                       (SELECT array_agg(id) AS ids, array_agg(hash) AS hashes,
                               array_agg(size) AS sizes FROM e) e,
-                      (SELECT coalesce(max(id), $1) AS last, count(*)::int AS examined,
-                              (array_agg(id ORDER BY id) FILTER (WHERE fresh))[1:{fresh_cap}] AS fresh
+                      (SELECT coalesce(max(id), $1) AS last, count(*)::int AS examined
                        FROM s) x"
             ),
             fetch: fetch(&tbl, &untaken, &floor_tbl, "o.id = ANY($1)"),
