@@ -13,7 +13,6 @@ use crate::sink::Sink;
 use crate::store::StoreError;
 
 impl<S: Sink> Engine<S> {
-    /// The next claim's plan, when there is room for rows; the claim starts with it.
     /// Rows that left memory still `PENDING` (`Window::take_dropped_low`) bring the
     /// sweep's low water mark back below them, before it is used or raised again.
     fn settle_drops(&mut self) {
@@ -22,6 +21,7 @@ impl<S: Sink> Engine<S> {
         }
     }
 
+    /// The next claim's plan, when there is room for rows; the claim starts with it.
     pub(super) fn next_plan(&mut self, now: Instant) -> Option<Plan> {
         self.settle_drops();
         let room_rows = self.max_rows.saturating_sub(self.window.rows());
