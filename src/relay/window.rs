@@ -257,25 +257,25 @@ impl Window {
         }
     }
 
-    /// Forget an aggregate's rows (they stay `PENDING` in the database); returns the
-    /// lowest id forgotten. If its head is out, the aggregate is doomed instead and
-    /// dropped when the head comes back.
-    pub fn drop_aggregate(&mut self, key: &AggKey) -> Option<i64> {
-        let agg = self.aggs.get_mut(key)?;
+    /// Forget an aggregate's rows (they stay `PENDING` in the database; the lowest id is
+    /// kept for `take_dropped_low`); returns how many. If its head is out, the aggregate
+    /// is doomed instead and dropped when the head comes back.
+    pub fn drop_aggregate(&mut self, key: &AggKey) -> usize {
+        let Some(agg) = self.aggs.get_mut(key) else {
+            return 0;
+        };
         if agg.out {
             agg.doomed = true;
-            return None;
+            return 0;
         }
-        let agg = self.aggs.remove(key)?;
+        let Some(agg) = self.aggs.remove(key) else {
+            return 0;
+        };
         for e in &agg.queue {
             self.forget(e);
+            self.dropped_low = Some(self.dropped_low.map_or(e.id, |low| low.min(e.id)));
         }
-        let low = agg.queue.iter().map(|e| e.id).min();
-        self.dropped_low = match (self.dropped_low, low) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        low
+        agg.queue.len()
     }
 
     /// The lowest id dropped (by `drop_aggregate`, or when a doomed aggregate's head came
@@ -416,8 +416,8 @@ mod tests {
         let (kb, _) = w.next(|_| true).unwrap();
         assert!(w.next(|_| true).is_none());
         assert_eq!(w.frozen_hashes().collect::<Vec<_>>(), vec![1]);
-        assert_eq!(w.drop_aggregate(&ka), Some(1));
-        assert_eq!(w.drop_aggregate(&kb), None, "b's head is out: doomed");
+        assert_eq!(w.drop_aggregate(&ka), 2);
+        assert_eq!(w.drop_aggregate(&kb), 0, "b's head is out: doomed");
         assert_eq!(w.take_dropped_low(), Some(1));
         w.unsent(&kb, false, false);
         assert_eq!(
