@@ -17,9 +17,14 @@ pub struct OutboxRow {
     pub routing_key: Option<String>,
     /// `payload::text`: the JSON exactly as Postgres renders the JSONB value.
     pub payload: String,
-    pub headers: serde_json::Value,
+    /// `headers::text`: the JSONB value as Postgres renders it, parsed (and checked) when
+    /// the row becomes a message — decoded as JSON while the row is read, a value serde
+    /// refuses (nesting deeper than its recursion limit) failed every claim that read it.
+    pub headers: String,
     pub attempts: i32,
-    pub created_at: DateTime<Utc>,
+    /// `None` when the stored time is one the relay cannot represent (`'infinity'`, or
+    /// past year 262 000: `store::known_time`): the row fails with that reason.
+    pub created_at: Option<DateTime<Utc>>,
 }
 
 /// What goes on the wire; built only from a row that passed validation.
@@ -71,7 +76,11 @@ impl OutboxRow {
     /// copied).
     pub fn into_message(self) -> Result<Message, String> {
         self.check_fields()?;
-        let headers = take_headers(self.headers)?;
+        let created_at = self.created_at.ok_or(
+            "created_at is not a time the relay can represent ('infinity', '-infinity' or past \
+             year 262000): set it to the event's time (the column defaults to now()) and replay the row",
+        )?;
+        let headers = take_headers(&self.headers)?;
         Ok(Message {
             id: self.id,
             event_id: self.event_id,
@@ -82,7 +91,7 @@ impl OutboxRow {
             routing_key: self.routing_key,
             payload: self.payload,
             headers,
-            created_at: self.created_at,
+            created_at,
             attempts: self.attempts,
         })
     }
@@ -112,7 +121,10 @@ impl OutboxRow {
 }
 
 /// The `headers` entries in key order, or what is wrong with them.
-fn take_headers(headers: serde_json::Value) -> Result<Vec<(String, String)>, String> {
+fn take_headers(headers: &str) -> Result<Vec<(String, String)>, String> {
+    let headers: serde_json::Value = serde_json::from_str(headers).map_err(|e| {
+        format!("headers must be a JSON object of string values; the relay cannot read them: {e}")
+    })?;
     let map = match headers {
         serde_json::Value::Object(map) => map,
         other => {
@@ -164,9 +176,9 @@ pub(crate) fn sample_row(id: i64, aggregate_id: &str) -> OutboxRow {
         destination: None,
         routing_key: None,
         payload: r#"{"orderId": "42"}"#.into(),
-        headers: serde_json::json!({"traceparent": "00-abc-def-01"}),
+        headers: r#"{"traceparent": "00-abc-def-01"}"#.into(),
         attempts: 0,
-        created_at: Utc::now(),
+        created_at: Some(Utc::now()),
     }
 }
 
@@ -192,14 +204,14 @@ mod tests {
             .unwrap_err()
             .contains("aggregate_id is empty"));
         r.aggregate_id = "1".into();
-        r.headers = serde_json::json!(["a"]);
+        r.headers = serde_json::json!(["a"]).to_string();
         assert!(r.to_message().unwrap_err().contains("got an array"));
-        r.headers = serde_json::json!({"n": 5});
+        r.headers = serde_json::json!({"n": 5}).to_string();
         assert!(r
             .to_message()
             .unwrap_err()
             .contains("key \"n\" holds a number"));
-        r.headers = serde_json::json!({});
+        r.headers = serde_json::json!({}).to_string();
         r.destination = Some(String::new());
         assert!(r.to_message().unwrap_err().contains("destination"));
     }

@@ -26,6 +26,8 @@ struct Case {
     routing_key: Option<String>,
     headers: serde_json::Value,
     payload: serde_json::Value,
+    /// `created_at` as Postgres reads it (`None`: the column's default).
+    created_at: Option<&'static str>,
     /// Substrings `last_error` must contain (all of them).
     expect: Vec<String>,
     /// Rejections before FAILED: 1 for input no retry can fix (validated before any
@@ -43,6 +45,7 @@ impl Case {
             routing_key: None,
             headers: serde_json::json!({}),
             payload: serde_json::json!({"case": name}),
+            created_at: None,
             expect: expect.iter().map(|s| s.to_string()).collect(),
             attempts,
         }
@@ -55,12 +58,16 @@ impl Case {
         self.headers = h;
         self
     }
+    fn created_at(mut self, t: &'static str) -> Self {
+        self.created_at = Some(t);
+        self
+    }
 }
 
 async fn insert(table: &str, pool: &sqlx::PgPool, c: &Case) -> i64 {
     sqlx::query_scalar(&format!(
-        "INSERT INTO \"{table}\" (aggregate_type, aggregate_id, event_type, destination, routing_key, payload, headers)
-         VALUES ('order', $1, $2, $3, $4, $5, $6) RETURNING id"
+        "INSERT INTO \"{table}\" (aggregate_type, aggregate_id, event_type, destination, routing_key, payload, headers, created_at)
+         VALUES ('order', $1, $2, $3, $4, $5, $6, coalesce($7::text::timestamptz, now())) RETURNING id"
     ))
     .bind(&c.aggregate_id)
     .bind(&c.event_type)
@@ -68,6 +75,7 @@ async fn insert(table: &str, pool: &sqlx::PgPool, c: &Case) -> i64 {
     .bind(&c.routing_key)
     .bind(&c.payload)
     .bind(&c.headers)
+    .bind(c.created_at)
     .fetch_one(pool)
     .await
     .unwrap_or_else(|e| panic!("insert case {}: {e}", c.name))
@@ -151,6 +159,9 @@ where
     drop(relay);
 }
 
+/// What `last_error` says of a `created_at` the relay cannot represent.
+const UNREPRESENTABLE: &str = "created_at is not a time the relay can represent";
+
 fn common_cases(max_attempts: i32) -> Vec<Case> {
     let _ = max_attempts;
     vec![
@@ -182,6 +193,13 @@ fn common_cases(max_attempts: i32) -> Vec<Case> {
             .headers(serde_json::json!({"gone": null})),
         Case::new("header_key_too_long", &["headers key", "1 to 255 bytes"], 1)
             .headers(serde_json::json!({ "k".repeat(300): "v" })),
+        // Deeper than serde_json's recursion limit: once failed every claim that read it.
+        Case::new(
+            "headers_nested_200_deep",
+            &["headers must be a JSON object", "recursion limit"],
+            1,
+        )
+        .headers((0..200).fold(serde_json::json!("v"), |v, _| serde_json::json!({ "a": v }))),
         {
             let mut c = Case::new("empty_aggregate_id", &["aggregate_id is empty"], 1);
             c.aggregate_id = String::new();
@@ -193,6 +211,12 @@ fn common_cases(max_attempts: i32) -> Vec<Case> {
             c
         },
         Case::new("empty_destination", &["destination is an empty string"], 1).dest(""),
+        // A producer may write any timestamptz; these the relay cannot represent (they
+        // once panicked every claim that read them, freezing the relay).
+        Case::new("created_at_infinity", &[UNREPRESENTABLE], 1).created_at("infinity"),
+        Case::new("created_at_minus_infinity", &[UNREPRESENTABLE], 1).created_at("-infinity"),
+        Case::new("created_at_year_290000", &[UNREPRESENTABLE], 1)
+            .created_at("290000-01-01 00:00:00+00"),
     ]
 }
 

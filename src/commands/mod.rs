@@ -109,7 +109,10 @@ pub async fn status(settings: &Settings, json: bool) -> Result<(), AppError> {
         for b in &blocked {
             println!(
                 "  {}/{}: failed row {} with {} waiting",
-                b.aggregate_type, b.aggregate_id, b.failed_id, b.waiting
+                shown(&b.aggregate_type, KEY_CHARS),
+                shown(&b.aggregate_id, KEY_CHARS),
+                b.failed_id,
+                b.waiting
             );
         }
     }
@@ -119,16 +122,40 @@ pub async fn status(settings: &Settings, json: bool) -> Result<(), AppError> {
             println!(
                 "  id {} {}/{} {} attempts={}{}: {}",
                 f.id,
-                f.aggregate_type,
-                f.aggregate_id,
-                f.event_type,
+                shown(&f.aggregate_type, KEY_CHARS),
+                shown(&f.aggregate_id, KEY_CHARS),
+                shown(&f.event_type, KEY_CHARS),
                 f.attempts,
                 if f.discarded { " (discarded)" } else { "" },
-                f.last_error.as_deref().unwrap_or("-")
+                shown(f.last_error.as_deref().unwrap_or("-"), ERROR_CHARS)
             );
         }
     }
     Ok(())
+}
+
+/// Characters of a key or event type `status` prints before it cuts the rest.
+const KEY_CHARS: usize = 100;
+/// Characters of a `last_error` `status` prints.
+const ERROR_CHARS: usize = 1000;
+
+/// `s` for a person's terminal: control characters escaped (a producer's key may hold
+/// newlines or terminal escapes), and cut after `max` characters with the full length
+/// said (a 200 KB key printed in full buries the rest). `--json` prints values whole.
+fn shown(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max * 2));
+    for (n, c) in s.chars().enumerate() {
+        if n == max {
+            out.push_str(&format!("… ({} bytes in all)", s.len()));
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `outbox-relay replay (--id ID… | --all-failed)`.
@@ -169,5 +196,18 @@ fn report_missing(asked: &[i64], done: &[i64], why: &str) {
         .collect();
     if !missing.is_empty() {
         eprintln!("skipped {missing:?}: {why}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn status_shows_keys_bounded_and_escaped() {
+        assert_eq!(shown("order-42", 100), "order-42");
+        assert_eq!(shown("a\nb\u{1b}[2J", 100), "a\\nb\\u{1b}[2J");
+        assert_eq!(shown(&"k".repeat(300), 5), "kkkkk… (300 bytes in all)");
+        assert_eq!(shown("ééé", 2), "éé… (6 bytes in all)");
     }
 }

@@ -85,9 +85,9 @@ fn row(id: i64, agg: &str, hash: i32) -> ClaimedRow {
             destination: Some("q".into()),
             routing_key: None,
             payload: "{}".into(),
-            headers: serde_json::json!({}),
+            headers: "{}".into(),
             attempts: 0,
-            created_at: chrono::Utc::now(),
+            created_at: Some(chrono::Utc::now()),
         },
         hash,
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{Store, StoreError};
+use super::{known_time, Store, StoreError};
 
 /// Rows above the floor the backlog gauge reads one by one before it estimates the rest
 /// (`Store::pending_gauge_within`).
@@ -45,7 +45,8 @@ pub struct FailedRow {
     pub event_type: String,
     pub attempts: i32,
     pub last_error: Option<String>,
-    pub created_at: DateTime<Utc>,
+    /// `None` for a time the relay cannot represent (`store::known_time`).
+    pub created_at: Option<DateTime<Utc>>,
     pub discarded: bool,
 }
 
@@ -65,12 +66,15 @@ impl Store {
     /// retention.
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
         let tbl = self.table().ident();
+        // Rows with a time the relay cannot represent are left out of the age (they fail
+        // when claimed); Postgres cannot subtract an infinite one.
+        let created_at = known_time("created_at");
         let row: (i64, i64, i64, i64, Option<f64>) = sqlx::query_as(&format!(
             "SELECT count(*) FILTER (WHERE status = 'PENDING'),
                     count(*) FILTER (WHERE status = 'PROCESSED'),
                     count(*) FILTER (WHERE status = 'FAILED' AND discarded_at IS NULL),
                     count(*) FILTER (WHERE status = 'FAILED' AND discarded_at IS NOT NULL),
-                    extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'PENDING'))::float8
+                    extract(epoch FROM now() - min({created_at}) FILTER (WHERE status = 'PENDING'))::float8
              FROM {tbl}"
         ))
         .fetch_one(self.pool())
@@ -103,11 +107,12 @@ impl Store {
     pub async fn pending_gauge_within(&self, exact: i64) -> Result<(i64, f64), StoreError> {
         let tbl = self.table().ident();
         let floor = self.table().floor();
+        let created_at = known_time("created_at");
         let row: GaugeRow = sqlx::query_as(&format!(
             "WITH f AS (SELECT floor FROM {floor} WHERE singleton),
-                      a AS (SELECT id, status, created_at FROM {tbl}
+                      a AS (SELECT id, status, {created_at} AS created_at FROM {tbl}
                             WHERE id > (SELECT floor FROM f) ORDER BY id LIMIT $1),
-                      p AS (SELECT count(*) AS n, min(created_at) AS oldest FROM {tbl}
+                      p AS (SELECT count(*) AS n, min({created_at}) AS oldest FROM {tbl}
                             WHERE next_attempt_at IS NOT NULL AND id <= (SELECT floor FROM f)
                               AND status = 'PENDING')
                  SELECT (SELECT count(*) FROM a WHERE status = 'PENDING') + p.n,
@@ -122,11 +127,12 @@ impl Store {
         .await?;
         let (mut pending, read, last, top, mut oldest, now) = row;
         if let Some(last) = last.filter(|l| read >= exact && top > *l) {
+            let sampled = known_time("o.created_at");
             let (hits, first): (i64, Option<DateTime<Utc>>) = sqlx::query_as(&format!(
                 "WITH r AS MATERIALIZED (
                      SELECT ($1 + 1 + floor(random() * ($2 - $1)))::bigint AS id
                      FROM generate_series(1, $3))
-                 SELECT count(*), min(o.created_at) FROM r JOIN {tbl} o ON o.id = r.id
+                 SELECT count(*), min({sampled}) FROM r JOIN {tbl} o ON o.id = r.id
                  WHERE o.status = 'PENDING'"
             ))
             .bind(last)
@@ -144,9 +150,10 @@ impl Store {
     /// The most recent FAILED rows, newest first.
     pub async fn recent_failures(&self, limit: i64) -> Result<Vec<FailedRow>, StoreError> {
         let tbl = self.table().ident();
+        let created_at = known_time("created_at");
         Ok(sqlx::query_as(&format!(
             "SELECT id, event_id, aggregate_type, aggregate_id, event_type, attempts, last_error,
-                    created_at, discarded_at IS NOT NULL AS discarded
+                    {created_at} AS created_at, discarded_at IS NOT NULL AS discarded
              FROM {tbl} WHERE status = 'FAILED'
              ORDER BY id DESC LIMIT $1"
         ))

@@ -216,25 +216,14 @@ impl ClaimedRow {
     /// Bytes this row takes in memory (what the window's byte bound counts).
     pub fn bytes(&self) -> usize {
         let r = &self.row;
-        let headers = match &r.headers {
-            serde_json::Value::Object(m) => m.iter().map(|(k, v)| k.len() + json_len(v)).sum(),
-            other => json_len(other),
-        };
         r.payload.len()
-            + headers
+            + r.headers.len()
             + r.aggregate_type.len()
             + r.aggregate_id.len()
             + r.event_type.len()
             + r.destination.as_ref().map_or(0, String::len)
             + r.routing_key.as_ref().map_or(0, String::len)
             + 256
-    }
-}
-
-fn json_len(v: &serde_json::Value) -> usize {
-    match v {
-        serde_json::Value::String(s) => s.len(),
-        other => other.to_string().len(),
     }
 }
 

@@ -103,6 +103,14 @@ pub struct RejectOutcome {
     pub attempts: i32,
 }
 
+/// `col` (a `created_at`) when the relay can hold it as a time, else NULL. A producer may
+/// write any `timestamptz`, `'infinity'` and years past 262 142 included, which chrono
+/// (and sqlx's decoding into it) cannot represent: decoded as such, one such row panicked
+/// every claim that read it. Statements that read `created_at` read it through this.
+pub(crate) fn known_time(col: &str) -> String {
+    format!("CASE WHEN isfinite({col}) AND {col} < '262000-01-01'::timestamptz THEN {col} END")
+}
+
 /// With `status = 'PENDING'`: not parked (what the floor counts).
 pub(crate) const UNPARKED: &str =
     "(o.next_attempt_at IS NULL OR o.next_attempt_at < 'infinity'::timestamptz)";
@@ -172,10 +180,11 @@ pub(crate) fn probe_columns(tbl: &str, list: &str) -> String {
 /// due and behind no blocker, `ids` saying how the statement finds them. Its columns are
 /// read by position (`ClaimedRow`).
 fn fetch(tbl: &str, untaken: &str, floor_tbl: &str, ids: &str) -> String {
+    let created_at = known_time("o.created_at");
     format!(
         "SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
-                o.destination, o.routing_key, o.payload::text AS payload, o.headers,
-                o.attempts, o.created_at,
+                o.destination, o.routing_key, o.payload::text AS payload, o.headers::text AS headers,
+                o.attempts, {created_at} AS created_at,
                 hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash
          FROM {tbl} o
          WHERE {ids}
@@ -207,6 +216,7 @@ impl Sql {
         let unparked = UNPARKED;
         let floor_tbl = t.floor();
         let probe = probe_columns(&tbl, "$7");
+        let created_at = known_time("o.created_at");
         let fresh_cap = claim::FRESH_IDS + 1;
         Self {
             // `s` examines at most $4 pending ids after $1 (no payloads), walking the
@@ -284,8 +294,8 @@ impl Sql {
             ),
             claim: format!(
                 "SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type,
-                        o.destination, o.routing_key, o.payload::text AS payload, o.headers,
-                        o.attempts, o.created_at
+                        o.destination, o.routing_key, o.payload::text AS payload, o.headers::text AS headers,
+                        o.attempts, {created_at} AS created_at
                  FROM {tbl} o
                  WHERE o.status = 'PENDING' AND {unparked}
                    AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())

@@ -79,3 +79,70 @@ async fn the_gauge_is_exact_up_to_its_bound_and_samples_beyond_it(pool: PgPool) 
     assert_eq!(s.pending_gauge_within(1).await.unwrap().0, 1);
     assert_eq!(s.backlog().await.unwrap().pending, 1);
 }
+
+/// A producer may write any `timestamptz` into `created_at`; those the relay cannot hold
+/// as a time (±infinity, years past 262 000) reach it as `None` (the row then fails on
+/// its own), and leave the backlog's age, the gauge and the list of failures working —
+/// Postgres cannot subtract an infinite time, and decoding one panicked.
+#[sqlx::test(migrations = false)]
+async fn times_the_relay_cannot_represent_break_no_query(pool: PgPool) {
+    let s = store(pool.clone()).await;
+    let mut odd = Vec::new();
+    for (agg, t) in [
+        ("inf", "infinity"),
+        ("minf", "-infinity"),
+        ("far", "290000-01-01 00:00:00+00"),
+        ("old", "4000-01-01 00:00:00+00 BC"),
+    ] {
+        let id = insert(&pool, agg).await;
+        sqlx::query("UPDATE outbox SET created_at = $2::text::timestamptz WHERE id = $1")
+            .bind(id)
+            .bind(t)
+            .execute(&pool)
+            .await
+            .unwrap();
+        odd.push(id);
+    }
+    let normal = insert(&pool, "n").await;
+    let rows = s.claim(None, 100, OnFailed::Block).await.unwrap();
+    let times: Vec<(i64, bool)> = rows
+        .iter()
+        .map(|r| (r.id, r.created_at.is_some()))
+        .collect();
+    assert_eq!(
+        times,
+        vec![
+            (odd[0], false),
+            (odd[1], false),
+            (odd[2], false),
+            (odd[3], true),
+            (normal, true)
+        ]
+    );
+    let why = rows[0].to_message().unwrap_err();
+    assert!(
+        why.contains("created_at is not a time the relay can represent"),
+        "{why}"
+    );
+    assert!(rows[3].to_message().is_ok(), "4000 BC is a time");
+
+    let backlog = s.backlog().await.unwrap();
+    assert_eq!(backlog.pending, 5);
+    assert!(
+        backlog.oldest_pending_age_seconds > 1e11,
+        "4000 BC is the oldest representable: {}",
+        backlog.oldest_pending_age_seconds
+    );
+    let (pending, age) = s.pending_gauge_within(100).await.unwrap();
+    assert_eq!(pending, 5);
+    assert!(age > 1e11, "gauge age {age}");
+    let (pending, _) = s.pending_gauge_within(1).await.unwrap();
+    assert!(pending >= 1, "estimated beyond the bound: {pending}");
+
+    let mut fatal = reject(odd[0], Duration::ZERO);
+    fatal.fatal = true;
+    s.reject(&[fatal], 5, OnFailed::Block).await.unwrap();
+    let failures = s.recent_failures(10).await.unwrap();
+    assert_eq!(failures.len(), 1);
+    assert_eq!((failures[0].id, failures[0].created_at), (odd[0], None));
+}

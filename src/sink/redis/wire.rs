@@ -84,7 +84,7 @@ mod tests {
 
     fn msg() -> Message {
         let mut r = sample_row(1, "42");
-        r.headers = serde_json::json!({"traceparent": "00-a-b-01", "b\"q": "x\\y"});
+        r.headers = serde_json::json!({"traceparent": "00-a-b-01", "b\"q": "x\\y"}).to_string();
         r.payload = r#"{"orderId": "42", "total": 59.98}"#.into();
         r.to_message().unwrap()
     }
