@@ -63,10 +63,15 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "half pages",
         sql: include_str!("../migrations/0009_half_pages.sql"),
     },
+    Migration {
+        version: 10,
+        description: "ids always",
+        sql: include_str!("../migrations/0010_ids_always.sql"),
+    },
 ];
 
 /// The table comment the latest migration leaves; `run` refuses to start without it.
-pub const SCHEMA_MARKER: &str = "relay schema 9";
+pub const SCHEMA_MARKER: &str = "relay schema 10";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

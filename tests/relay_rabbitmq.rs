@@ -340,7 +340,7 @@ async fn migrate_is_idempotent_and_keeps_its_own_history() {
     let (code, out, err) = run_cmd(&env, &["migrate"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8, 9]"),
+        out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"),
         "{out}"
     );
     let (code, out, _) = run_cmd(&env, &["migrate"]).await;
@@ -353,7 +353,7 @@ async fn migrate_is_idempotent_and_keeps_its_own_history() {
     .fetch_all(&table.pool)
     .await
     .unwrap();
-    assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
     // The smallest valid producer write from SPEC §1 works.
     sqlx::query(&format!(
         "INSERT INTO \"{}\" (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', '42', 'order.created', '{{\"orderId\":\"42\",\"total\":59.98}}')",

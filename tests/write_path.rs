@@ -423,11 +423,11 @@ async fn schema_2_upgrades_online_under_load() {
     }
     assert_eq!(code, 0, "migrate: {out}{err}");
     assert!(
-        out.contains("applied migrations [3, 4, 5, 6, 7, 8, 9]"),
+        out.contains("applied migrations [3, 4, 5, 6, 7, 8, 9, 10]"),
         "{out}{err}"
     );
     eprintln!(
-        "schema 2 → 9 under 4 producers (100 000 rows): migrate ran {:?}; longest insert \
+        "schema 2 → 10 under 4 producers (100 000 rows): migrate ran {:?}; longest insert \
          during it {worst:?} ({overlapping} inserts overlapped)",
         ended - began
     );
@@ -438,7 +438,7 @@ async fn schema_2_upgrades_online_under_load() {
         name.ident()
     );
     let marker: Option<String> = scalar(&table, &sql).await;
-    assert_eq!(marker.as_deref(), Some("relay schema 9"));
+    assert_eq!(marker.as_deref(), Some("relay schema 10"));
     // Schema 9: pages half filled, so every row of a page can be marked HOT.
     let sql = format!(
         "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE oid = '{}'::regclass",
@@ -446,6 +446,13 @@ async fn schema_2_upgrades_online_under_load() {
     );
     let options: Option<String> = scalar(&table, &sql).await;
     assert_eq!(options.as_deref(), Some("fillfactor=50"));
+    // Schema 10: the database always draws the id.
+    let sql = format!(
+        "SELECT attidentity::text FROM pg_attribute WHERE attrelid = '{}'::regclass AND attname = 'id'",
+        name.ident()
+    );
+    let identity: Option<String> = scalar(&table, &sql).await;
+    assert_eq!(identity.as_deref(), Some("a"), "id GENERATED ALWAYS");
 
     let (code, out, err) = run_cmd(&env, &["migrate"]).await;
     assert_eq!(code, 0, "{out}{err}");
