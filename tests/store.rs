@@ -374,14 +374,12 @@ async fn a_producer_with_insert_only_cannot_set_relay_owned_columns(pool: PgPool
     // off (off, the trigger draws no id: a named one used to stay, and one far above the
     // sequence moved the relay's floor past every row drawn after it).
     for lock in ["on", "off"] {
-        sqlx::query(&format!("SET LOCAL outboxrelay.order_lock = {lock}"))
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        sqlx::query("SAVEPOINT named")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        sqlx::raw_sql(&format!(
+            "SET LOCAL outboxrelay.order_lock = {lock}; SAVEPOINT named"
+        ))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
         let named = sqlx::query(
             "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload)
              VALUES (900000, 'order', 'p', 'e', '{}')",
@@ -391,15 +389,11 @@ async fn a_producer_with_insert_only_cannot_set_relay_owned_columns(pool: PgPool
         .unwrap_err();
         let code = named.as_database_error().and_then(|e| e.code());
         assert_eq!(code.as_deref(), Some("428C9"), "order lock {lock}: {named}");
-        sqlx::query("ROLLBACK TO SAVEPOINT named")
+        sqlx::raw_sql("ROLLBACK TO SAVEPOINT named; SET LOCAL outboxrelay.order_lock = on")
             .execute(&mut *tx)
             .await
             .unwrap();
     }
-    sqlx::query("SET LOCAL outboxrelay.order_lock = on")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
     // Every relay-owned column set.
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload,
