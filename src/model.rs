@@ -25,6 +25,11 @@ pub struct OutboxRow {
     /// `None` when the stored time is one the relay cannot represent (`'infinity'`, or
     /// past year 262 000: `store::known_time`): the row fails with that reason.
     pub created_at: Option<DateTime<Utc>>,
+    /// Why the row's text could not be read as it was stored (`store::unreadable`: a
+    /// `SQL_ASCII` database holds bytes that are not UTF-8); its strings were read with
+    /// those bytes replaced, and the row fails with this reason.
+    #[sqlx(default)]
+    pub flaw: Option<String>,
 }
 
 /// What goes on the wire; built only from a row that passed validation.
@@ -75,6 +80,9 @@ impl OutboxRow {
     /// Like `to_message`, moving the row's strings (the payload and the headers are not
     /// copied).
     pub fn into_message(self) -> Result<Message, String> {
+        if let Some(flaw) = self.flaw {
+            return Err(flaw);
+        }
         self.check_fields()?;
         let created_at = self.created_at.ok_or(
             "created_at is not a time the relay can represent ('infinity', '-infinity' or past \
@@ -179,6 +187,7 @@ pub(crate) fn sample_row(id: i64, aggregate_id: &str) -> OutboxRow {
         headers: r#"{"traceparent": "00-abc-def-01"}"#.into(),
         attempts: 0,
         created_at: Some(Utc::now()),
+        flaw: None,
     }
 }
 

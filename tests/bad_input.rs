@@ -486,3 +486,6 @@ async fn redis_bad_rows_fail_alone_with_readable_errors() {
     keys.cleanup().await;
     table.cleanup().await;
 }
+
+#[path = "bad_input/encoding.rs"]
+mod encoding;

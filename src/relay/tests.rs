@@ -88,6 +88,7 @@ fn row(id: i64, agg: &str, hash: i32) -> ClaimedRow {
             headers: "{}".into(),
             attempts: 0,
             created_at: Some(chrono::Utc::now()),
+            flaw: None,
         },
         hash,
     }

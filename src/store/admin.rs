@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::unreadable::sendable;
 use super::{known_time, Store, StoreError};
 
 /// Rows above the floor the backlog gauge reads one by one before it estimates the rest
@@ -151,8 +152,11 @@ impl Store {
     pub async fn recent_failures(&self, limit: i64) -> Result<Vec<FailedRow>, StoreError> {
         let tbl = self.table().ident();
         let created_at = known_time("created_at");
+        let [aggregate_type, aggregate_id, event_type] =
+            ["aggregate_type", "aggregate_id", "event_type"].map(sendable);
         Ok(sqlx::query_as(&format!(
-            "SELECT id, event_id, aggregate_type, aggregate_id, event_type, attempts, last_error,
+            "SELECT id, event_id, {aggregate_type} AS aggregate_type, {aggregate_id} AS aggregate_id,
+                    {event_type} AS event_type, attempts, last_error,
                     {created_at} AS created_at, discarded_at IS NOT NULL AS discarded
              FROM {tbl} WHERE status = 'FAILED'
              ORDER BY id DESC LIMIT $1"
@@ -169,8 +173,10 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<BlockedAggregate>, StoreError> {
         let tbl = self.table().ident();
+        let [aggregate_type, aggregate_id] = ["f.aggregate_type", "f.aggregate_id"].map(sendable);
         Ok(sqlx::query_as(&format!(
-            "SELECT f.aggregate_type, f.aggregate_id, min(f.id) AS failed_id,
+            "SELECT {aggregate_type} AS aggregate_type, {aggregate_id} AS aggregate_id,
+                    min(f.id) AS failed_id,
                     (SELECT count(*) FROM {tbl} p
                      WHERE p.aggregate_type = f.aggregate_type AND p.aggregate_id = f.aggregate_id
                        AND p.status = 'PENDING' AND p.id > min(f.id)) AS waiting

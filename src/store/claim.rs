@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 
-use super::{Store, StoreError};
+use super::{unreadable, Store, StoreError};
 use crate::config::OnFailed;
 use crate::model::OutboxRow;
 
@@ -189,6 +189,7 @@ impl<'r> sqlx::FromRow<'r, PgRow> for ClaimedRow {
                 headers: r.try_get_unchecked(8)?,
                 attempts: r.try_get_unchecked(9)?,
                 created_at: r.try_get_unchecked(10)?,
+                flaw: None,
             },
             hash: r.try_get_unchecked(11)?,
         })
@@ -316,20 +317,57 @@ impl Store {
         } else {
             &self.sql.fetch
         };
-        let mut query = sqlx::query_as::<_, ClaimedRow>(sql)
-            .bind(ids)
-            .bind(on_failed == OnFailed::Block)
-            .bind(epoch)
-            .bind(held);
+        let q = Fetch {
+            ids,
+            on_failed,
+            budget,
+            epoch,
+            held,
+        };
+        match self.fetch_as(sql, &q, range, |r: ClaimedRow| r).await {
+            Err(StoreError::Query(e)) if unreadable::is_unsendable(&e) => {
+                tracing::warn!(
+                    error = %e,
+                    "Postgres cannot send a fetched row's text in UTF-8; reading the rows \
+                     as bytes to fail the row alone"
+                );
+                let raw = &self.sql.fetch_raw;
+                self.fetch_as(raw, &q, None, |r: unreadable::RawRow| r.0)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// Run a fetch statement (`sql`, reading rows as `R`), stopping at the byte budget.
+    async fn fetch_as<R>(
+        &self,
+        sql: &str,
+        q: &Fetch<'_>,
+        range: Option<(i64, i64)>,
+        into: fn(R) -> ClaimedRow,
+    ) -> Result<(Vec<ClaimedRow>, bool), StoreError>
+    where
+        R: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
+    {
+        let mut query = sqlx::query_as::<_, R>(sql)
+            .bind(q.ids)
+            .bind(q.on_failed == OnFailed::Block)
+            .bind(q.epoch)
+            .bind(q.held);
         if let Some((low, high)) = range {
-            query = query.bind(low).bind(high).bind(range_bits(ids, low, high));
+            query = query
+                .bind(low)
+                .bind(high)
+                .bind(range_bits(q.ids, low, high));
         }
         let mut stream = query.fetch(&self.hot);
         let mut out = Vec::new();
         let mut used = 0usize;
         while let Some(row) = stream.try_next().await? {
+            let row = into(row);
             let size = row.bytes();
-            if !out.is_empty() && used + size > budget {
+            if !out.is_empty() && used + size > q.budget {
                 return Ok((out, true));
             }
             used += size;
@@ -337,6 +375,15 @@ impl Store {
         }
         Ok((out, false))
     }
+}
+
+/// One fetch's arguments (see `Store::fetch`).
+struct Fetch<'a> {
+    ids: &'a [i64],
+    on_failed: OnFailed,
+    budget: usize,
+    epoch: Option<i64>,
+    held: &'a [i64],
 }
 
 #[cfg(test)]

@@ -15,7 +15,9 @@ use crate::wait::wait_for;
 use crate::{pg_url, unique};
 
 mod rows;
+mod scratch;
 pub use rows::{DbRow, Row};
+pub use scratch::ScratchDb;
 
 /// One producer row of aggregate `agg` (type `order`) written through `ex` (a pool, a
 /// connection, or a transaction the caller keeps open); returns its id.

@@ -1,0 +1,105 @@
+//! A database of a test's own (`ScratchDb`), for what the shared test database cannot
+//! be: another encoding. Created on the test server with a unique name, dropped (`WITH
+//! (FORCE)`, closing the relay's sessions) by `drop_all`, or from `Drop` when the test
+//! panics first.
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection as _, PgPool};
+
+use crate::{pg_url, unique};
+
+/// A database created for one test; `url` reaches it as the test user.
+pub struct ScratchDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl ScratchDb {
+    /// A new database in `encoding` (with the `C` locale, from `template0`, so that any
+    /// encoding is accepted).
+    pub async fn with_encoding(prefix: &str, encoding: &str) -> Self {
+        let name = unique(prefix);
+        let mut admin = sqlx::PgConnection::connect(&pg_url())
+            .await
+            .expect("connect postgres");
+        sqlx::query(&format!(
+            "CREATE DATABASE \"{name}\" ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' \
+             TEMPLATE template0"
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+        let url = url_of(&pg_url(), &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("connect database {name}: {e}"));
+        Self { name, url, pool }
+    }
+
+    /// Close the pool and drop the database (which must succeed).
+    pub async fn drop_all(self) {
+        self.pool.close().await;
+        let mut admin = sqlx::PgConnection::connect(&pg_url())
+            .await
+            .expect("connect postgres");
+        sqlx::query(&drop_statement(&self.name))
+            .execute(&mut admin)
+            .await
+            .unwrap_or_else(|e| panic!("drop database {}: {e}", self.name));
+    }
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        let sql = drop_statement(&self.name);
+        crate::teardown::after_panic(format!("database {}", self.name), async move {
+            if let Ok(mut admin) = sqlx::PgConnection::connect(&pg_url()).await {
+                let _ = sqlx::query(&sql).execute(&mut admin).await;
+            }
+        });
+    }
+}
+
+fn drop_statement(name: &str) -> String {
+    format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")
+}
+
+/// `url` (a Postgres URL) with its database replaced by `db` (its query kept).
+fn url_of(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut out = format!("{}/{db}", &base[..host_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_database_of_a_url_is_replaced() {
+        assert_eq!(
+            super::url_of("postgres://postgres@127.0.0.1:5432/test", "x"),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            super::url_of("postgres://u:p@h/test?sslmode=disable", "x"),
+            "postgres://u:p@h/x?sslmode=disable"
+        );
+        assert_eq!(
+            super::url_of("postgres://h:5432", "x"),
+            "postgres://h:5432/x"
+        );
+    }
+}
