@@ -53,6 +53,9 @@ pub async fn open_store(
     };
     let mut conn = store.pool().acquire().await.map_err(StoreError::from)?;
     crate::migrate::check_schema(&mut conn, &table).await?;
+    // A missing grant or a session read-only by setting is the operator's to fix; a
+    // standby (a failover under way) is waited out like an unreachable database.
+    crate::migrate::check_access(&mut conn, &table, true).await?;
     metrics::gauge!(m::DATABASE_UP).set(1.0);
     Ok(Some(store))
 }

@@ -1,5 +1,5 @@
-//! Embedded SQL migrations (`migrations/*.sql`, sqlx file format) and the schema check
-//! that `run` does at start.
+//! Embedded SQL migrations (`migrations/*.sql`, sqlx file format), and the checks of the
+//! schema and of the role's privileges that `run` and `check` do at start.
 //!
 //! The files name the table `outbox`; for another configured table every `outbox` /
 //! `outbox_*` identifier is rewritten to `<table>` / `<table>_*` and the migration runs
@@ -79,6 +79,19 @@ pub enum MigrateError {
     Db(#[from] crate::store::StoreError),
     #[error("table {table} is not migrated to the expected version ({found}): run `outbox-relay migrate`")]
     NotMigrated { table: String, found: String },
+    /// The role of `database.url` lacks privileges the relay needs.
+    #[error(
+        "database.url's role {role} lacks privileges the relay needs: {missing} \
+         (deploy/sql/relay-role.sql grants exactly what it needs)"
+    )]
+    NoAccess { role: String, missing: String },
+    /// The session cannot write (a hot standby, or `default_transaction_read_only`).
+    #[error(
+        "database.url reaches a read-only session (transaction_read_only = on: a standby, \
+         or default_transaction_read_only set for the role or database): the relay writes \
+         (marks, leases); point it at the primary, or lift the setting"
+    )]
+    ReadOnly,
 }
 
 impl From<sqlx::Error> for MigrateError {
@@ -213,6 +226,54 @@ pub async fn check_schema(conn: &mut PgConnection, table: &TableName) -> Result<
             "table missing".into()
         },
     })
+}
+
+/// The privileges the relay uses on each of its tables (`deploy/sql/relay-role.sql`).
+fn needed(table: &TableName) -> Vec<(String, &'static str)> {
+    const ALL: [&str; 4] = ["SELECT", "INSERT", "UPDATE", "DELETE"];
+    let mut out = Vec::new();
+    for (t, privileges) in [
+        (table.ident(), &["SELECT", "UPDATE", "DELETE"][..]),
+        (table.leases(), &ALL[..]),
+        (table.members(), &ALL[..]),
+        (table.floor(), &["SELECT", "UPDATE"][..]),
+    ] {
+        out.extend(privileges.iter().map(|p| (t.clone(), *p)));
+    }
+    out
+}
+
+/// Check that the session's role holds every privilege the relay uses on its tables
+/// (one missing grant once made every claim fail for ever), and that the session can
+/// write — except, with `standby_ok`, on a server in recovery (a standby about to be
+/// promoted: `run` waits it out). Run after `check_schema` (the tables exist).
+pub async fn check_access(
+    conn: &mut PgConnection,
+    table: &TableName,
+    standby_ok: bool,
+) -> Result<(), MigrateError> {
+    let (tables, privileges): (Vec<String>, Vec<&str>) = needed(table).into_iter().unzip();
+    let (role, missing, read_only, standby): (String, Vec<String>, bool, bool) = sqlx::query_as(
+        "SELECT current_user::text,
+                coalesce((SELECT array_agg(x.p || ' on ' || x.t ORDER BY x.n)
+                          FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS x(t, p, n)
+                          WHERE NOT has_table_privilege(x.t, x.p)), '{}'),
+                current_setting('transaction_read_only') = 'on', pg_is_in_recovery()",
+    )
+    .bind(&tables)
+    .bind(&privileges)
+    .fetch_one(conn)
+    .await?;
+    if !missing.is_empty() {
+        return Err(MigrateError::NoAccess {
+            role,
+            missing: missing.join(", "),
+        });
+    }
+    if read_only && !(standby_ok && standby) {
+        return Err(MigrateError::ReadOnly);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

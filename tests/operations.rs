@@ -430,3 +430,6 @@ async fn the_daemon_runs_in_process_on_an_ephemeral_port() {
     assert!(stopped.is_ok(), "{stopped:?}");
     broker.cleanup_with(&table).await;
 }
+
+#[path = "operations/roles.rs"]
+mod roles;

@@ -11,7 +11,8 @@
 -- Optional psql variables (-v name=value), with their defaults:
 --   schema         public         schema of the outbox table (database.table = "schema.table")
 --   outbox_table   outbox         the outbox table's name (the relay's own tables are
---                                 <outbox_table>_relay_leases / _members / _migrations)
+--                                 <outbox_table>_relay_leases / _members / _floor /
+--                                 _migrations)
 --   relay_role     outbox_relay   LOGIN role the relay connects as (its Secret's database-url)
 --   producer_role  outbox_producer  NOLOGIN group role for services that write the outbox
 --   relay_password (unset)        if set, becomes relay_role's password; otherwise set it
@@ -47,6 +48,7 @@
 \endif
 \set leases_table :outbox_table '_relay_leases'
 \set members_table :outbox_table '_relay_members'
+\set floor_table :outbox_table '_relay_floor'
 \set history_table :outbox_table '_relay_migrations'
 
 BEGIN;
@@ -98,6 +100,7 @@ GRANT USAGE ON SCHEMA :"schema" TO :"relay_role";
 REVOKE ALL ON TABLE :"schema".:"outbox_table" FROM :"relay_role";
 REVOKE ALL ON TABLE :"schema".:"leases_table" FROM :"relay_role";
 REVOKE ALL ON TABLE :"schema".:"members_table" FROM :"relay_role";
+REVOKE ALL ON TABLE :"schema".:"floor_table" FROM :"relay_role";
 
 -- outbox: SELECT to find committed PENDING rows, count them for metrics and `status`;
 -- UPDATE to claim rows (SELECT ... FOR UPDATE SKIP LOCKED needs UPDATE) and to set
@@ -115,6 +118,12 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE :"schema".:"leases_table" TO :"rel
 -- join and heartbeat, SELECT to count live instances, DELETE to leave at shutdown
 -- and to sweep long-dead members.
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE :"schema".:"members_table" TO :"relay_role";
+
+-- <outbox>_relay_floor (schema 5): the one-row claim floor. SELECT, as every claim reads
+-- it; UPDATE, as the maintenance leader raises it past settled rows and `replay` /
+-- un-parking lower it. (Missing from this script until 2026-12-07: a relay running as
+-- this role failed every claim with "permission denied for table outbox_relay_floor".)
+GRANT SELECT, UPDATE ON TABLE :"schema".:"floor_table" TO :"relay_role";
 
 -- <outbox>_relay_migrations: migration history, for operators and troubleshooting
 -- (`run` itself checks the schema marker on the outbox table). SELECT only: applying

@@ -13,6 +13,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 SQL=deploy/sql/relay-role.sql
 
 grep -q 'GRANT SELECT, UPDATE, DELETE ON TABLE :"schema".:"outbox_table" TO :"relay_role"' "$SQL" &&
+    grep -q 'GRANT SELECT, UPDATE ON TABLE :"schema".:"floor_table" TO :"relay_role"' "$SQL" &&
     grep -q 'GRANT INSERT ON TABLE :"schema".:"outbox_table" TO :"producer_role"' "$SQL" ||
     { echo "  error: $SQL: expected GRANT statements missing" >&2; exit 1; }
 echo "static grants present"
@@ -75,6 +76,7 @@ ok   "$relay" "DELETE FROM outbox WHERE status = 'PROCESSED' AND processed_at < 
 ok   "$relay" "UPDATE outbox_relay_leases SET owner = 'x', lease_until = now() WHERE partition IN (SELECT partition FROM outbox_relay_leases LIMIT 4 FOR UPDATE SKIP LOCKED)"
 ok   "$relay" "INSERT INTO outbox_relay_members (instance, alive_until) VALUES ('a', now()) ON CONFLICT (instance) DO UPDATE SET alive_until = EXCLUDED.alive_until"
 ok   "$relay" "DELETE FROM outbox_relay_members WHERE instance = 'a'"
+ok   "$relay" "UPDATE outbox_relay_floor SET floor = floor, epoch = epoch WHERE singleton RETURNING floor, epoch"
 ok   "$relay" "SELECT version FROM outbox_relay_migrations"
 ok   "$relay" "SELECT obj_description(to_regclass('public.outbox'), 'pg_class')"
 deny "$relay" "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('o', '1', 'e', '{}')"

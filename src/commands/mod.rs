@@ -37,7 +37,7 @@ pub async fn migrate(settings: &Settings) -> Result<(), AppError> {
 }
 
 /// `outbox-relay check`: config valid (already, or we would not be here), database
-/// reached and migrated, broker reached.
+/// reached, migrated, writable and granted what the relay uses, broker reached.
 pub async fn check(settings: &Settings) -> Result<(), AppError> {
     let store = connect_once(settings).await?;
     let mut conn = store
@@ -46,6 +46,7 @@ pub async fn check(settings: &Settings) -> Result<(), AppError> {
         .await
         .map_err(crate::store::StoreError::from)?;
     crate::migrate::check_schema(&mut conn, store.table()).await?;
+    crate::migrate::check_access(&mut conn, store.table(), false).await?;
     drop(conn);
     store.pool().close().await;
     println!(

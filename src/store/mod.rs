@@ -78,12 +78,16 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
             sqlx::Error::Database(db)
                 if db.code().is_some_and(|c| {
-                    c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")
+                    c.starts_with("08")
+                        || c.starts_with("57P")
+                        || c.starts_with("53")
+                        || c == "25006"
                 }) =>
             {
                 // 08xxx connection exceptions, 57P0x admin shutdown / terminated backend /
                 // starting up, 53xxx insufficient resources (too many connections, out of
-                // memory, disk full): the server, not the statement. Recording retries
+                // memory, disk full), 25006 a read-only session (a standby, mid-failover):
+                // the server, not the statement. Recording retries
                 // them with backoff instead of giving the rows up (re-published later).
                 StoreError::Unavailable(e)
             }

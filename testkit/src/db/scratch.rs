@@ -1,7 +1,7 @@
 //! A database of a test's own (`ScratchDb`), for what the shared test database cannot
-//! be: another encoding. Created on the test server with a unique name, dropped (`WITH
-//! (FORCE)`, closing the relay's sessions) by `drop_all`, or from `Drop` when the test
-//! panics first.
+//! be: another encoding, or roles granted only there. Created on the test server with a
+//! unique name, dropped (`WITH (FORCE)`, closing the relay's sessions) with the roles the
+//! test made for it by `drop_all`, or from `Drop` when the test panics first.
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection as _, PgPool};
@@ -13,6 +13,8 @@ pub struct ScratchDb {
     pub name: String,
     pub url: String,
     pub pool: PgPool,
+    /// Roles to drop after the database (`drop_role_after`).
+    roles: Vec<String>,
 }
 
 impl ScratchDb {
@@ -36,35 +38,67 @@ impl ScratchDb {
             .connect(&url)
             .await
             .unwrap_or_else(|e| panic!("connect database {name}: {e}"));
-        Self { name, url, pool }
+        Self {
+            name,
+            url,
+            pool,
+            roles: Vec::new(),
+        }
     }
 
-    /// Close the pool and drop the database (which must succeed).
+    /// Drop role `name` (made by the test, cluster-wide) after the database.
+    pub fn drop_role_after(&mut self, name: &str) {
+        self.roles.push(name.to_string());
+    }
+
+    /// `url` connecting as `user` (no password: the test server trusts local users).
+    pub fn url_as(&self, user: &str) -> String {
+        with_user(&self.url, user)
+    }
+
+    /// Close the pool and drop the database and the roles (which must succeed).
     pub async fn drop_all(self) {
         self.pool.close().await;
         let mut admin = sqlx::PgConnection::connect(&pg_url())
             .await
             .expect("connect postgres");
-        sqlx::query(&drop_statement(&self.name))
-            .execute(&mut admin)
-            .await
-            .unwrap_or_else(|e| panic!("drop database {}: {e}", self.name));
+        for sql in drop_statements(&self.name, &self.roles) {
+            sqlx::query(&sql)
+                .execute(&mut admin)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
     }
 }
 
 impl Drop for ScratchDb {
     fn drop(&mut self) {
-        let sql = drop_statement(&self.name);
+        let statements = drop_statements(&self.name, &self.roles);
         crate::teardown::after_panic(format!("database {}", self.name), async move {
             if let Ok(mut admin) = sqlx::PgConnection::connect(&pg_url()).await {
-                let _ = sqlx::query(&sql).execute(&mut admin).await;
+                for sql in statements {
+                    let _ = sqlx::query(&sql).execute(&mut admin).await;
+                }
             }
         });
     }
 }
 
-fn drop_statement(name: &str) -> String {
-    format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")
+/// The database first (its grants go with it), then the roles.
+fn drop_statements(name: &str, roles: &[String]) -> Vec<String> {
+    let mut out = vec![format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")];
+    out.extend(roles.iter().map(|r| format!("DROP ROLE IF EXISTS \"{r}\"")));
+    out
+}
+
+/// `url` (a Postgres URL) with its user info replaced by `user`.
+fn with_user(url: &str, user: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let host = match url[start..].find('@') {
+        Some(at) => start + at + 1,
+        None => start,
+    };
+    format!("{}{user}@{}", &url[..start], &url[host..])
 }
 
 /// `url` (a Postgres URL) with its database replaced by `db` (its query kept).
