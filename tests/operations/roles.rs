@@ -38,6 +38,21 @@ async fn exits(env: &[(String, String)], args: &[&str]) -> (i32, String) {
     (code, format!("{out}{err}"))
 }
 
+async fn as_owner(db: &ScratchDb, sql: &str) {
+    sqlx::query(sql).execute(&db.pool).await.unwrap();
+}
+
+/// `check` and `run` both exit 2 at start, saying each of `says`.
+async fn both_refuse(env: &[(String, String)], says: &[&str]) {
+    for cmd in ["check", "run"] {
+        let (code, out) = exits(env, &[cmd]).await;
+        assert_eq!(code, 2, "{cmd}: {out}");
+        for s in says {
+            assert!(out.contains(s), "{cmd} should say {s:?}: {out}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_least_privilege_role_relays_and_a_missing_grant_is_named_at_start() {
     let mut db = ScratchDb::with_encoding("relay_roles", "UTF8").await;
@@ -91,37 +106,26 @@ async fn the_least_privilege_role_relays_and_a_missing_grant_is_named_at_start()
     );
 
     // One grant missing: both commands stop at start and name it.
-    sqlx::query(&format!(
-        "REVOKE UPDATE ON outbox_relay_floor FROM \"{relay}\""
-    ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    for cmd in ["check", "run"] {
-        let (code, out) = exits(&env, &[cmd]).await;
-        assert_eq!(code, 2, "{cmd}: {out}");
-        assert!(
-            out.contains(&format!("role {relay} lacks"))
-                && out.contains("UPDATE on ")
-                && out.contains("outbox_relay_floor")
-                && out.contains("relay-role.sql"),
-            "{cmd} names the missing grant: {out}"
-        );
-    }
+    let lacks = format!("role {relay} lacks");
+    as_owner(
+        &db,
+        &format!("REVOKE UPDATE ON outbox_relay_floor FROM \"{relay}\""),
+    )
+    .await;
+    both_refuse(
+        &env,
+        &[&lacks, "UPDATE on ", "outbox_relay_floor", "relay-role.sql"],
+    )
+    .await;
 
     // A session read-only by setting (not a standby): both say so.
     apply_role_script(&db, &relay, &producer);
-    sqlx::query(&format!(
-        "ALTER ROLE \"{relay}\" SET default_transaction_read_only = on"
-    ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    for cmd in ["check", "run"] {
-        let (code, out) = exits(&env, &[cmd]).await;
-        assert_eq!(code, 2, "{cmd} on a read-only session: {out}");
-        assert!(out.contains("read-only session"), "{cmd}: {out}");
-    }
+    as_owner(
+        &db,
+        &format!("ALTER ROLE \"{relay}\" SET default_transaction_read_only = on"),
+    )
+    .await;
+    both_refuse(&env, &["read-only session"]).await;
 
     broker.cleanup().await;
     db.drop_all().await;
