@@ -171,7 +171,7 @@ pub async fn replay(settings: &Settings, ids: &[i64], all_failed: bool) -> Resul
         .replay(if all_failed { None } else { Some(ids) })
         .await?;
     store.pool().close().await;
-    println!("replayed {} row(s): {done:?}", done.len());
+    println!("replayed {} row(s): {}", done.len(), listed(&done));
     report_missing(ids, &done, "not FAILED (or discarded)");
     Ok(())
 }
@@ -184,25 +184,50 @@ pub async fn discard(settings: &Settings, ids: &[i64]) -> Result<(), AppError> {
     let store = connect_once(settings).await?;
     let done = store.discard(ids).await?;
     store.pool().close().await;
-    println!("discarded {} row(s): {done:?}", done.len());
+    println!("discarded {} row(s): {}", done.len(), listed(&done));
     report_missing(ids, &done, "not FAILED (or already discarded)");
     Ok(())
 }
 
 fn report_missing(asked: &[i64], done: &[i64], why: &str) {
+    let done: std::collections::HashSet<i64> = done.iter().copied().collect();
     let missing: Vec<i64> = asked
         .iter()
         .copied()
         .filter(|i| !done.contains(i))
         .collect();
     if !missing.is_empty() {
-        eprintln!("skipped {missing:?}: {why}");
+        eprintln!("skipped {}: {why}", listed(&missing));
+    }
+}
+
+/// Ids as a list, the first `LISTED_IDS` of them (`replay --all-failed` may touch
+/// hundreds of thousands): `[1, 2, 3]`, `[1, 2, … and 99998 more]`.
+fn listed(ids: &[i64]) -> String {
+    const LISTED_IDS: usize = 100;
+    let shown: Vec<String> = ids.iter().take(LISTED_IDS).map(i64::to_string).collect();
+    match ids.len().checked_sub(LISTED_IDS) {
+        Some(more) if more > 0 => format!("[{}, … and {more} more]", shown.join(", ")),
+        _ => format!("[{}]", shown.join(", ")),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::shown;
+    use super::{listed, shown};
+
+    #[test]
+    fn long_id_lists_are_cut() {
+        assert_eq!(listed(&[]), "[]");
+        assert_eq!(listed(&[3, 1]), "[3, 1]");
+        let many: Vec<i64> = (1..=250).collect();
+        let s = listed(&many);
+        assert!(
+            s.starts_with("[1, 2, 3,") && s.ends_with("100, … and 150 more]"),
+            "{s}"
+        );
+        assert_eq!(listed(&many[..100]).matches(',').count(), 99);
+    }
 
     #[test]
     fn status_shows_keys_bounded_and_escaped() {
