@@ -141,6 +141,11 @@ pub struct SinkConfig {
     pub kind: SinkKind,
 }
 
+/// The longest `relay.poll_interval` accepted (the polling safety net must come round).
+const MAX_POLL_INTERVAL: Duration = Duration::from_secs(3600);
+/// The shortest `relay.publish_timeout` accepted.
+const MIN_PUBLISH_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// Suffix of a `kafka.properties` key whose value is a file holding the property's value.
 pub const PROPERTY_FILE_SUFFIX: &str = "_file";
 
@@ -275,8 +280,12 @@ impl Settings {
         if r.batch_size == 0 || r.batch_size > 10_000 {
             return Err(invalid("relay.batch_size", "must be between 1 and 10000"));
         }
-        if r.poll_interval.is_zero() {
-            return Err(invalid("relay.poll_interval", "must be greater than 0"));
+        if r.poll_interval.is_zero() || r.poll_interval > MAX_POLL_INTERVAL {
+            return Err(invalid(
+                "relay.poll_interval",
+                "must be greater than 0 and at most 1h: it is the safety net when no NOTIFY \
+                 arrives (relay.listen off, or the LISTEN connection lost)",
+            ));
         }
         if r.busy_poll_interval.is_zero() {
             return Err(invalid(
@@ -298,6 +307,14 @@ impl Settings {
         }
         if r.lease_timeout < Duration::from_secs(1) {
             return Err(invalid("relay.lease_timeout", "must be at least 1s"));
+        }
+        if !r.publish_timeout.is_zero() && r.publish_timeout < MIN_PUBLISH_TIMEOUT {
+            return Err(invalid(
+                "relay.publish_timeout",
+                "must be at least 100ms (or 0s: the default): a message not confirmed within \
+                 it is taken for a stalled broker and sent again, so a shorter one resends \
+                 everything",
+            ));
         }
         if r.publish_timeout >= r.lease_timeout {
             return Err(invalid(

@@ -59,6 +59,23 @@ fn bad_values_name_their_key() {
     let mut s = empty_table();
     s.relay.backoff_max = Duration::from_millis(1);
     assert!(rejection(&s).contains("relay.backoff_max"));
+    // Accepted once: a poll every 114 years, a timeout that resends every message.
+    let mut s = empty_table();
+    s.relay.poll_interval = Duration::from_secs(1_000_000 * 3600);
+    assert!(rejection(&s).contains("relay.poll_interval"));
+    for short in [Duration::from_millis(1), Duration::from_millis(99)] {
+        let mut s = empty_table();
+        s.relay.publish_timeout = short;
+        let why = rejection(&s);
+        assert!(
+            why.contains("relay.publish_timeout") && why.contains("at least 100ms"),
+            "{why}"
+        );
+    }
+    let mut s = empty_table();
+    s.relay.publish_timeout = Duration::from_millis(100);
+    s.relay.poll_interval = Duration::from_secs(3600);
+    s.validate().unwrap();
 }
 
 #[test]
