@@ -12,7 +12,8 @@
 //! - `migrate`  — embedded SQL migrations and the start-up schema check
 //! - `model`    — the outbox row and the validated wire `Message`
 //! - `store`    — Postgres: claim, mark, parked rows, leases (`store::leases`), operator
-//!   queries (`store::admin`), connections (the hot path's own pool: `store::pool`)
+//!   queries (`store::admin`), connections (the hot path's own pool: `store::pool`), rows
+//!   whose text cannot be sent in UTF-8 (`store::unreadable`)
 //! - `sink`     — the `Sink` trait; `sink::rabbitmq` (lapin), `sink::kafka` (rdkafka),
 //!   `sink::nats` (async-nats, JetStream), `sink::redis` (redis-rs: streams, pub/sub),
 //!   `sink::aws` (the AWS SDK: `sqs` and `sns` through one batcher), each owning its config
