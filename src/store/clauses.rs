@@ -75,10 +75,9 @@ pub(crate) fn probe_columns(tbl: &str, list: &str) -> String {
 }
 
 /// The fetch (`Store::fetch`): the rows among `$1` (picked by the engine) that are still
-/// due and behind no blocker, `ids` saying how the statement finds them. Its columns are
-/// read by position (`ClaimedRow`).
-/// `text` says how the text columns are read: as they are, or as bytes
-/// (`unreadable::stored_bytes`).
+/// due and behind no blocker, `ids` saying how the statement finds them, `text` how it
+/// reads the text columns: as they are (`as_is`), or as bytes (`unreadable::stored_bytes`).
+/// Its columns are read by position (`ClaimedRow`, `unreadable::RawRow`).
 pub(super) fn fetch(
     tbl: &str,
     untaken: &str,

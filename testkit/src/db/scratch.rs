@@ -91,32 +91,19 @@ fn drop_statements(name: &str, roles: &[String]) -> Vec<String> {
     out
 }
 
-/// `url` (a Postgres URL) with its user info replaced by `user`.
-fn with_user(url: &str, user: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let host = match url[start..].find('@') {
-        Some(at) => start + at + 1,
-        None => start,
-    };
-    format!("{}{user}@{}", &url[..start], &url[host..])
-}
-
 /// `url` (a Postgres URL) with its database replaced by `db` (its query kept).
 fn url_of(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    let mut out = format!("{}/{db}", &base[..host_end]);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    out
+    let mut u = url::Url::parse(url).expect("TEST_DATABASE_URL is a URL");
+    u.set_path(db);
+    u.into()
+}
+
+/// `url` with its user info replaced by `user` (no password).
+fn with_user(url: &str, user: &str) -> String {
+    let mut u = url::Url::parse(url).expect("a Postgres URL");
+    u.set_username(user).expect("a URL with a host");
+    u.set_password(None).expect("a URL with a host");
+    u.into()
 }
 
 #[cfg(test)]
