@@ -13,12 +13,14 @@
 //! - `model`    — the outbox row and the validated wire `Message`
 //! - `store`    — Postgres: claim, mark, parked rows, leases (`store::leases`), operator
 //!   queries (`store::admin`), connections (the hot path's own pool: `store::pool`), rows
-//!   whose text cannot be sent in UTF-8 (`store::unreadable`)
+//!   whose text cannot be sent in UTF-8 (`store::unreadable`), the tenant probe
+//!   (`store::tenants`)
 //! - `sink`     — the `Sink` trait; `sink::rabbitmq` (lapin), `sink::kafka` (rdkafka),
 //!   `sink::nats` (async-nats, JetStream), `sink::redis` (redis-rs: streams, pub/sub),
 //!   `sink::aws` (the AWS SDK: `sqs` and `sns` through one batcher), each owning its config
 //!   section(s) (`<broker>::config`) and a demo reader (`tap`, giving `sink::Arrival`)
-//! - `relay`    — the engine: claimer, per-aggregate window, dispatch, completer, leases
+//! - `relay`    — the engine: claimer, per-aggregate window, fairness between types
+//!   (`relay::tenants`), dispatch, completer, leases
 //!   and the partitions they give, doorbell (when to ask for NOTIFY), idle probes,
 //!   backoff, wake-ups
 //! - `wiring`   — what `run` and the commands share: the configured sink as one

@@ -288,6 +288,8 @@ async fn scan_from(s: &Store, after: i64) -> outbox_relay::store::ScanPage {
         skip: None,
         only: None,
         list_writers: true,
+        skip_types: None,
+        only_types: None,
     })
     .await
     .unwrap()
@@ -503,6 +505,9 @@ mod doorbell;
 
 #[path = "store/errors.rs"]
 mod errors;
+
+#[path = "store/types.rs"]
+mod types;
 
 /// A retry blocks the rows after it in the fetch, due or not, unless it is read in the
 /// same fetch or the caller holds it already (a retry that fell due between a claim's

@@ -39,6 +39,12 @@ impl AggKey {
     pub fn hash64(&self) -> u64 {
         self.hash
     }
+
+    /// Its `aggregate_type` (a tenant, for the sweep's fairness between types).
+    pub fn aggregate_type(&self) -> &str {
+        // Built from a `&str` and split at its end: always UTF-8.
+        std::str::from_utf8(&self.text[..self.split]).unwrap_or_default()
+    }
 }
 
 impl std::fmt::Debug for AggKey {
@@ -112,5 +118,7 @@ mod tests {
         m.insert(a.clone(), 1);
         assert_eq!(m.get(&b), Some(&1));
         assert_eq!(m.get(&AggKey::new("order", "43")), None);
+        assert_eq!(AggKey::new("ord", "er42").aggregate_type(), "ord");
+        assert_eq!(AggKey::new("", "x").aggregate_type(), "");
     }
 }

@@ -13,6 +13,8 @@ pub struct Ahead {
     pub generation: u64,
     pub after: i64,
     pub skip: HashSet<i32>,
+    /// The type the page's scan left out (`Plan::skip_type`).
+    pub skip_type: Option<String>,
     pub partitions: Option<Vec<i32>>,
     pub scan_limit: u32,
     pub examine: u32,
@@ -21,13 +23,14 @@ pub struct Ahead {
 
 impl Ahead {
     /// Use the page for `plan` if it is what `plan`'s scan would have asked for: the same
-    /// sweep generation, start and partitions, and every aggregate the page's scan left
-    /// out is capped in the plan too (the picker leaves out the others the plan caps).
+    /// sweep generation, start, partitions and type passed over, and every aggregate the
+    /// page's scan left out is capped in the plan too (the picker leaves out the others the plan caps).
     /// The page's own limits then decide whether it reached the end. The engine drops an
     /// ahead page when another scan (a refill) runs first, so the horizon sees the scans'
     /// probes in the order they ran.
     pub fn adopt(self, plan: &mut Plan) -> bool {
-        let fits = plan.only.is_none()
+        let fits = !plan.is_refill()
+            && plan.skip_type == self.skip_type
             && plan.generation == self.generation
             && plan.after == self.after
             && plan.partitions == self.partitions
@@ -53,6 +56,7 @@ mod tests {
             generation: 0,
             after,
             skip: skip.iter().copied().collect(),
+            skip_type: None,
             partitions: None,
             scan_limit: 7,
             examine: 700,
@@ -80,6 +84,13 @@ mod tests {
         assert!(!ahead(9, &[]).adopt(&mut p), "another start");
         p.generation = 1;
         assert!(!ahead(10, &[]).adopt(&mut p), "the sweep started over");
+        let mut p = plan(3, 100);
+        p.after = 10;
+        p.skip_type = Some("bulk".into());
+        assert!(
+            !ahead(10, &[]).adopt(&mut p),
+            "a type is passed over since (the page has its rows)"
+        );
         let mut p = plan(3, 100);
         p.after = 10;
         p.only = Some(vec![1]);

@@ -32,8 +32,13 @@ pub struct Plan {
     pub after: i64,
     /// Aggregate hashes not to take rows of (capped in the sweep, held back, …).
     pub capped: HashSet<i32>,
-    /// A refill: only these hashes.
+    /// A refill: only these hashes (and `only_type`).
     pub only: Option<Vec<i32>>,
+    /// An `aggregate_type` the sweep passes over (`Sweep::cap_tenant`): its rows are left
+    /// out of a sweep claim's scan.
+    pub skip_type: Option<String>,
+    /// A refill of this passed-over type (with `only`: rows of either).
+    pub only_type: Option<String>,
     /// Ids held in memory or being recorded.
     pub exclude: HashSet<i64>,
     /// Held ids that were tried before (their retry time may still be in the database).
@@ -55,6 +60,14 @@ pub struct Plan {
     pub horizon: i64,
     /// A page scanned ahead that fits this plan (`Ahead::adopt`): used instead of scanning.
     pub ahead: Option<ScanPage>,
+}
+
+impl Plan {
+    /// A refill: the first pending rows of some aggregates or of a type, from the low
+    /// water mark (it does not move the sweep's cursor).
+    pub fn is_refill(&self) -> bool {
+        self.only.is_some() || self.only_type.is_some()
+    }
 }
 
 /// The examine limit of a scan returning `scan_limit` ids: passing over skipped
@@ -210,6 +223,8 @@ fn sweep_query<'a>(plan: &'a Plan, after: i64, skip: &'a [i32], examine: u32) ->
         skip: (!skip.is_empty()).then_some(skip),
         only: None,
         list_writers: false,
+        skip_types: plan.skip_type.as_ref().map(std::slice::from_ref),
+        only_types: None,
     }
 }
 
@@ -217,12 +232,15 @@ fn sweep_query<'a>(plan: &'a Plan, after: i64, skip: &'a [i32], examine: u32) ->
 /// caps (`Ahead`); `None` for a refill, a claim that reached the end or took nothing, a
 /// cursor past the horizon (it will be held back), or a failed scan.
 async fn scan_ahead(store: &Store, plan: &Plan, sel: &Selection) -> Option<Ahead> {
-    if plan.only.is_some() || sel.end || sel.take.is_empty() || sel.cursor > plan.horizon {
+    if plan.is_refill() || sel.end || sel.take.is_empty() || sel.cursor > plan.horizon {
         return None;
     }
     let skip: HashSet<i32> = plan.capped.iter().chain(&sel.capped).copied().collect();
     let skip_list: Vec<i32> = skip.iter().copied().collect();
-    let examine = examine_limit(plan.scan_limit, !skip.is_empty());
+    let examine = examine_limit(
+        plan.scan_limit,
+        !skip.is_empty() || plan.skip_type.is_some(),
+    );
     let page = store
         .scan(&sweep_query(plan, sel.cursor, &skip_list, examine))
         .await
@@ -231,6 +249,7 @@ async fn scan_ahead(store: &Store, plan: &Plan, sel: &Selection) -> Option<Ahead
         generation: plan.generation,
         after: sel.cursor,
         skip,
+        skip_type: plan.skip_type.clone(),
         partitions: plan.partitions.clone(),
         scan_limit: plan.scan_limit,
         examine,
@@ -297,6 +316,7 @@ pub async fn claim(store: Store, mut plan: Plan) -> Result<Claimed, StoreError> 
                 .scan(&ScanQuery {
                     only: plan.only.as_deref(),
                     list_writers: plan.list_writers,
+                    only_types: plan.only_type.as_ref().map(std::slice::from_ref),
                     ..sweep_query(&plan, plan.after, &skip, plan.examine)
                 })
                 .await?
@@ -318,7 +338,7 @@ pub async fn claim(store: Store, mut plan: Plan) -> Result<Claimed, StoreError> 
         // Rows were re-opened below the sweep (replay, un-parking): rows of their
         // aggregates above it must not go first. Take nothing; the sweep starts over.
         return Ok(Claimed {
-            refill: plan.only.is_some(),
+            refill: plan.is_refill(),
             generation: plan.generation,
             rows: Vec::new(),
             cursor: plan.after,
@@ -378,7 +398,7 @@ pub async fn claim(store: Store, mut plan: Plan) -> Result<Claimed, StoreError> 
         park_blocked(&store, &page, &left_out, plan.on_failed).await?;
     }
     Ok(Claimed {
-        refill: plan.only.is_some(),
+        refill: plan.is_refill(),
         generation: plan.generation,
         rows,
         cursor: sel.cursor,
@@ -391,100 +411,5 @@ pub async fn claim(store: Store, mut plan: Plan) -> Result<Claimed, StoreError> 
 }
 
 #[cfg(test)]
-pub(super) mod tests {
-    use super::*;
-
-    /// A plan for tests (no partitions, nothing held).
-    pub(in crate::relay) fn plan(max_per_aggregate: u32, room_rows: usize) -> Plan {
-        Plan {
-            generation: 0,
-            epoch: None,
-            after: 0,
-            capped: HashSet::default(),
-            only: None,
-            exclude: HashSet::default(),
-            retried: Vec::new(),
-            counts: HashMap::default(),
-            max_per_aggregate,
-            room_rows,
-            room_bytes: 1 << 20,
-            scan_limit: 100,
-            examine: 1000,
-            partitions: None,
-            on_failed: OnFailed::Block,
-            list_writers: false,
-            horizon: i64::MAX,
-            ahead: None,
-        }
-    }
-
-    fn page(rows: &[(i64, i32)]) -> ScanPage {
-        ScanPage {
-            rows: rows
-                .iter()
-                .map(|&(id, hash)| Scanned { id, hash, size: 10 })
-                .collect(),
-            last_examined: rows.last().map_or(0, |r| r.0),
-            examined: rows.len() as u32,
-            ..ScanPage::default()
-        }
-    }
-
-    #[test]
-    fn a_hot_aggregate_gets_its_share_and_the_others_come_through() {
-        let mut rows: Vec<(i64, i32)> = (1..=50).map(|id| (id, 1)).collect();
-        rows.extend((51..=55).map(|id| (id, id as i32)));
-        let sel = select(&plan(3, 100), &page(&rows));
-        assert_eq!(sel.take, vec![1, 2, 3, 51, 52, 53, 54, 55]);
-        assert_eq!(sel.capped, vec![1]);
-        assert!(sel.end);
-    }
-
-    #[test]
-    fn rows_in_memory_count_towards_the_share_and_are_skipped() {
-        let mut p = plan(3, 100);
-        p.exclude = [1, 2].into_iter().collect();
-        p.counts = [(1, 2)].into_iter().collect();
-        p.capped = [9].into_iter().collect();
-        let sel = select(&p, &page(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 9), (6, 2)]));
-        assert_eq!(sel.take, vec![3, 6]);
-        assert_eq!(sel.cursor, 6);
-    }
-
-    #[test]
-    fn a_full_window_stops_before_the_row_it_cannot_take() {
-        let sel = select(&plan(10, 2), &page(&[(1, 1), (2, 2), (3, 3), (4, 4)]));
-        assert_eq!(sel.take, vec![1, 2]);
-        assert_eq!(sel.cursor, 2, "row 3 is looked at again");
-        assert!(!sel.end);
-    }
-
-    #[test]
-    fn rows_left_out_by_the_database_move_the_cursor_past_them() {
-        let mut p = page(&[(5, 2)]);
-        p.last_examined = 900;
-        p.examined = 1000;
-        let sel = select(&plan(10, 10), &p);
-        assert_eq!(
-            (sel.take.clone(), sel.cursor, sel.end),
-            (vec![5], 900, false)
-        );
-        p.examined = 999;
-        assert!(select(&plan(10, 10), &p).end);
-    }
-
-    #[test]
-    fn due_retries_below_the_cursor_are_taken_first_and_leave_it_alone() {
-        let mut p = plan(10, 2);
-        p.after = 500;
-        let mut pg = page(&[(600, 1), (601, 2)]);
-        pg.due = vec![Scanned {
-            id: 7,
-            hash: 3,
-            size: 10,
-        }];
-        let sel = select(&p, &pg);
-        assert_eq!(sel.take, vec![7, 600]);
-        assert_eq!(sel.cursor, 600, "the walk goes on from its own rows");
-    }
-}
+#[path = "claimer_tests.rs"]
+pub(super) mod tests;

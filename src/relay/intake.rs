@@ -44,11 +44,18 @@ impl<S: Sink> Engine<S> {
         for h in &frozen {
             self.sweep.cap(*h);
         }
-        let (after, mut capped) = self.sweep.plan(!refill.is_empty());
+        let only_type = self.tenant_turn(now);
+        let refilling = !refill.is_empty() || only_type.is_some();
+        let (after, mut capped) = self.sweep.plan(refilling);
+        let skip_type = match refilling {
+            true => None,
+            false => self.sweep.tenant().map(str::to_string),
+        };
         // Skipping an aggregate of a partition not held is the partition filter's job
         // (counted, every scan after a rebalance examined 100 000 rows).
         capped.retain(|h| self.leases.holds(*h));
-        let skipping = !capped.is_empty();
+        // A type's rows may be far apart: its scans pass over the others'.
+        let skipping = !capped.is_empty() || skip_type.is_some() || only_type.is_some();
         capped.extend(frozen);
         // Every id held (the scan's due retries come from below its start too).
         let exclude: HashSet<i64> = self
@@ -70,6 +77,8 @@ impl<S: Sink> Engine<S> {
             after,
             capped,
             only: (!refill.is_empty()).then_some(refill),
+            skip_type,
+            only_type,
             exclude,
             retried: self.window.retried_ids().collect(),
             counts: self.window.per_hash().clone(),
@@ -121,6 +130,7 @@ impl<S: Sink> Engine<S> {
                 claimed.end,
                 claimed.rows.len(),
                 claimed.capped.iter().chain(&claimed.passed),
+                Instant::now(),
             );
         }
         // Claim again at once only while the sweep has not reached the end of the table,

@@ -37,6 +37,7 @@ mod leases;
 mod partitions;
 mod probe;
 mod sweep;
+mod tenants;
 #[cfg(test)]
 mod tests;
 pub mod wake;
@@ -68,6 +69,7 @@ use doorbell::Doorbell;
 use late::Delivered;
 use leases::{Leases, Renewal};
 use sweep::Sweep;
+use tenants::Tenants;
 use window::Window;
 
 /// Late-committed rows seen behind a row of their aggregate that was already sent.
@@ -144,6 +146,8 @@ struct Engine<S: Sink> {
     claiming: Option<JoinHandle<Result<Claimed, StoreError>>>,
     /// The next sweep scan, run beside the last sweep claim's fetch.
     ahead: Option<Ahead>,
+    /// Fairness between `aggregate_type`s (`tenants`).
+    tenants: Tenants,
     claim_due: bool,
     next_claim_at: Instant,
     db_pacer: Pacer,
@@ -203,6 +207,7 @@ impl<S: Sink> Engine<S> {
             sweep: Sweep::default(),
             claiming: None,
             ahead: None,
+            tenants: Tenants::new(Instant::now()),
             claim_due: true,
             next_claim_at: Instant::now(),
             db_pacer: Pacer::default(),
@@ -239,6 +244,7 @@ impl<S: Sink> Engine<S> {
                 r = join(&mut self.renewing) => { self.renewing = None; self.on_renewed(r); }
                 r = join(&mut self.release_task) => { self.release_task = None; self.on_released(r); }
                 r = join(&mut self.claiming) => { self.claiming = None; self.on_claimed(r); }
+                r = join(&mut self.tenants.probe) => { self.tenants.probe = None; self.on_tenant_probed(r); }
                 r = self.completer.next() => self.on_recorded(r),
                 p = self.probes.next() => self.on_probed(p).await,
                 _ = self.wake.notified() => self.claim_due = true,

@@ -24,11 +24,22 @@
 //! from there (a claim that sees the new epoch takes nothing: rows of the re-opened
 //! aggregates above the cursor must not go before them).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::aggkey::{HashMap, HashSet};
 use super::claimer::Seen;
 use super::horizon::Horizon;
+
+/// How long a type found alone in the backlog is not probed again (`Sweep::alone`): a
+/// probe walks its backlog (up to 100 000 rows, ~50 ms of Postgres CPU), so a drain of
+/// one type pays that about once per period; rows of another type written behind its
+/// burst wait up to this long more before they are seen. Doubled each time the type is
+/// found alone again, up to `SOLO_MAX`.
+pub const SOLO_FOR: Duration = Duration::from_secs(1);
+pub const SOLO_MAX: Duration = Duration::from_secs(8);
+
+/// Types with longer names are never passed over (the name is a parameter of every scan).
+pub const MAX_TENANT_BYTES: usize = 1024;
 
 /// The sweep's position between claims.
 #[derive(Debug, Default)]
@@ -41,6 +52,13 @@ pub struct Sweep {
     /// The stored floor last seen (its epoch changes when it is lowered).
     floor: Option<crate::store::Floor>,
     capped: HashSet<i32>,
+    /// An `aggregate_type` passed over for the rest of the sweep (`tenant` below).
+    tenant: Option<String>,
+    /// Rows sweep claims took while `tenant` was passed over.
+    taken_past_tenant: usize,
+    /// A type found alone in the backlog (by a probe, or a sweep passing over it that
+    /// took nothing), until when it is not probed again, and for how long it was.
+    solo: Option<(String, Instant, Duration)>,
     last_was_refill: bool,
     /// The last sweep claim did not reach the end of the table.
     pub more: bool,
@@ -67,6 +85,66 @@ impl Sweep {
         self.capped.insert(hash);
     }
 
+    /// Pass over the rows of `aggregate_type` for the rest of the sweep (a probe found
+    /// rows of other types behind its burst, `relay::tenants`): the sweep goes on to those,
+    /// and refills (`refill_tenant`) feed the type from the low water mark in `id` order.
+    /// Not while another type is passed over, nor for a name over `MAX_TENANT_BYTES`.
+    /// Returns whether it is passed over now.
+    pub fn cap_tenant(&mut self, aggregate_type: &str) -> bool {
+        if self.tenant.is_some() || aggregate_type.len() > MAX_TENANT_BYTES {
+            return false;
+        }
+        self.tenant = Some(aggregate_type.to_string());
+        self.taken_past_tenant = 0;
+        self.solo = None;
+        // The sweep's claim first: the rows behind the burst have waited.
+        self.last_was_refill = true;
+        true
+    }
+
+    /// Whether a probe for rows behind `aggregate_type`'s burst may run now: no type is
+    /// passed over, and it was not found alone within its solo period.
+    pub fn may_probe(&self, aggregate_type: &str, now: Instant) -> bool {
+        self.tenant.is_none()
+            && aggregate_type.len() <= MAX_TENANT_BYTES
+            && !matches!(&self.solo, Some((t, until, _)) if t == aggregate_type && now < *until)
+    }
+
+    /// `aggregate_type` was found alone in the backlog: not probed again for `SOLO_FOR`,
+    /// twice as long each time it is found alone again, up to `SOLO_MAX`.
+    pub fn alone(&mut self, aggregate_type: &str, now: Instant) {
+        let period = match &self.solo {
+            Some((t, _, was)) if t == aggregate_type => (*was * 2).min(SOLO_MAX),
+            _ => SOLO_FOR,
+        };
+        self.solo = Some((aggregate_type.to_string(), now + period, period));
+    }
+
+    /// The type the sweep passes over, if any.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
+    /// The passed-over type to refill now: every other claim (the sweep claims between
+    /// them take the other types' rows, so the two share the room that frees up).
+    pub fn refill_tenant(&self) -> Option<String> {
+        if self.last_was_refill {
+            return None;
+        }
+        self.tenant.clone()
+    }
+
+    /// The sweep wrapped or started over: no type is passed over any more; one that was
+    /// passed over through a whole sweep that took nothing else was alone.
+    fn end_tenant(&mut self, now: Option<Instant>) {
+        if let (Some(t), Some(now)) = (self.tenant.take(), now) {
+            if self.taken_past_tenant == 0 {
+                self.alone(&t, now);
+            }
+        }
+        self.taken_past_tenant = 0;
+    }
+
     /// Start the next claim: a refill of `only` from the first pending id, or the sweep
     /// from its cursor, skipping its capped hashes. Returns the scan start and the skip set.
     pub fn plan(&mut self, refill: bool) -> (i64, HashSet<i32>) {
@@ -76,6 +154,11 @@ impl Sweep {
         } else {
             (self.cursor, self.capped.clone())
         }
+    }
+
+    /// Where the next sweep claim starts.
+    pub fn cursor(&self) -> i64 {
+        self.cursor
     }
 
     /// The horizon a claim planned now will be held to (`Horizon::settled`).
@@ -104,6 +187,7 @@ impl Sweep {
         self.low = self.floor.map_or(0, |f| f.floor);
         self.cursor = self.low;
         self.capped.clear();
+        self.end_tenant(None);
         self.more = true;
         self.generation += 1;
     }
@@ -132,6 +216,7 @@ impl Sweep {
                 self.low = self.low.min(f.floor);
                 self.cursor = self.low;
                 self.capped.clear();
+                self.end_tenant(None);
                 self.more = true;
                 self.generation += 1;
                 return;
@@ -164,14 +249,17 @@ impl Sweep {
         end: bool,
         taken: usize,
         capped: impl IntoIterator<Item = &'a i32>,
+        now: Instant,
     ) {
         if generation != self.generation {
             return;
         }
+        self.taken_past_tenant += taken;
         if end {
             self.more = false;
             self.cursor = self.low;
             self.capped.clear();
+            self.end_tenant(Some(now));
         } else {
             let held_back = cursor > self.horizon.safe();
             self.more = !(held_back && taken == 0);
@@ -182,264 +270,5 @@ impl Sweep {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::relay::horizon::tests::quiet;
-    use crate::store::Probe;
-    use crate::store::{Floor, Fresh};
-
-    #[test]
-    fn the_sweep_caps_until_it_wraps_and_refills_what_runs_low() {
-        let mut s = Sweep::default();
-        prime(&mut s, 1000);
-        s.observe(s.generation(), &snap(quiet(1000)), none);
-        assert!(s.refill(&HashMap::default(), 4).is_empty());
-        assert_eq!(s.plan(false), (0, HashSet::default()));
-        let g = s.generation();
-        s.advance(g, 40, false, 1, &[7]);
-        assert!(s.more);
-        assert!(
-            s.refill(&[(7, 2)].into_iter().collect(), 4).is_empty(),
-            "half its share held"
-        );
-        assert_eq!(s.refill(&[(7, 1)].into_iter().collect(), 4), vec![7]);
-        assert_eq!(s.plan(true).0, 0);
-        assert!(
-            s.refill(&HashMap::default(), 4).is_empty(),
-            "one refill at a time"
-        );
-        assert_eq!(s.plan(false), (40, [7].into_iter().collect()));
-        s.advance(g, 90, false, 1, &[8]);
-        s.restart();
-        s.advance(g, 120, false, 1, &[]);
-        assert_eq!(
-            s.plan(false),
-            (0, HashSet::default()),
-            "a stale claim moves nothing"
-        );
-        s.advance(s.generation(), 90, true, 1, &[]);
-        assert_eq!(s.plan(false), (0, HashSet::default()));
-    }
-
-    /// Nothing held.
-    fn none(_: i64) -> bool {
-        false
-    }
-
-    /// The first ids with no retry schedule a scan examined (all of them).
-    fn fresh(ids: &[i64]) -> Fresh {
-        Fresh {
-            ids: ids.to_vec(),
-            more: false,
-        }
-    }
-
-    /// A scan that started above the mark (says nothing about it).
-    fn snap(p: Probe) -> Seen {
-        Seen {
-            after: i64::MAX,
-            probe: Some(p),
-            ..Seen::default()
-        }
-    }
-
-    /// Make `top` the horizon for the next statement (a probe with no writer listed).
-    fn prime(s: &mut Sweep, top: i64) {
-        s.observe(s.generation(), &snap(quiet(top)), none);
-    }
-
-    #[test]
-    fn the_cursor_stops_at_the_horizon() {
-        let mut s = Sweep::default();
-        prime(&mut s, 100);
-        s.observe(s.generation(), &snap(quiet(100)), none);
-        let g = s.generation();
-        s.advance(g, 250, false, 3, &[4]);
-        assert_eq!(
-            s.plan(false),
-            (100, [4].into_iter().collect()),
-            "rows above 100 looked at again"
-        );
-        assert!(s.more, "it took rows: claim again");
-        s.advance(g, 250, false, 0, &[]);
-        assert!(!s.more, "held back and nothing taken: wait for the tick");
-        prime(&mut s, 300);
-        s.observe(s.generation(), &snap(quiet(300)), none);
-        s.advance(g, 250, false, 0, &[]);
-        assert_eq!(s.plan(false).0, 250);
-        assert!(s.more);
-    }
-
-    #[test]
-    fn a_wrap_starts_at_the_low_water_mark() {
-        let mut s = Sweep::default();
-        let g = s.generation();
-        let floor = |floor, epoch| Some(Floor { floor, epoch });
-        // Stored floor 10; the scan from 0 found pending rows from 40; nothing running.
-        prime(&mut s, 100);
-        s.observe(
-            g,
-            &Seen {
-                after: 0,
-                probe: Some(quiet(100)),
-                fresh: fresh(&[40]),
-                reach: i64::MAX,
-                floor: floor(10, 0),
-            },
-            none,
-        );
-        assert_eq!(s.plan(true).0, 39, "a refill starts at the mark");
-        s.advance(g, 90, true, 1, &[]);
-        assert_eq!(s.plan(false).0, 39, "so does a wrap");
-        // A scan from the mark that found nothing: the mark goes to the horizon, no
-        // further (ids above 200 may still commit).
-        prime(&mut s, 200);
-        s.observe(
-            g,
-            &Seen {
-                after: 39,
-                probe: Some(quiet(200)),
-                fresh: fresh(&[]),
-                reach: i64::MAX,
-                floor: floor(10, 0),
-            },
-            none,
-        );
-        assert_eq!(s.plan(true).0, 200);
-        // A scan that started above the mark says nothing about it.
-        prime(&mut s, 900);
-        s.observe(
-            g,
-            &Seen {
-                after: 300,
-                probe: Some(quiet(900)),
-                fresh: fresh(&[800]),
-                reach: i64::MAX,
-                floor: floor(10, 0),
-            },
-            none,
-        );
-        assert_eq!(s.plan(true).0, 200);
-        // The floor was lowered (rows re-opened): the mark follows it down, whatever
-        // the scan that brought the news found.
-        prime(&mut s, 900);
-        s.observe(
-            g,
-            &Seen {
-                after: 200,
-                probe: Some(quiet(900)),
-                fresh: fresh(&[850]),
-                reach: i64::MAX,
-                floor: floor(5, 1),
-            },
-            none,
-        );
-        assert_eq!(s.plan(true).0, 5);
-        assert_eq!(
-            s.plan(false),
-            (5, HashSet::default()),
-            "the sweep starts over there"
-        );
-        assert_ne!(s.generation(), g, "claims planned before it move nothing");
-        let g = s.generation();
-        // A raised floor lifts the mark; a restart goes back to the stored floor.
-        s.observe(
-            g,
-            &Seen {
-                after: 900,
-                probe: None,
-                fresh: fresh(&[]),
-                reach: i64::MAX,
-                floor: floor(60, 1),
-            },
-            none,
-        );
-        assert_eq!(s.plan(true).0, 60);
-        prime(&mut s, 900);
-        s.observe(
-            g,
-            &Seen {
-                after: 60,
-                probe: Some(quiet(900)),
-                fresh: fresh(&[700]),
-                reach: i64::MAX,
-                floor: floor(60, 1),
-            },
-            none,
-        );
-        assert_eq!(s.plan(true).0, 699);
-        s.restart();
-        assert_eq!(s.plan(false).0, 60);
-        // A scan planned before the restart is ignored.
-        prime(&mut s, 900);
-        s.observe(
-            g,
-            &Seen {
-                after: 0,
-                probe: Some(quiet(900)),
-                fresh: fresh(&[800]),
-                reach: i64::MAX,
-                floor: floor(60, 1),
-            },
-            none,
-        );
-        assert_eq!(s.plan(true).0, 60);
-    }
-
-    #[test]
-    fn rows_held_do_not_hold_the_mark_until_they_leave_memory_pending() {
-        let mut s = Sweep::default();
-        let g = s.generation();
-        // Row 5 is out at the broker (its confirm slow); 6-8 are held too; 40 is not.
-        let held = |id: i64| (5..=8).contains(&id);
-        prime(&mut s, 100);
-        let seen = |fresh| Seen {
-            after: 0,
-            probe: Some(quiet(100)),
-            fresh,
-            reach: i64::MAX,
-            floor: None,
-        };
-        s.observe(g, &seen(fresh(&[5, 6, 7, 8, 40, 41])), held);
-        assert_eq!(s.plan(true).0, 39, "a wrap starts after the rows held");
-        // All listed held and the list cut: as far as it listed.
-        s.lower(1);
-        let cut = Fresh {
-            ids: vec![5, 6, 7, 8],
-            more: true,
-        };
-        s.observe(g, &seen(cut), held);
-        assert_eq!(s.plan(true).0, 8);
-        // All listed held and nothing more examined: the horizon.
-        s.observe(g, &seen(fresh(&[5, 6, 7, 8])), held);
-        assert_eq!(s.plan(true).0, 100);
-        // Row 6 left memory still pending (its aggregate dropped): the mark goes back,
-        // and a scan that still lists it (not held now) keeps it there.
-        s.lower(6);
-        assert_eq!(s.plan(true).0, 5);
-        s.observe(g, &seen(fresh(&[5, 6, 7, 8, 40])), |id| id == 5 || id == 7);
-        assert_eq!(s.plan(true).0, 5);
-        s.advance(g, 100, true, 0, &[]);
-        assert_eq!(s.plan(false).0, 5, "the next wrap finds it");
-    }
-
-    #[test]
-    fn a_scan_that_stopped_short_raises_the_mark_only_as_far_as_it_looked() {
-        let mut s = Sweep::default();
-        let g = s.generation();
-        // Only rows waiting for a retry among the rows examined, and more after them.
-        prime(&mut s, 900);
-        s.observe(
-            g,
-            &Seen {
-                after: 0,
-                probe: Some(quiet(900)),
-                fresh: fresh(&[]),
-                reach: 300,
-                floor: None,
-            },
-            none,
-        );
-        assert_eq!(s.plan(true).0, 300);
-    }
-}
+#[path = "sweep_tests.rs"]
+mod tests;

@@ -207,3 +207,67 @@ async fn a_turn_sends_a_bounded_part_of_the_window_and_the_next_turns_the_rest()
     e.dispatch().await;
     assert_eq!(e.sink.0, total, "nothing left to send");
 }
+
+/// A burst of one `aggregate_type` fills the window while the sweep has more to read:
+/// after `DOMINANT_FOR` a probe looks behind it; when it finds other types, the sweep
+/// claims pass over the type and every other claim refills it from the low water mark.
+#[tokio::test]
+async fn a_type_s_burst_is_probed_then_passed_over_and_refilled_every_other_claim() {
+    let mut e = engine();
+    renewed(&mut e, 1);
+    let t0 = Instant::now();
+    let plan = e.next_plan(t0).unwrap();
+    assert_eq!(
+        (plan.skip_type.as_deref(), plan.only_type.as_deref()),
+        (None, None)
+    );
+    // Over half the window (twice `max_in_flight`).
+    let rows = (1..=1200)
+        .map(|id| {
+            let mut r = row(id, &format!("b{}", id % 100), (id % 256) as i32);
+            r.row.aggregate_type = "bulk".into();
+            r
+        })
+        .collect();
+    e.on_claimed(Ok(Ok(landed(&plan, rows))));
+    let t1 = t0 + Duration::from_millis(200);
+    let next = e.next_plan(t1).unwrap();
+    assert!(
+        next.skip_type.is_none() && e.tenants.probe.is_none(),
+        "not yet: {next:?}"
+    );
+    let later = t1 + super::tenants::DOMINANT_FOR;
+    let next = e.next_plan(later).unwrap();
+    assert!(next.skip_type.is_none(), "{next:?}");
+    assert!(e.tenants.probe.is_some(), "a probe looks behind the burst");
+    // The probe found rows of other types.
+    e.tenants.probe = None;
+    e.on_tenant_probed(Ok(("bulk".into(), Ok(true))));
+    let sweep = e.next_plan(later).unwrap();
+    assert_eq!(sweep.skip_type.as_deref(), Some("bulk"), "{sweep:?}");
+    assert!(!sweep.is_refill() && skipping(&sweep), "{sweep:?}");
+    e.on_claimed(Ok(Ok(landed(&sweep, vec![row(1300, "o1", 9)]))));
+    let refill = e.next_plan(later).unwrap();
+    assert_eq!(refill.only_type.as_deref(), Some("bulk"), "{refill:?}");
+    assert!(refill.is_refill() && refill.skip_type.is_none() && skipping(&refill));
+    e.on_claimed(Ok(Ok(Claimed {
+        refill: true,
+        ..landed(&refill, Vec::new())
+    })));
+    let next = e.next_plan(later).unwrap();
+    assert_eq!(next.skip_type.as_deref(), Some("bulk"), "{next:?}");
+    assert!(!next.is_refill());
+}
+
+/// A probe that finds the type alone leaves it alone (no scan passes over it).
+#[tokio::test]
+async fn a_type_found_alone_is_not_passed_over() {
+    let mut e = engine();
+    renewed(&mut e, 1);
+    let t0 = Instant::now();
+    e.on_tenant_probed(Ok(("bulk".into(), Ok(false))));
+    assert!(!e.sweep.may_probe("bulk", t0));
+    let plan = e.next_plan(t0).unwrap();
+    assert!(plan.skip_type.is_none() && plan.only_type.is_none());
+    assert_eq!(e.sweep.tenant(), None);
+}

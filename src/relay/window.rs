@@ -120,6 +120,16 @@ impl Window {
         &self.per_hash
     }
 
+    /// The `aggregate_type` holding the most rows, and how many (one walk over the
+    /// aggregates held).
+    pub fn top_type(&self) -> Option<(&str, usize)> {
+        let mut counts: HashMap<&str, usize> = HashMap::default();
+        for (key, agg) in &self.aggs {
+            *counts.entry(key.aggregate_type()).or_insert(0) += agg.queue.len();
+        }
+        counts.into_iter().max_by_key(|(_, n)| *n)
+    }
+
     /// Hashes of aggregates a claim must not add to (held back or being dropped).
     pub fn frozen_hashes(&self) -> impl Iterator<Item = i32> + '_ {
         self.aggs
@@ -383,6 +393,23 @@ mod tests {
         w.finish(&k2);
         assert_eq!((w.rows(), w.out()), (2, 1));
         assert_eq!(w.per_hash().get(&7), Some(&2));
+    }
+
+    #[test]
+    fn the_type_holding_the_most_rows_is_counted_over_its_aggregates() {
+        let mut w = Window::default();
+        assert_eq!(w.top_type(), None);
+        for (id, t, a) in [
+            (1, "bulk", "1"),
+            (2, "bulk", "2"),
+            (3, "orders", "1"),
+            (4, "bulk", "1"),
+        ] {
+            w.insert(AggKey::new(t, a), entry(id, 7));
+        }
+        assert_eq!(w.top_type(), Some(("bulk", 3)));
+        w.drop_aggregate(&AggKey::new("bulk", "1"));
+        assert_eq!(w.top_type().map(|(_, n)| n), Some(1));
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub struct ScanQuery<'a> {
     pub only: Option<&'a [i32]>,
     /// List the table's writers for the horizon (`Probe::writers`).
     pub list_writers: bool,
+    /// Leave out rows of these `aggregate_type`s (a tenant's burst, passed over).
+    pub skip_types: Option<&'a [String]>,
+    /// A refill of these `aggregate_type`s (with `only`: rows of either).
+    pub only_types: Option<&'a [String]>,
 }
 
 /// The scan's one row: the pending rows and the due retries as arrays, and the summary.
@@ -269,6 +273,8 @@ impl Store {
             .bind(q.skip)
             .bind(q.only)
             .bind(q.list_writers)
+            .bind(q.skip_types)
+            .bind(q.only_types)
             .fetch_one(&self.hot)
             .await?;
         let probe = match (row.top, row.writers) {

@@ -18,6 +18,7 @@ mod floor;
 pub mod leases;
 mod park;
 mod pool;
+mod tenants;
 mod unreadable;
 
 pub use claim::{ClaimedRow, Fresh, Probe, ScanPage, ScanQuery, Scanned};
@@ -141,8 +142,9 @@ impl Sql {
             // `s` examines at most $4 pending ids after $1 (no payloads), walking the
             // primary key; `d` adds the retries that fell due at or below $1 (below the
             // floor: a waiting retry does not hold it), through `outbox_due_idx`. `w`
-            // and `e` leave out the hashes in $5 (skipped for the rest of a sweep) or keep
-            // only those in $6 (a refill). One row comes back: each list as three arrays
+            // and `e` leave out the hashes in $5 (skipped for the rest of a sweep) and the
+            // `aggregate_type`s in $8 (a tenant's burst passed over), or keep only the
+            // hashes in $6 and the types in $9 (a refill). One row comes back: each list as three arrays
             // (ids, hashes, sizes: a row per pending id cost the relay ~4 000
             // instructions each to receive and decode, the arrays a few dozen), the last
             // id `s` examined and how many, the horizon probe (the table's highest visible
@@ -155,7 +157,9 @@ impl Sql {
                      SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
                             (pg_column_size(o.payload) + pg_column_size(o.headers)
                              + octet_length(o.aggregate_id))::bigint AS size,
-                            o.next_attempt_at IS NULL AS fresh
+                            o.next_attempt_at IS NULL AS fresh,
+                            o.aggregate_type = ANY($8::text[]) AS skip_type,
+                            o.aggregate_type = ANY($9::text[]) AS only_type
                      FROM {tbl} o
                      WHERE o.status = 'PENDING' AND {unparked} AND o.id > $1
                        AND ($2::int[] IS NULL
@@ -165,7 +169,9 @@ impl Sql {
                  d AS (
                      SELECT o.id, hashtext(o.aggregate_type || '/' || o.aggregate_id) AS hash,
                             (pg_column_size(o.payload) + pg_column_size(o.headers)
-                             + octet_length(o.aggregate_id))::bigint AS size
+                             + octet_length(o.aggregate_id))::bigint AS size,
+                            o.aggregate_type = ANY($8::text[]) AS skip_type,
+                            o.aggregate_type = ANY($9::text[]) AS only_type
                      FROM {tbl} o
                      WHERE o.next_attempt_at <= now() AND o.status = 'PENDING' AND o.id <= $1
                        AND ($2::int[] IS NULL
@@ -175,13 +181,17 @@ impl Sql {
                  w AS (
                      SELECT id, hash, size FROM s
                      WHERE ($5::int[] IS NULL OR hash <> ALL($5))
-                       AND ($6::int[] IS NULL OR hash = ANY($6))
+                       AND skip_type IS NOT TRUE
+                       AND (($6::int[] IS NULL AND $9::text[] IS NULL)
+                            OR hash = ANY($6) OR only_type)
                      ORDER BY id
                      LIMIT $3),
                  e AS (
                      SELECT id, hash, size FROM d
                      WHERE ($5::int[] IS NULL OR hash <> ALL($5))
-                       AND ($6::int[] IS NULL OR hash = ANY($6)))
+                       AND skip_type IS NOT TRUE
+                       AND (($6::int[] IS NULL AND $9::text[] IS NULL)
+                            OR hash = ANY($6) OR only_type))
                  SELECT w.ids, w.hashes, w.sizes, e.ids, e.hashes, e.sizes, x.last, x.examined,
                         {probe},
                         (SELECT array_agg(f.id) FROM (SELECT id FROM s WHERE fresh

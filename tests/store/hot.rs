@@ -12,7 +12,7 @@ fn params(name: &str) -> String {
     let ids: Vec<String> = (0..100).map(|i| (1_000 + 2 * i).to_string()).collect();
     let ids = format!("'{{{}}}'", ids.join(","));
     match name {
-        "scan" => "(990, NULL, 100, 100, NULL, NULL, true)".into(),
+        "scan" => "(990, NULL, 100, 100, NULL, NULL, true, NULL, NULL)".into(),
         "fetch" => format!("({ids}, true, NULL, '{{}}')"),
         "fetch_range" => format!(
             "({ids}, true, NULL, '{{}}', 1000, 1198, '\\x{}')",
