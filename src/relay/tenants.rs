@@ -1,14 +1,14 @@
 //! Fairness between `aggregate_type`s (tenants). The sweep serves a backlog in `id`
 //! order, and a burst spread over many aggregates, none of them hot, caps none: rows of
 //! other types written behind it would wait for all of it. So while the sweep has not
-//! reached the end, a type holding three quarters of a window at least half full for
-//! `DOMINANT_FOR` is probed: a read off the claim's path (`Store::other_type_after`)
-//! looks for rows of other types among the next 100 000 pending rows and the last 10 000
-//! (a burst longer than that, with rows of others written during it and none since, is
-//! not seen: those wait for the sweep). If there are some,
-//! the sweep passes over the type (`Sweep::cap_tenant`): its claims go on to the other
-//! types' rows, and every other claim refills the type from the low water mark, so the two
-//! share the room that frees up. If there are none, the type is left alone for a while
+//! reached the end, a type holding three quarters of the rows of a window at least half
+//! full (in rows or in bytes) for `DOMINANT_FOR` is probed: a read off the claim's path
+//! (`Store::other_type_after`) looks for rows of other types among the next 100 000
+//! pending rows and the last 10 000 (a longer burst with rows of others written during it
+//! and none since is not seen: those wait for the sweep). If there are some, the sweep
+//! passes over the type (`Sweep::cap_tenant`): its claims go on to the other types' rows,
+//! and every other claim refills the type from the low water mark, so the two share the
+//! room that frees up. If there are none, the type is left alone for a while
 //! (`Sweep::alone`). Order is kept as for a capped aggregate: a type's rows are then taken
 //! only by refills, each starting below every row of it not yet held.
 
@@ -67,7 +67,9 @@ impl<S: Sink> Engine<S> {
 
     fn watch_tenants(&mut self, now: Instant) {
         let rows = self.window.rows();
-        let top = (self.sweep.more && rows * 2 >= self.max_rows)
+        let max_bytes = usize::try_from(self.cfg.max_in_flight_bytes).unwrap_or(usize::MAX);
+        let half_full = rows * 2 >= self.max_rows || self.window.bytes() >= max_bytes / 2;
+        let top = (self.sweep.more && half_full)
             .then(|| self.window.top_type())
             .flatten()
             .filter(|(_, n)| n * 4 >= rows * 3)

@@ -271,3 +271,27 @@ async fn a_type_found_alone_is_not_passed_over() {
     assert!(plan.skip_type.is_none() && plan.only_type.is_none());
     assert_eq!(e.sweep.tenant(), None);
 }
+
+/// A window half full in bytes (large payloads, few rows) counts as half full too.
+#[tokio::test]
+async fn a_burst_of_large_rows_is_probed_too() {
+    let mut e = engine();
+    renewed(&mut e, 1);
+    let t0 = Instant::now();
+    let plan = e.next_plan(t0).unwrap();
+    let payload = format!("{{\"pad\": \"{}\"}}", "x".repeat(20_000));
+    let rows = (1..=900)
+        .map(|id| {
+            let mut r = row(id, &format!("b{}", id % 100), (id % 256) as i32);
+            r.row.aggregate_type = "bulk".into();
+            r.row.payload = payload.clone();
+            r
+        })
+        .collect();
+    e.on_claimed(Ok(Ok(landed(&plan, rows))));
+    assert!(e.window.rows() * 2 < e.max_rows, "under half the rows");
+    let t1 = t0 + Duration::from_millis(200);
+    e.next_plan(t1);
+    e.next_plan(t1 + super::tenants::DOMINANT_FOR);
+    assert!(e.tenants.probe.is_some(), "over half the bytes: probed");
+}
