@@ -31,10 +31,10 @@ use super::claimer::Seen;
 use super::horizon::Horizon;
 
 /// How long a type found alone in the backlog is not probed again (`Sweep::alone`): a
-/// probe walks its backlog (up to 100 000 rows, ~50 ms of Postgres CPU), so a drain of
-/// one type pays that about once per period; rows of another type written behind its
-/// burst wait up to this long more before they are seen. Doubled each time the type is
-/// found alone again, up to `SOLO_MAX`.
+/// probe walks its backlog (up to 100 000 rows, 70–100 ms under `EXPLAIN ANALYZE`), so a
+/// drain of one type pays that about once per period; rows of another type written
+/// behind its burst wait up to this long more before they are seen. Doubled each time
+/// the type is found alone again, up to `SOLO_MAX`.
 pub const SOLO_FOR: Duration = Duration::from_secs(1);
 pub const SOLO_MAX: Duration = Duration::from_secs(8);
 
