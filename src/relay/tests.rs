@@ -208,6 +208,18 @@ async fn a_turn_sends_a_bounded_part_of_the_window_and_the_next_turns_the_rest()
     assert_eq!(e.sink.0, total, "nothing left to send");
 }
 
+/// Rows 1..=`n` of type `bulk` over 100 aggregates, each with `payload`.
+fn bulk(n: i64, payload: &str) -> Vec<ClaimedRow> {
+    (1..=n)
+        .map(|id| {
+            let mut r = row(id, &format!("b{}", id % 100), (id % 256) as i32);
+            r.row.aggregate_type = "bulk".into();
+            r.row.payload = payload.into();
+            r
+        })
+        .collect()
+}
+
 /// A burst of one `aggregate_type` fills the window while the sweep has more to read:
 /// after `DOMINANT_FOR` a probe looks behind it; when it finds other types, the sweep
 /// claims pass over the type and every other claim refills it from the low water mark.
@@ -222,13 +234,7 @@ async fn a_type_s_burst_is_probed_then_passed_over_and_refilled_every_other_clai
         (None, None)
     );
     // Over half the window (twice `max_in_flight`).
-    let rows = (1..=1200)
-        .map(|id| {
-            let mut r = row(id, &format!("b{}", id % 100), (id % 256) as i32);
-            r.row.aggregate_type = "bulk".into();
-            r
-        })
-        .collect();
+    let rows = bulk(1200, "{}");
     e.on_claimed(Ok(Ok(landed(&plan, rows))));
     let t1 = t0 + Duration::from_millis(200);
     let next = e.next_plan(t1).unwrap();
@@ -280,14 +286,7 @@ async fn a_burst_of_large_rows_is_probed_too() {
     let t0 = Instant::now();
     let plan = e.next_plan(t0).unwrap();
     let payload = format!("{{\"pad\": \"{}\"}}", "x".repeat(20_000));
-    let rows = (1..=900)
-        .map(|id| {
-            let mut r = row(id, &format!("b{}", id % 100), (id % 256) as i32);
-            r.row.aggregate_type = "bulk".into();
-            r.row.payload = payload.clone();
-            r
-        })
-        .collect();
+    let rows = bulk(900, &payload);
     e.on_claimed(Ok(Ok(landed(&plan, rows))));
     assert!(e.window.rows() * 2 < e.max_rows, "under half the rows");
     let t1 = t0 + Duration::from_millis(200);
